@@ -1,0 +1,118 @@
+"""Plumbing shared by every litcompress callback, written once.
+
+- intervals: ``start``/``end``/``frequency`` given in ``"step"`` (optimizer steps) or ``"epoch"`` units become
+  optimizer steps, so every schedule runs on ``trainer.global_step``;
+- the schedule window: which update point is due at a step, and the schedule's value there;
+- the model a callback compresses (``pl_module.compression_target`` when a module defines it, e.g. the
+  student of a :class:`~litcompress.modules.DistillationModule`);
+- logging through every Lightning logger at the current step, on rank zero;
+- optimizer hook handles that are removed when the fit ends, so repeated fits leak nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from litcompress._validation import _check_choice, _check_int, _fail
+from litcompress.schedules import Schedule, progress
+
+__all__: list[str] = []
+
+
+def _compression_target(pl_module: pl.LightningModule) -> nn.Module:
+    target = getattr(pl_module, "compression_target", None)
+    return target if isinstance(target, nn.Module) else pl_module
+
+
+class _Window:
+    """Update points ``start, start + every, ...`` and ``end`` (all in optimizer steps)."""
+
+    def __init__(self, start: int, end: int, every: int, schedule: Schedule) -> None:
+        self.start, self.end, self.every, self.schedule = start, end, every, schedule
+
+    def latest_point(self, step: int) -> int | None:
+        """The last update point at or before ``step`` (``None`` before ``start``)."""
+        if step < self.start:
+            return None
+        if step >= self.end:
+            return self.end
+        return self.start + (step - self.start) // self.every * self.every
+
+    def value(self, point: int) -> float:
+        return float(self.schedule(progress(point, self.start, self.end)))
+
+
+class _CompressionCallback(Callback):
+    """Base of the litcompress callbacks (private: the public API is the subclasses)."""
+
+    def __init__(self, interval: str) -> None:
+        _check_choice("interval", interval, ("step", "epoch"))
+        self.interval = interval
+        self._hook_handles: list[Any] = []
+
+    @staticmethod
+    def _check_window(start: Any, end: Any, frequency: Any) -> None:
+        _check_int("start", start, minimum=0)
+        _check_int("end", end, minimum=1, allow_none=True)
+        _check_int("frequency", frequency, minimum=1, allow_none=True)
+        if end is not None and end <= start:
+            _fail("end", f"greater than `start` ({start}) or None (the last optimizer step of the fit)", end)
+
+    def _steps_per_interval(self, trainer: pl.Trainer) -> int:
+        if self.interval == "step":
+            return 1
+        batches = trainer.num_training_batches
+        if batches == float("inf"):
+            _fail("interval", "'step' for a train dataloader without a length", self.interval,
+                  hint="an epoch has no known number of optimizer steps here; give start/end in steps")
+        return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+
+    def _to_steps(self, trainer: pl.Trainer, value: int | None) -> int | None:
+        return None if value is None else value * self._steps_per_interval(trainer)
+
+    def _make_window(
+        self, trainer: pl.Trainer, start: int, end: int | None, frequency: int, schedule: Schedule
+    ) -> _Window:
+        per = self._steps_per_interval(trainer)
+        if end is None:
+            total = trainer.estimated_stepping_batches
+            if total == float("inf"):
+                _fail("end", "an int when training has no known length", end,
+                      hint="set `max_steps` or `max_epochs` on the Trainer, or pass `end`")
+            end_step = int(total)
+            if end_step <= start * per:
+                _fail("start", f"before the last optimizer step of the fit ({end_step})", start,
+                      hint="lower `start` or train longer")
+        else:
+            end_step = end * per
+            if end_step > trainer.estimated_stepping_batches:
+                pl.utilities.rank_zero_warn(
+                    f"{type(self).__name__}: `end` ({end} {self.interval}s = step {end_step}) is after the last "
+                    f"optimizer step of this fit ({trainer.estimated_stepping_batches}); the final value is "
+                    "only reached if training continues."
+                )
+        return _Window(start * per, end_step, frequency * per, schedule)
+
+    @staticmethod
+    def _log(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        for logger in trainer.loggers:  # Logger.log_metrics is rank-zero only
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _hook_optimizers(self, trainer: pl.Trainer, pre: Callable[..., Any] | None, post: Callable[..., Any] | None):
+        self._remove_hooks()
+        for optimizer in trainer.optimizers:
+            if pre is not None:
+                self._hook_handles.append(optimizer.register_step_pre_hook(pre))
+            if post is not None:
+                self._hook_handles.append(optimizer.register_step_post_hook(post))
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles.clear()

@@ -1,0 +1,257 @@
+"""`Pruning`: scheduled sparsity inside ``Trainer.fit``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from litcompress._validation import _check_choice, _check_fraction, _check_int, _fail
+from litcompress.callbacks._base import _compression_target, _CompressionCallback, _Window
+from litcompress.schedules import Schedule, get_schedule
+from litcompress.selection import ParameterFilter, _patterns, select_parameters
+from litcompress.sparsity.importance import DATA_DEPENDENT, IMPORTANCES, ImportanceFn
+from litcompress.sparsity.masks import parse_nm
+from litcompress.sparsity.pruner import Pruner
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Pruning"]
+
+
+class Pruning(_CompressionCallback):
+    r"""Prune weights to a target sparsity on a schedule, inside an ordinary ``Trainer.fit``.
+
+    Masks are recomputed at update points (``start``, every ``frequency`` intervals, and ``end``) to
+    ``schedule(progress)`` of the final target, and pruned weights are zeroed after every optimizer step, so
+    they are exactly zero whenever the model is used and stay zero (gradients and optimizer momentum cannot
+    revive them). The target is absolute, never compounding: at ``end`` every pruned tensor holds exactly its
+    target fraction of zeros (to one element), whatever the number of epochs, accumulation or resumes.
+
+    The masks (``torch.bool``, one byte per weight) live in this callback and in its checkpoint state, not in
+    the model: the model's ``state_dict`` keys never change, and ``fit(ckpt_path=...)`` resumes mid-schedule
+    to the same result as an uninterrupted fit.
+
+    Args:
+        sparsity: final fraction of zeros in ``[0, 1)``, or a mapping from name regexes to per-tensor targets
+            (first match wins; selected tensors matched by no key stay dense). Optional with an ``N:M``
+            ``pattern``, whose sparsity is ``1 - N/M``.
+        schedule: ``"one_shot"``, ``"linear"``, ``"cubic"`` (Zhu & Gupta 2017), ``"exponential"``, or a callable
+            mapping progress in [0, 1] to the fraction of the final sparsity (see :mod:`litcompress.schedules`).
+        start: first update point, in ``interval`` units.
+        end: last update point (the target is reached there); ``None`` is the last optimizer step of the fit.
+        interval: ``"step"`` (optimizer steps) or ``"epoch"``.
+        frequency: masks are recomputed every ``frequency`` intervals between ``start`` and ``end``
+            (default: 100 steps, or 1 epoch).
+        scope: ``"layer"`` (each tensor to its target) or ``"global"`` (one threshold over all tensors).
+        pattern: ``"unstructured"`` or ``"N:M"`` such as ``"2:4"`` (at most N nonzeros in every M consecutive
+            weights along the input dimension).
+        importance: ``"magnitude"``, ``"movement"`` (accumulated ``-w * grad``), ``"taylor"`` (``|w * grad|``
+            since the last update), ``"random"``, or a callable ``fn(name, weight) -> scores`` (higher kept).
+        parameters: which tensors. ``None``: the weights of Linear, Conv1d/2d/3d, LSTM/GRU/RNN and
+            MultiheadAttention. Regexes (``re.search`` on parameter names) or ``fn(module, name) -> bool`` select
+            any parameter with 2 or more dimensions.
+        exclude: regexes of names to keep dense; ``"<first>"`` / ``"<last>"`` name the first / last selected
+            layer, so ``exclude=["<first>", "<last>"]`` keeps both ends of the network dense.
+        rewind: lottery-ticket rewinding: when the schedule reaches its final value, the surviving weights are
+            reset to their values at ``start`` and training continues from there.
+        seed: seed of the ``"random"`` importance.
+        log_prefix: prefix of the logged metrics ``<prefix>/sparsity`` and ``<prefix>/sparsity/<tensor>``.
+        verbose: print a line at every mask update (rank zero).
+
+    The tensors are looked up in ``pl_module.compression_target`` when the LightningModule defines it (a
+    :class:`~litcompress.modules.DistillationModule` points it at the student), otherwise in the whole module.
+
+    Example::
+
+        trainer = Trainer(max_epochs=10, callbacks=[Pruning(0.9, schedule="cubic", exclude=["<first>", "<last>"])])
+        trainer.fit(model)
+    """
+
+    def __init__(
+        self,
+        sparsity: float | Mapping[str, float] | None = None,
+        *,
+        schedule: str | Schedule = "cubic",
+        start: int = 0,
+        end: int | None = None,
+        interval: Literal["step", "epoch"] = "step",
+        frequency: int | None = None,
+        scope: Literal["layer", "global"] = "layer",
+        pattern: str = "unstructured",
+        importance: str | ImportanceFn = "magnitude",
+        parameters: str | Sequence[str] | ParameterFilter | None = None,
+        exclude: str | Sequence[str] = (),
+        rewind: bool = False,
+        seed: int = 0,
+        log_prefix: str = "pruning",
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(interval)
+        self._check_window(start, end, frequency)
+        self.schedule = get_schedule(schedule)
+        _check_choice("scope", scope, ("layer", "global"))
+        nm = None if pattern == "unstructured" else parse_nm(pattern)
+        if nm is not None:
+            nm_sparsity = 1 - nm[0] / nm[1]
+            if isinstance(sparsity, Mapping) or (sparsity is not None and abs(float(sparsity) - nm_sparsity) > 1e-9):
+                _fail("sparsity", f"None or {nm_sparsity} with pattern {pattern!r}", sparsity,
+                      hint="an N:M pattern fixes the sparsity at 1 - N/M")
+            if scope == "global":
+                _fail("scope", "'layer' with an N:M pattern", scope, hint="N:M prunes every tensor to 1 - N/M")
+            sparsity = nm_sparsity
+        elif sparsity is None:
+            _fail("sparsity", "a float in the [0, 1) range or a mapping of name patterns to floats", sparsity,
+                  exc=TypeError)
+        elif isinstance(sparsity, Mapping):
+            if not sparsity:
+                _fail("sparsity", "a non-empty mapping", sparsity)
+            if scope == "global":
+                _fail("scope", "'layer' when `sparsity` is a per-tensor mapping", scope,
+                      hint="a global threshold takes one float sparsity")
+            for key, value in sparsity.items():
+                _patterns("sparsity", key)
+                _check_fraction(f"sparsity[{key!r}]", value)
+        else:
+            _check_fraction("sparsity", sparsity)
+        if callable(importance):
+            pass
+        else:
+            _check_choice("importance", importance, IMPORTANCES, hint="or pass a callable fn(name, weight)")
+            if importance in DATA_DEPENDENT and start == 0 and self.schedule(0.0) > 0:
+                _fail("start", f"an int >= 1 with importance={importance!r} and a schedule that prunes at start",
+                      start, hint="gradient-based scores need at least one optimizer step before the first prune")
+        if parameters is not None and not callable(parameters):
+            _patterns("parameters", parameters)
+        _patterns("exclude", exclude)
+        if not isinstance(rewind, bool):
+            _fail("rewind", "a bool", rewind, exc=TypeError)
+        if rewind and self.schedule(0.0) >= 1.0:
+            _fail("rewind", "False with a schedule that reaches its final value at `start`", rewind,
+                  hint="rewinding to the weights at `start` right after pruning there changes nothing; "
+                  "use a gradual schedule (linear, cubic, exponential)")
+        _check_int("seed", seed)
+        if not isinstance(log_prefix, str) or not log_prefix:
+            _fail("log_prefix", "a non-empty str", log_prefix)
+
+        self.sparsity = sparsity
+        self.start, self.end = start, end
+        self.frequency = frequency if frequency is not None else (100 if interval == "step" else 1)
+        self.scope, self.pattern, self.importance = scope, pattern, importance
+        self.parameters, self.exclude = parameters, exclude
+        self.rewind, self.seed = rewind, seed
+        self.log_prefix, self.verbose = log_prefix, verbose
+
+        self.pruner: Pruner | None = None
+        self._window: _Window | None = None
+        self._last_point: int | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            sparsity=self.sparsity, pattern=self.pattern, parameters=self.parameters, exclude=self.exclude
+        )
+
+    # ------------------------------------------------------------------ setup
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        refs = select_parameters(_compression_target(pl_module), self.parameters, self.exclude)
+        same = self.pruner is not None and [id(r.tensor) for r in self.pruner.refs] == [
+            id(r.tensor) for r in refs if r.name in self.pruner.targets
+        ]
+        if not same:  # a new model; the same model fitted again keeps its masks
+            self.pruner = Pruner(refs, self.sparsity, self.scope, self.pattern, self.importance, self.seed)
+            self._last_point = None
+        mine = {id(r.tensor) for r in self.pruner.refs}
+        for other in trainer.callbacks:
+            if other is self or not isinstance(other, Pruning) or other.pruner is None:
+                continue
+            shared = [r.name for r in other.pruner.refs if id(r.tensor) in mine]
+            if shared:
+                _fail("parameters", "disjoint selections for two Pruning callbacks", shared,
+                      hint="use `exclude` so each tensor is pruned by one callback")
+        if self._pending_state is not None:
+            self._load(self._pending_state)
+            self._pending_state = None
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.pruner is not None
+        self.pruner.to_tensor_devices()
+        self.pruner.apply()
+        pruner = self.pruner
+        pre = (lambda *_: pruner.accumulate()) if pruner.data_dependent else None
+        self._hook_optimizers(trainer, pre=pre, post=lambda *_: pruner.apply())
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._window = self._make_window(trainer, self.start, self.end, self.frequency, self.schedule)
+        self._maybe_update(trainer)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    # ------------------------------------------------------------------ schedule
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._maybe_update(trainer)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._maybe_update(trainer)
+
+    def _maybe_update(self, trainer: pl.Trainer) -> None:
+        window, pruner = self._window, self.pruner
+        assert window is not None and pruner is not None
+        point = window.latest_point(trainer.global_step)
+        if point is None or (self._last_point is not None and point <= self._last_point):
+            return
+        value = window.value(point)
+        if self.rewind and point == window.start:
+            pruner.take_snapshot()
+        reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if pruner.data_dependent else None
+        per_tensor = pruner.update(value, reduce=reduce)
+        if self.rewind and value >= 1.0 and pruner.snapshot:
+            pruner.rewind()
+            pruner.snapshot = {}
+        self._last_point = point
+        overall = pruner.global_sparsity()
+        metrics = {f"{self.log_prefix}/sparsity": overall}
+        metrics.update({f"{self.log_prefix}/sparsity/{name}": value for name, value in per_tensor.items()})
+        self._log(trainer, metrics)
+        if self.verbose:
+            rank_zero_info(f"{type(self).__name__}: step {trainer.global_step}, sparsity {overall:.4f} "
+                           f"over {len(per_tensor)} tensors")
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"last_point": self._last_point}
+        if self.pruner is not None:
+            state["pruner"] = self.pruner.state_dict()
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.pruner is None:  # restored before `setup` (or outside a fit): apply once the tensors are known
+            self._pending_state = dict(state_dict)
+        else:
+            self._load(state_dict)
+
+    def _load(self, state: Mapping[str, Any]) -> None:
+        assert self.pruner is not None
+        self.pruner.load_state_dict(state.get("pruner", {}))
+        self._last_point = state.get("last_point")

@@ -1,0 +1,18 @@
+"""Sparsity in pure torch: masks, importance scores and the `Pruner` that enforces them."""
+
+from litcompress.sparsity.importance import IMPORTANCES, accumulate_, magnitude, random_scores
+from litcompress.sparsity.masks import check_nm, global_masks, nm_mask, parse_nm, unstructured_mask
+from litcompress.sparsity.pruner import Pruner
+
+__all__ = [
+    "IMPORTANCES",
+    "Pruner",
+    "accumulate_",
+    "check_nm",
+    "global_masks",
+    "magnitude",
+    "nm_mask",
+    "parse_nm",
+    "random_scores",
+    "unstructured_mask",
+]

@@ -1,0 +1,157 @@
+"""Masks from importance scores: exact counts, deterministic ties, monotone over time.
+
+A mask is a ``torch.bool`` tensor shaped like its weight; ``True`` keeps a weight, ``False`` prunes it (one
+byte per weight). Every function here:
+
+- prunes exactly ``round(sparsity * numel)`` elements (never fewer than an earlier mask already pruned), so a
+  target is met to one element;
+- breaks ties by position (the lower flat index is pruned first), so every process computes the same mask;
+- keeps what an earlier ``mask`` pruned pruned: masks only grow sparser.
+
+>>> import torch
+>>> scores = torch.tensor([[0.1, 0.9, 0.5, 0.2], [0.3, 0.3, 0.8, 0.7]])
+>>> unstructured_mask(scores, 0.5).int()
+tensor([[0, 1, 1, 0],
+        [0, 0, 1, 1]], dtype=torch.int32)
+>>> nm_mask(scores, n=2, m=4).int()
+tensor([[0, 1, 1, 0],
+        [0, 0, 1, 1]], dtype=torch.int32)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from litcompress._validation import _check_fraction, _fail
+
+__all__ = ["check_nm", "global_masks", "nm_mask", "parse_nm", "unstructured_mask"]
+
+
+def parse_nm(pattern: str) -> tuple[int, int]:
+    """Parse ``"N:M"`` into ``(N, M)`` with ``0 < N < M``.
+
+    >>> parse_nm("2:4")
+    (2, 4)
+    >>> parse_nm("4:4")
+    Traceback (most recent call last):
+    ...
+    ValueError: Expected argument `pattern` to be 'unstructured' or 'N:M' with 0 < N < M (such as '2:4'), but got '4:4'.
+    """
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern) if isinstance(pattern, str) else None
+    n, m = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+    if not match or not 0 < n < m:
+        _fail("pattern", "'unstructured' or 'N:M' with 0 < N < M (such as '2:4')", pattern)
+    return n, m
+
+
+def _prune_lowest(scores: Tensor, k: int) -> Tensor:
+    """Boolean tensor marking the ``k`` lowest entries of 1-D ``scores``; ties go to the lower index."""
+    pruned = torch.zeros_like(scores, dtype=torch.bool)
+    if k <= 0:
+        return pruned
+    if k >= scores.numel():
+        return ~pruned
+    threshold = scores.kthvalue(k).values
+    pruned = scores < threshold
+    need = k - int(pruned.sum())
+    ties = (scores == threshold).nonzero().squeeze(1)[:need]
+    pruned[ties] = True
+    return pruned
+
+
+def _prepared(scores: Tensor, mask: Tensor | None, name: str) -> Tensor:
+    scores = scores.detach().float().reshape(-1)
+    if not torch.isfinite(scores).all():
+        _fail(name, "finite importance scores", "NaN or inf scores", hint="check the importance function")
+    if mask is not None:
+        scores = scores.masked_fill(~mask.reshape(-1).to(scores.device), float("-inf"))
+    return scores
+
+
+def _count(sparsity: float, numel: int, mask: Tensor | None) -> int:
+    already = 0 if mask is None else int(mask.numel() - mask.sum())
+    return max(round(sparsity * numel), already)
+
+
+def unstructured_mask(scores: Tensor, sparsity: float, mask: Tensor | None = None) -> Tensor:
+    """Keep-mask that prunes the lowest-scored ``sparsity`` fraction of one tensor.
+
+    Args:
+        scores: importance, any shape; higher is kept.
+        sparsity: fraction to prune, in ``[0, 1]``.
+        mask: an earlier keep-mask; its pruned entries stay pruned.
+    """
+    _check_fraction("sparsity", sparsity, closed_right=True)
+    flat = _prepared(scores, mask, "scores")
+    return ~_prune_lowest(flat, _count(sparsity, flat.numel(), mask)).reshape(scores.shape)
+
+
+def global_masks(
+    scores: Sequence[Tensor], sparsity: float, masks: Sequence[Tensor | None] | None = None
+) -> list[Tensor]:
+    """Keep-masks with one threshold across all tensors: the lowest ``sparsity`` fraction of all scores goes.
+
+    >>> a, b = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.5, 5.0])
+    >>> [m.tolist() for m in global_masks([a, b], 0.5)]
+    [[False, False, True, True], [False, True]]
+    """
+    _check_fraction("sparsity", sparsity, closed_right=True)
+    masks = list(masks) if masks is not None else [None] * len(scores)
+    flats = [_prepared(s, m, "scores") for s, m in zip(scores, masks)]
+    total = sum(f.numel() for f in flats)
+    already = sum(0 if m is None else int(m.numel() - m.sum()) for m in masks)
+    pruned = _prune_lowest(torch.cat([f.to(flats[0].device) for f in flats]), max(round(sparsity * total), already))
+    out, offset = [], 0
+    for s in scores:
+        out.append(~pruned[offset : offset + s.numel()].reshape(s.shape).to(s.device))
+        offset += s.numel()
+    return out
+
+
+def _groups(t: Tensor, m: int, dim: int) -> Tensor:
+    """View ``t`` as rows of ``m`` consecutive entries along ``dim`` (moved last)."""
+    return t.movedim(dim, -1).reshape(-1, m)
+
+
+def _ungroup(g: Tensor, shape: torch.Size, dim: int) -> Tensor:
+    moved = list(shape)
+    moved.append(moved.pop(dim))
+    return g.reshape(moved).movedim(-1, dim)
+
+
+def nm_mask(
+    scores: Tensor, n: int, m: int, fraction: float = 1.0, mask: Tensor | None = None, dim: int = 1
+) -> Tensor:
+    """N:M keep-mask: in every group of ``m`` consecutive weights along ``dim`` at most ``n`` are kept.
+
+    ``fraction`` (the schedule's value) grows the pattern gradually: the lowest-scored entries are pruned
+    until ``fraction * (1 - n/m)`` of the tensor is gone, but never more than ``m - n`` per group, and each
+    group's ``n`` best entries are never pruned. At ``fraction=1`` every group holds exactly ``n``.
+    """
+    if scores.dim() < 2 or scores.shape[dim] % m:
+        _fail("pattern", f"an N:M group size M dividing the input size (dim {dim})", f"{n}:{m}",
+              hint=f"the tensor has shape {tuple(scores.shape)}; exclude it or pick another M")
+    _check_fraction("fraction", fraction, closed_right=True)
+    flat = _prepared(scores, mask, "scores").reshape(scores.shape)
+    grouped = _groups(flat, m, dim)
+    best = grouped.argsort(dim=1, descending=True, stable=True)[:, :n]  # ties: the lower index is kept
+    # the n best of each group are protected; already-pruned entries (-inf) are never among them
+    grouped = grouped.scatter(1, best, float("inf"))
+    sparsity = fraction * (m - n) / m
+    pruned = _prune_lowest(grouped.reshape(-1), _count(sparsity, scores.numel(), mask))
+    return ~_ungroup(pruned.reshape(-1, m), scores.shape, dim)
+
+
+def check_nm(tensor: Tensor, n: int, m: int, dim: int = 1) -> bool:
+    """Whether every group of ``m`` consecutive entries along ``dim`` has at most ``n`` nonzeros.
+
+    >>> check_nm(torch.tensor([[1.0, 0.0, 2.0, 0.0]]), 2, 4), check_nm(torch.ones(1, 4), 2, 4)
+    (True, False)
+    """
+    if tensor.dim() < 2 or tensor.shape[dim] % m:
+        return False
+    return bool(((_groups(tensor, m, dim) != 0).sum(1) <= n).all())

@@ -1,0 +1,262 @@
+"""`Pruner`: masks for a set of tensors, computed to a scheduled fraction of their targets and enforced.
+
+Pure torch: usable in any training loop. Call :meth:`Pruner.accumulate` after ``backward`` (data-dependent
+importance only), :meth:`Pruner.update` when the schedule says so, and :meth:`Pruner.apply` after every
+optimizer step. Masks are ``torch.bool`` (one byte per weight) and live outside the model, so the model's
+``state_dict`` keys never change.
+
+>>> import torch
+>>> from torch import nn
+>>> from litcompress.selection import select_parameters
+>>> model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+>>> pruner = Pruner(select_parameters(model), sparsity=0.75)
+>>> pruner.update(fraction=1.0)
+{'0.weight': 0.75, '1.weight': 0.75}
+>>> int((model[0].weight == 0).sum())
+48
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from litcompress._validation import _check_choice, _check_fraction, _fail
+from litcompress.selection import ParameterRef
+from litcompress.sparsity.importance import DATA_DEPENDENT, IMPORTANCES, ImportanceFn, accumulate_
+from litcompress.sparsity.importance import magnitude as _magnitude
+from litcompress.sparsity.importance import random_scores as _random_scores
+from litcompress.sparsity.masks import global_masks, nm_mask, parse_nm, unstructured_mask
+
+__all__ = ["Pruner"]
+
+Reduce = Callable[[Tensor], Tensor]
+
+
+def _resolve_targets(refs: Sequence[ParameterRef], sparsity: float | Mapping[str, float]) -> dict[str, float]:
+    """Final sparsity per tensor name. A mapping's first matching pattern wins; unmatched tensors stay dense."""
+    if isinstance(sparsity, Mapping):
+        targets: dict[str, float] = {}
+        names = [r.name for r in refs]
+        for pattern, value in sparsity.items():
+            if not isinstance(pattern, str):
+                _fail("sparsity", "a mapping from name regexes to floats", sparsity, exc=TypeError)
+            _check_fraction(f"sparsity[{pattern!r}]", value)
+            hits = [n for n in names if re.search(pattern, n) and n not in targets]
+            if not any(re.search(pattern, n) for n in names):
+                _fail("sparsity", "patterns that each match at least one selected parameter", pattern,
+                      hint="the selected parameters are: " + ", ".join(names))
+            targets.update({n: float(value) for n in hits})
+        return targets
+    _check_fraction("sparsity", sparsity)
+    return {r.name: float(sparsity) for r in refs}
+
+
+class Pruner:
+    """Masks for ``refs``, scheduled toward per-tensor targets, enforced in place.
+
+    Args:
+        refs: the tensors to prune (from :func:`litcompress.selection.select_parameters`).
+        sparsity: final fraction of zeros: one float, or a mapping from name regexes to per-tensor targets
+            (the first matching pattern wins; tensors matched by no pattern are not pruned). Ignored for an
+            ``N:M`` pattern, whose target is ``1 - N/M``.
+        scope: ``"layer"`` prunes each tensor to its target; ``"global"`` uses one threshold over all.
+        pattern: ``"unstructured"`` or ``"N:M"`` (at most N nonzeros in every M consecutive inputs).
+        importance: ``"magnitude"``, ``"movement"``, ``"taylor"``, ``"random"``, or ``fn(name, weight)``.
+        seed: seed of the ``"random"`` importance.
+    """
+
+    def __init__(
+        self,
+        refs: Sequence[ParameterRef],
+        sparsity: float | Mapping[str, float],
+        scope: Literal["layer", "global"] = "layer",
+        pattern: str = "unstructured",
+        importance: str | ImportanceFn = "magnitude",
+        seed: int = 0,
+    ) -> None:
+        _check_choice("scope", scope, ("layer", "global"))
+        if not callable(importance):
+            _check_choice("importance", importance, IMPORTANCES, hint="or pass a callable fn(name, weight)")
+        self.nm = None if pattern == "unstructured" else parse_nm(pattern)
+        if self.nm is not None:
+            n, m = self.nm
+            targets = {r.name: 1 - n / m for r in refs}
+            for r in refs:
+                t = r.tensor
+                if t.shape[r.input_dim] % m:
+                    _fail("pattern", "an N:M whose M divides the input size of every pruned tensor", pattern,
+                          hint=f"`{r.name}` has {t.shape[r.input_dim]} inputs (shape {tuple(t.shape)}); "
+                          "exclude it or choose another M")
+        else:
+            targets = _resolve_targets(refs, sparsity)
+        self.refs = [r for r in refs if r.name in targets]
+        self.targets = targets
+        self.scope = scope
+        self.importance = importance
+        self.seed = seed
+        self.masks: dict[str, Tensor] = {}
+        self.scores: dict[str, Tensor] = {}
+        self.snapshot: dict[str, Tensor] = {}
+        self._updates = 0
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the pruned tensors, in selection order."""
+        return [r.name for r in self.refs]
+
+    @property
+    def data_dependent(self) -> bool:
+        """Whether importance needs gradients (:meth:`accumulate` after every backward)."""
+        return self.importance in DATA_DEPENDENT
+
+    # ------------------------------------------------------------------ importance
+    def accumulate(self) -> None:
+        """Add this step's ``weight * grad`` evidence (movement / Taylor); tensors without a gradient are skipped."""
+        if not self.data_dependent:
+            return
+        scores, weights, grads = [], [], []
+        for r in self.refs:
+            t = r.tensor
+            if t.grad is None:
+                continue
+            if r.name not in self.scores:
+                self.scores[r.name] = torch.zeros(t.shape, dtype=torch.float32, device=t.device)
+            scores.append(self.scores[r.name])
+            weights.append(t)
+            grads.append(t.grad)
+        accumulate_(self.importance, scores, weights, grads)
+
+    def _importance(self, reduce: Reduce | None) -> dict[str, Tensor]:
+        if self.importance == "magnitude":
+            return {r.name: _magnitude(r.tensor) for r in self.refs}
+        if self.importance == "random":
+            return {r.name: _random_scores(r.tensor, self.seed * 1_000_003 + self._updates * 1009 + i)
+                    for i, r in enumerate(self.refs)}
+        if callable(self.importance):
+            out = {}
+            for r in self.refs:
+                s = self.importance(r.name, r.tensor.detach())
+                if not isinstance(s, Tensor) or s.shape != r.tensor.shape:
+                    got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
+                    _fail("importance", f"a callable returning a tensor of shape {tuple(r.tensor.shape)} "
+                          f"for `{r.name}`", got)
+                out[r.name] = s
+            return out
+        scores = {r.name: self.scores.get(r.name, torch.zeros(r.tensor.shape, device=r.tensor.device))
+                  for r in self.refs}
+        if reduce is not None:  # one collective for all tensors: every process gets the same scores
+            flat = reduce(torch.cat([s.reshape(-1) for s in scores.values()]))
+            parts = flat.split([s.numel() for s in scores.values()])
+            scores = {r.name: p.reshape(r.tensor.shape) for r, p in zip(self.refs, parts)}
+        return scores
+
+    # ------------------------------------------------------------------ masks
+    @torch.no_grad()
+    def update(self, fraction: float, reduce: Reduce | None = None) -> dict[str, float]:
+        """Recompute masks at ``fraction`` (the schedule's value) of the final targets and apply them.
+
+        Args:
+            fraction: in ``[0, 1]``; at 1 every tensor is at its target to one element.
+            reduce: averages a tensor over processes (``trainer.strategy.reduce``) for gradient-based scores.
+
+        Returns:
+            The sparsity of every pruned tensor after the update.
+        """
+        _check_fraction("fraction", fraction, closed_right=True)
+        scores = self._importance(reduce)
+        if self.importance == "taylor":  # Taylor evidence counts since the last update only
+            self.scores.clear()
+        previous = [self.masks.get(r.name) for r in self.refs]
+        if self.nm is not None:
+            n, m = self.nm
+            new = [nm_mask(scores[r.name], n, m, fraction, prev, r.input_dim) for r, prev in zip(self.refs, previous)]
+        elif self.scope == "global":
+            target = fraction * next(iter(self.targets.values()))
+            new = global_masks([scores[r.name] for r in self.refs], target, previous)
+        else:
+            new = [unstructured_mask(scores[r.name], fraction * self.targets[r.name], prev)
+                   for r, prev in zip(self.refs, previous)]
+        self.masks = {r.name: mask.to(r.tensor.device) for r, mask in zip(self.refs, new)}
+        self._updates += 1
+        self.apply()
+        return self.sparsity()
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Zero every pruned weight in place (one fused multiply per device and dtype)."""
+        if not self.masks:
+            return
+        groups: dict[tuple[Any, Any], tuple[list[Tensor], list[Tensor]]] = {}
+        for r in self.refs:
+            mask = self.masks.get(r.name)
+            if mask is None:
+                continue
+            t = r.tensor
+            tensors, masks = groups.setdefault((t.device, t.dtype), ([], []))
+            tensors.append(t)
+            masks.append(mask)
+        for tensors, masks in groups.values():
+            torch._foreach_mul_(tensors, masks)
+
+    def sparsity(self) -> dict[str, float]:
+        """Fraction of pruned entries of every tensor (0 before the first update)."""
+        return {
+            r.name: (1.0 - int(self.masks[r.name].sum()) / r.tensor.numel()) if r.name in self.masks else 0.0
+            for r in self.refs
+        }
+
+    def global_sparsity(self) -> float:
+        """Fraction of pruned entries over all pruned tensors together (each tensor counted once)."""
+        total = sum(r.tensor.numel() for r in self.refs)
+        kept = sum(int(self.masks[r.name].sum()) if r.name in self.masks else r.tensor.numel() for r in self.refs)
+        return 1.0 - kept / total
+
+    # ------------------------------------------------------------------ rewinding
+    @torch.no_grad()
+    def take_snapshot(self) -> None:
+        """Remember the current weights (for lottery-ticket rewinding)."""
+        self.snapshot = {r.name: r.tensor.detach().clone() for r in self.refs}
+
+    @torch.no_grad()
+    def rewind(self) -> None:
+        """Reset the surviving weights to the snapshot; pruned ones stay zero."""
+        for r in self.refs:
+            if r.name in self.snapshot:
+                r.tensor.copy_(self.snapshot[r.name])
+        self.apply()
+
+    # ------------------------------------------------------------------ state
+    def to_tensor_devices(self) -> None:
+        """Move masks, scores and snapshots next to their tensors (after a checkpoint load or a device move)."""
+        for store in (self.masks, self.scores, self.snapshot):
+            for r in self.refs:
+                if r.name in store:
+                    store[r.name] = store[r.name].to(r.tensor.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Masks, accumulated scores, snapshot and update count: everything needed to resume exactly."""
+        return {
+            "masks": dict(self.masks),
+            "scores": dict(self.scores),
+            "snapshot": dict(self.snapshot),
+            "updates": self._updates,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; every stored tensor must belong to a pruned tensor of the same shape."""
+        shapes = {r.name: r.tensor.shape for r in self.refs}
+        for key in ("masks", "scores", "snapshot"):
+            for name, value in state.get(key, {}).items():
+                if name not in shapes or value.shape != shapes[name]:
+                    _fail("state_dict", f"{key} for the pruned tensors {sorted(shapes)}", name,
+                          hint="the checkpoint was written for a different model or a different selection")
+        self.masks = dict(state.get("masks", {}))
+        self.scores = dict(state.get("scores", {}))
+        self.snapshot = dict(state.get("snapshot", {}))
+        self._updates = int(state.get("updates", 0))
+        self.to_tensor_devices()
