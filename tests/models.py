@@ -202,3 +202,30 @@ def trainer_kwargs(tmp_path, **overrides) -> dict:
     )
     kwargs.update(overrides)
     return kwargs
+
+
+class ResumableLoader:
+    """Deterministic batches with Lightning's resumable-dataloader protocol, so mid-epoch resumes are exact."""
+
+    def __init__(self, dataset: TensorDataset, batch_size: int = 16) -> None:
+        self.dataset, self.batch_size = dataset, batch_size
+        self._pos = 0  # batches already yielded in the current epoch
+        self._resume_at = 0
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    def __iter__(self):
+        # a state saved after the epoch's last batch means the next epoch starts from the beginning
+        self._pos = self._resume_at if self._resume_at < len(self) else 0
+        self._resume_at = 0
+        while self._pos < len(self):
+            i = self._pos * self.batch_size
+            self._pos += 1
+            yield tuple(t[i : i + self.batch_size] for t in self.dataset.tensors)
+
+    def state_dict(self) -> dict:
+        return {"pos": self._pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume_at = state["pos"]

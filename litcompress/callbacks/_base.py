@@ -104,13 +104,11 @@ class _CompressionCallback(Callback):
         for logger in trainer.loggers:  # Logger.log_metrics is rank-zero only
             logger.log_metrics(metrics, step=trainer.global_step)
 
-    def _hook_optimizers(self, trainer: pl.Trainer, pre: Callable[..., Any] | None, post: Callable[..., Any] | None):
+    def _hook_optimizers(self, trainer: pl.Trainer, post: Callable[..., Any]) -> None:
+        """Run ``post`` after every ``optimizer.step()`` of this fit (automatic or manual optimization)."""
         self._remove_hooks()
         for optimizer in trainer.optimizers:
-            if pre is not None:
-                self._hook_handles.append(optimizer.register_step_pre_hook(pre))
-            if post is not None:
-                self._hook_handles.append(optimizer.register_step_post_hook(post))
+            self._hook_handles.append(optimizer.register_step_post_hook(post))
 
     def _remove_hooks(self) -> None:
         for handle in self._hook_handles:

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
@@ -188,8 +189,19 @@ class Pruning(_CompressionCallback):
         self.pruner.to_tensor_devices()
         self.pruner.apply()
         pruner = self.pruner
-        pre = (lambda *_: pruner.accumulate()) if pruner.data_dependent else None
-        self._hook_optimizers(trainer, pre=pre, post=lambda *_: pruner.apply())
+        # enforcement after every optimizer step, whoever calls it (automatic or manual optimization)
+        self._hook_optimizers(trainer, post=lambda *_: pruner.apply())
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # gradients are final here (after the closure's backward and AMP unscaling); a torch step pre-hook would
+        # run before Lightning's closure and see the previous step's gradients
+        if self.pruner is not None and self.pruner.data_dependent:
+            ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            scaler = getattr(trainer.precision_plugin, "scaler", None)
+            self.pruner.accumulate(only=ids, skip_nonfinite=scaler is not None)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -198,6 +210,10 @@ class Pruning(_CompressionCallback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._remove_hooks()
 
     # ------------------------------------------------------------------ schedule

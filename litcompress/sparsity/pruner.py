@@ -1,9 +1,9 @@
 """`Pruner`: masks for a set of tensors, computed to a scheduled fraction of their targets and enforced.
 
-Pure torch: usable in any training loop. Call :meth:`Pruner.accumulate` after ``backward`` (data-dependent
-importance only), :meth:`Pruner.update` when the schedule says so, and :meth:`Pruner.apply` after every
-optimizer step. Masks are ``torch.bool`` (one byte per weight) and live outside the model, so the model's
-``state_dict`` keys never change.
+Pure torch: usable in any training loop. Call :meth:`Pruner.accumulate` between ``backward`` and
+``optimizer.step()`` (data-dependent importance only), :meth:`Pruner.update` when the schedule says so, and
+:meth:`Pruner.apply` after every optimizer step. Masks are ``torch.bool`` (one byte per weight) and live
+outside the model, so the model's ``state_dict`` keys never change.
 
 >>> import torch
 >>> from torch import nn
@@ -115,21 +115,31 @@ class Pruner:
         return self.importance in DATA_DEPENDENT
 
     # ------------------------------------------------------------------ importance
-    def accumulate(self) -> None:
-        """Add this step's ``weight * grad`` evidence (movement / Taylor); tensors without a gradient are skipped."""
+    def accumulate(self, only: set[int] | None = None, skip_nonfinite: bool = False) -> bool:
+        """Add this step's ``weight * grad`` evidence (movement / Taylor) to the scores.
+
+        Call it after ``backward`` and before ``optimizer.step()``. Tensors without a gradient are skipped.
+
+        Args:
+            only: ids of the tensors to consider (those of the optimizer about to step); ``None`` for all.
+            skip_nonfinite: skip the whole step if a gradient holds inf/NaN (a step a GradScaler will discard).
+
+        Returns:
+            Whether evidence was added.
+        """
         if not self.data_dependent:
-            return
-        scores, weights, grads = [], [], []
-        for r in self.refs:
-            t = r.tensor
-            if t.grad is None:
-                continue
+            return False
+        refs = [r for r in self.refs if r.tensor.grad is not None and (only is None or id(r.tensor) in only)]
+        if not refs:
+            return False
+        grads = [r.tensor.grad for r in refs]
+        if skip_nonfinite and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+            return False
+        for r in refs:
             if r.name not in self.scores:
-                self.scores[r.name] = torch.zeros(t.shape, dtype=torch.float32, device=t.device)
-            scores.append(self.scores[r.name])
-            weights.append(t)
-            grads.append(t.grad)
-        accumulate_(self.importance, scores, weights, grads)
+                self.scores[r.name] = torch.zeros(r.tensor.shape, dtype=torch.float32, device=r.tensor.device)
+        accumulate_(self.importance, [self.scores[r.name] for r in refs], [r.tensor for r in refs], grads)
+        return True
 
     def _importance(self, reduce: Reduce | None) -> dict[str, Tensor]:
         if self.importance == "magnitude":

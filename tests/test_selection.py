@@ -1,0 +1,68 @@
+import pytest
+from torch import nn
+
+from litcompress.selection import select_parameters
+from tests.models import MLP, ZOO, RNNClassifier, TinyGPT, TransformerClassifier
+
+
+def names(model, **kwargs):
+    return [ref.name for ref in select_parameters(model, **kwargs)]
+
+
+def test_default_kinds_cover_linear_conv_rnn_attention():
+    assert names(MLP()) == ["net.0.weight", "net.2.weight", "net.4.weight"]
+    assert names(RNNClassifier("lstm")) == [
+        "rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.weight_ih_l1", "rnn.weight_hh_l1", "head.weight",
+    ]
+    transformer = names(TransformerClassifier())
+    assert "blocks.0.attn.in_proj_weight" in transformer and "blocks.0.attn.out_proj.weight" in transformer
+    assert not any("ln" in n or "bias" in n for n in transformer)
+    assert ZOO["cnn"].build and names(ZOO["cnn"].build())[:1] == ["stem.0.weight"]
+
+
+def test_separate_qkv_attention_weights_are_selected():
+    attn = nn.MultiheadAttention(8, 2, kdim=4, vdim=4)
+    assert names(attn) == ["q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj.weight"]
+
+
+def test_tied_weight_counted_once_under_canonical_name():
+    got = names(TinyGPT())
+    assert got.count("tok.weight") == 1 and "lm_head.weight" not in got
+
+
+def test_input_dims():
+    refs = {r.name: r.input_dim for r in select_parameters(nn.Sequential(nn.Linear(4, 4), nn.ConvTranspose2d(4, 4, 3)),
+                                                           parameters=".")}
+    assert refs == {"0.weight": 1, "1.weight": 0}
+
+
+def test_patterns_callable_and_exclude():
+    model = MLP()
+    assert names(model, parameters=r"net\.[02]\.") == ["net.0.weight", "net.2.weight"]
+    assert names(model, parameters=lambda module, name: name.endswith("4.weight")) == ["net.4.weight"]
+    assert names(model, exclude=["<first>", "<last>"]) == ["net.2.weight"]
+    assert names(model, exclude=r"net\.2") == ["net.0.weight", "net.4.weight"]
+    # first/last work on layers: all tensors of the first LSTM are left out together
+    assert names(RNNClassifier("lstm"), exclude=["<first>"]) == ["head.weight"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        (dict(parameters="nothing_like_this"), ValueError, "Expected argument `parameters` to be patterns that each"),
+        (dict(exclude=["net.0", "nope"]), ValueError, "Expected argument `exclude` .* but got 'nope'"),
+        (dict(parameters="("), ValueError, "valid regular expressions"),
+        (dict(parameters=[3]), TypeError, "`parameters`"),
+        (dict(exclude=["."]), ValueError, "at least one selectable weight"),
+    ],
+)
+def test_selection_misconfiguration(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        select_parameters(MLP(), **kwargs)
+
+
+def test_model_with_nothing_to_prune():
+    with pytest.raises(ValueError, match=r"Expected argument `model` to be a model with at least one"):
+        select_parameters(nn.Sequential(nn.LayerNorm(4), nn.ReLU()))
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
+        select_parameters("model")
