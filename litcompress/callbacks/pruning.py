@@ -164,6 +164,11 @@ class Pruning(_CompressionCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if next(_compression_target(pl_module).parameters(), None) is None:
+            return  # layers are built in `configure_model` (after this hook): select in `on_fit_start`
+        self._prepare(trainer, pl_module)
+
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         refs = select_parameters(_compression_target(pl_module), self.parameters, self.exclude)
         same = self.pruner is not None and [id(r.tensor) for r in self.pruner.refs] == [
             id(r.tensor) for r in refs if r.name in self.pruner.targets
@@ -185,6 +190,8 @@ class Pruning(_CompressionCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.pruner is None:
+            self._prepare(trainer, pl_module)
         assert self.pruner is not None
         self.pruner.to_tensor_devices()
         self.pruner.apply()

@@ -347,3 +347,29 @@ def test_verbose_logs_text(tmp_path, caplog):
     with caplog.at_level("INFO"):
         fit(tmp_path, [Pruning(0.5, schedule="one_shot")], max_epochs=1)
     assert "Pruning: step 0, sparsity 0.5000 over 3 tensors" in caplog.text
+
+
+class LazyModule(LitClassifier):
+    """Builds its layers in `configure_model`, which Lightning calls after the callbacks' `setup`."""
+
+    def __init__(self):
+        super().__init__(torch.nn.Identity())
+
+    def configure_model(self):
+        if isinstance(self.model, torch.nn.Identity):
+            torch.manual_seed(0)
+            self.model = ZOO["mlp"].build()
+
+
+def test_model_built_in_configure_model_and_resumed(tmp_path):
+    def run(callbacks, ckpt_path=None):
+        return fit(tmp_path, callbacks, max_epochs=3, module=LazyModule(), ckpt_path=ckpt_path)[1]
+
+    cfg = dict(sparsity=0.5, schedule="linear", start=2, frequency=2, verbose=False)
+    reference = run([Pruning(**cfg)])
+    assert int((reference.model.net[0].weight == 0).sum()) == reference.model.net[0].weight.numel() // 2
+    with pytest.raises(Interrupted):
+        run([Pruning(**cfg), Crash(5, tmp_path / "cut.ckpt")])
+    resumed = run([Pruning(**cfg)], ckpt_path=tmp_path / "cut.ckpt")
+    for a, b in zip(reference.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)

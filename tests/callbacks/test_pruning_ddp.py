@@ -1,0 +1,49 @@
+"""Two CPU processes (gloo, `ddp_spawn`): every rank ends with the same masks and the same weights."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from litcompress import Pruning
+from tests.models import ZOO, LitClassifier, classification_data, trainer_kwargs
+
+
+class SaveMasks(pl.Callback):
+    def __init__(self, directory) -> None:
+        self.directory = directory
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        masks = {}
+        for cb in trainer.callbacks:
+            if isinstance(cb, Pruning):
+                masks.update({f"{cb.log_prefix}:{k}": v.cpu() for k, v in cb.pruner.masks.items()})
+        weights = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
+        torch.save({"masks": masks, "weights": weights}, self.directory / f"rank{trainer.global_rank}.pt")
+
+
+def test_masks_identical_on_both_ranks(tmp_path):
+    torch.manual_seed(0)
+    module = LitClassifier(ZOO["mlp"].build(), optimizer="adam", lr=1e-2)
+    callbacks = [
+        Pruning(0.6, parameters=r"net\.0", importance="movement", start=2, frequency=2, log_prefix="movement"),
+        Pruning(0.6, parameters=r"net\.2", importance="taylor", start=2, frequency=2, log_prefix="taylor"),
+        Pruning(0.5, parameters=r"net\.4", importance="random", log_prefix="random"),
+        SaveMasks(tmp_path),
+    ]
+    # a plain DataLoader: Lightning gives each rank a different shard through a DistributedSampler
+    data = DataLoader(classification_data((16,), n=128), batch_size=16)
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=2, strategy="ddp_spawn", devices=2), callbacks=callbacks
+    )
+    trainer.fit(module, data)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["masks"].keys() == r1["masks"].keys() and len(r0["masks"]) == 3
+    for name in r0["masks"]:
+        assert torch.equal(r0["masks"][name], r1["masks"][name]), name
+        assert 0.45 < 1 - r0["masks"][name].float().mean() < 0.65
+    for name in r0["weights"]:
+        assert torch.equal(r0["weights"][name], r1["weights"][name]), name
+    # ddp_spawn hands the trained weights back to this process
+    assert torch.equal(module.state_dict()["model.net.0.weight"], r0["weights"]["model.net.0.weight"])
