@@ -64,14 +64,47 @@ def _one(model_name: str, config: str, epochs: int, steps_per_epoch: int, batch:
 
         def on_train_batch_start(self, trainer, *args):
             if self.starts:
-                self.times.append([trainer.current_epoch, trainer.global_step, time.perf_counter()])
+                self.times.append([trainer.current_epoch, trainer.global_step, time.perf_counter(), hook_time[0]])
 
         def on_train_batch_end(self, trainer, *args):
             if not self.starts:
                 self.times[-1][2] = time.perf_counter() - self.times[-1][2]
+                self.times[-1][3] = hook_time[0] - self.times[-1][3]
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            # extra tensors the pruning keeps while training (before ModelPruning makes pruning permanent)
+            if self.starts and trainer.current_epoch == trainer.max_epochs - 1:
+                ours = [m for cb in trainer.callbacks if isinstance(cb, Pruning) for m in cb.pruner.masks.values()]
+                theirs = [b for n, b in net.named_buffers() if n.endswith("_mask")]
+                # torch.nn.utils.prune also recomputes `weight` from `weight_orig * weight_mask`: one more copy
+                theirs += [m.weight for m in net if hasattr(m, "weight_orig")]
+                state.append(sum(t.numel() * t.element_size() for t in ours + theirs))
 
     times: list = []
+    state: list = []
     callbacks: list = []
+    hook_time = [0.0]  # seconds spent inside the pruning machinery (in-process, low noise)
+
+    def timed(owner, attr):
+        original = getattr(owner, attr)
+
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return original(*a, **k)
+            finally:
+                hook_time[0] += time.perf_counter() - t0
+
+        setattr(owner, attr, wrapper)
+
+    from litcompress.callbacks.pruning import Pruning as _P
+    from litcompress.sparsity.pruner import Pruner as _Pr
+    timed(_Pr, "apply")
+    timed(_P, "_maybe_update")
+    timed(_P, "on_before_optimizer_step")
+    # timed per step, between mask updates. Lightning's share is its forward pre-hook recomputing
+    # weight = weight_orig * weight_mask; its backward through that product is NOT counted (an undercount)
+    timed(torch.nn.utils.prune.BasePruningMethod, "__call__")
     if config == "litcompress":
         callbacks.append(Pruning(0.9, schedule="one_shot", start=1, interval="epoch", verbose=False))
     elif config == "litcompress-gradual":  # cubic schedule, masks recomputed every 25 steps: update cost included
@@ -89,15 +122,18 @@ def _one(model_name: str, config: str, epochs: int, steps_per_epoch: int, batch:
     trainer.fit(Module(), loader)
     linear = [m.weight for m in net if isinstance(m, nn.Linear)]
     sparsity = sum(int((w == 0).sum()) for w in linear) / sum(w.numel() for w in linear)
-    after = [t for epoch, _, t in times if epoch >= 1]  # masks in force (epoch 0 is the dense phase for all)
+    after = [t for epoch, _, t, _ in times if epoch >= 1]  # masks in force (epoch 0 is the dense phase for all)
     gradual = config == "litcompress-gradual"
     updates = set(range(steps_per_epoch, epochs * steps_per_epoch + 1, 25)) if gradual else set()
-    between = [t for epoch, step, t in times if epoch >= 1 and step + 1 not in updates]
+    between = [t for epoch, step, t, _ in times if epoch >= 1 and step + 1 not in updates]
+    hooks_between = [h for epoch, step, _, h in times if epoch >= 1 and step + 1 not in updates]
     return {
         "model": model_name, "config": config, "sparsity": sparsity,
         "median_ms": 1e3 * statistics.median(after), "median_between_updates_ms": 1e3 * statistics.median(between),
         "mean_ms": 1e3 * statistics.fmean(after), "max_ms": 1e3 * max(after),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "state_bytes_per_weight": state[0] / sum(w.numel() for w in linear) if state else 0.0,
+        "hook_us_per_step": 1e6 * statistics.median(hooks_between),
     }
 
 
@@ -146,6 +182,10 @@ def main() -> None:
                 "between_updates_vs_plain": statistics.median(between),
                 "mean_step_ms": statistics.median(x["mean_ms"] for x in mine),
                 "peak_rss_mb": rss, "extra_rss_mb": rss - statistics.median(x["peak_rss_mb"] for x in plain),
+                "state_bytes_per_weight": mine[0]["state_bytes_per_weight"],
+                "hook_us_per_step": statistics.median(x["hook_us_per_step"] for x in mine),
+                "hook_share_of_plain_step": statistics.median(
+                    x["hook_us_per_step"] / 1e3 / p["median_ms"] for x, p in zip(mine, plain)),
             })
     import torch
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}",
@@ -154,13 +194,15 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows, "runs": runs}, indent=1))
     print("| model | config | final sparsity | median step (ms) | step vs plain (median, [min, max] over rounds) "
-          "| between updates vs plain | mean step (ms) | peak RSS (MB) | extra RSS (MB) |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+          "| between updates vs plain | mean step (ms) | peak RSS (MB) | extra RSS (MB) "
+          "| pruning state (bytes/weight) | in pruning code (us/step) | in pruning code / plain step |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
     for x in rows:
         print(f"| {x['model']} | {x['config']} | {x['sparsity']:.3f} | {x['median_step_ms']:.2f} | "
               f"{x['vs_plain']:.3f}x [{x['vs_plain_min']:.3f}, {x['vs_plain_max']:.3f}] | "
               f"{x['between_updates_vs_plain']:.3f}x | {x['mean_step_ms']:.2f} | "
-              f"{x['peak_rss_mb']:.0f} | {x['extra_rss_mb']:+.0f} |")
+              f"{x['peak_rss_mb']:.0f} | {x['extra_rss_mb']:+.0f} | {x['state_bytes_per_weight']:.2f} | "
+              f"{x['hook_us_per_step']:.0f} | {100 * x['hook_share_of_plain_step']:.1f}% |")
     print(json.dumps(meta))
 
 

@@ -30,6 +30,17 @@ def _compression_target(pl_module: pl.LightningModule) -> nn.Module:
     return target if isinstance(target, nn.Module) else pl_module
 
 
+def _stable(value: Any) -> Any:
+    """A representation that is the same in every process and run (callables by qualified name, not address)."""
+    if callable(value) and not isinstance(value, type):
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__name__)}"
+    if isinstance(value, (list, tuple)):
+        return [_stable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _stable(v) for k, v in value.items()}
+    return value
+
+
 class _Window:
     """Update points ``start, start + every, ...`` and ``end`` (all in optimizer steps)."""
 

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from litcompress._validation import _check_choice, _check_fraction, _check_int, _fail
-from litcompress.callbacks._base import _compression_target, _CompressionCallback, _Window
+from litcompress.callbacks._base import _compression_target, _CompressionCallback, _stable, _Window
 from litcompress.schedules import Schedule, get_schedule
 from litcompress.selection import ParameterFilter, _patterns, select_parameters
 from litcompress.sparsity.importance import DATA_DEPENDENT, IMPORTANCES, ImportanceFn
@@ -151,13 +151,18 @@ class Pruning(_CompressionCallback):
         self._window: _Window | None = None
         self._last_point: int | None = None
         self._pending_state: dict[str, Any] | None = None
+        self._state_key: str | None = None
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(
-            sparsity=self.sparsity, pattern=self.pattern, parameters=self.parameters, exclude=self.exclude
-        )
+        # cached: Lightning formats it into a profiler label on every hook call, ~20 times per step
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(
+                sparsity=self.sparsity, pattern=self.pattern, parameters=_stable(self.parameters),
+                exclude=_stable(self.exclude),
+            )
+        return self._state_key
 
     # ------------------------------------------------------------------ setup
     @override

@@ -224,6 +224,14 @@ def test_resume_is_bit_identical(tmp_path, config, cut):
     assert cb.pruner.global_sparsity() >= 0.5
 
 
+def test_state_key_is_stable_for_callables():
+    def make():
+        return Pruning(0.5, parameters=lambda module, name: "net" in name, importance=lambda n, w: w.abs())
+
+    assert make().state_key == make().state_key  # a lambda's address must not leak into the checkpoint key
+    assert "0x" not in make().state_key
+
+
 def test_two_instances_in_one_trainer_and_checkpoint(tmp_path):
     logger = RecordingLogger()
     a = Pruning(0.3, parameters=r"net\.0", log_prefix="a", verbose=False)
