@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
+from torch.multiprocessing import ProcessExitedException
 from torch.utils.data import DataLoader
 
 from litcompress import Pruning
@@ -23,7 +24,7 @@ class SaveMasks(pl.Callback):
         torch.save({"masks": masks, "weights": weights}, self.directory / f"rank{trainer.global_rank}.pt")
 
 
-def test_masks_identical_on_both_ranks(tmp_path):
+def _fit_spawned(tmp_path):
     torch.manual_seed(0)
     module = LitClassifier(ZOO["mlp"].build(), optimizer="adam", lr=1e-2)
     callbacks = [
@@ -38,6 +39,19 @@ def test_masks_identical_on_both_ranks(tmp_path):
         **trainer_kwargs(tmp_path, max_epochs=2, strategy="ddp_spawn", devices=2), callbacks=callbacks
     )
     trainer.fit(module, data)
+    return module
+
+
+def test_masks_identical_on_both_ranks(tmp_path):
+    # A worker killed by a signal (gloo occasionally aborts at process shutdown on CPU) is retried; a Python
+    # exception or a failed check in a worker is not (that raises ProcessRaisedException / AssertionError).
+    for attempt in range(3):
+        try:
+            module = _fit_spawned(tmp_path)
+            break
+        except ProcessExitedException:
+            if attempt == 2:
+                raise
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["masks"].keys() == r1["masks"].keys() and len(r0["masks"]) == 3
     for name in r0["masks"]:
