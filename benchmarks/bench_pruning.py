@@ -1,6 +1,6 @@
 """Train-step time and peak memory: plain training vs litcompress `Pruning` vs Lightning's `ModelPruning`.
 
-Every configuration prunes the same tensors (all Linear weights) to the same final sparsity (90%, layer-wise,
+Every pruning configuration prunes the same tensors (all Linear weights) to the same final sparsity (90%, layer-wise,
 L1 magnitude) at the end of epoch 0, then trains on with the masks enforced. A step is timed from the first
 callback's `on_train_batch_start` to the last callback's `on_train_batch_end`, so work done in hooks counts.
 Each configuration runs in its own process (clean peak RSS) and the rounds interleave the configurations, so
@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-CONFIGS = ("plain", "litcompress", "litcompress-gradual", "lightning")
+CONFIGS = ("plain", "empty-callback", "litcompress", "litcompress-gradual", "lightning")
 MODELS = {"mlp-784-512-256-10": (784, 512, 256, 10), "lenet-300-100": (784, 300, 100, 10)}
 
 
@@ -105,7 +105,9 @@ def _one(model_name: str, config: str, epochs: int, steps_per_epoch: int, batch:
     # timed per step, between mask updates. Lightning's share is its forward pre-hook recomputing
     # weight = weight_orig * weight_mask; its backward through that product is NOT counted (an undercount)
     timed(torch.nn.utils.prune.BasePruningMethod, "__call__")
-    if config == "litcompress":
+    if config == "empty-callback":  # control: what Lightning charges for any one extra callback
+        callbacks.append(pl.Callback())
+    elif config == "litcompress":
         callbacks.append(Pruning(0.9, schedule="one_shot", start=1, interval="epoch", verbose=False))
     elif config == "litcompress-gradual":  # cubic schedule, masks recomputed every 25 steps: update cost included
         callbacks.append(Pruning(0.9, schedule="cubic", start=steps_per_epoch, frequency=25, verbose=False))
