@@ -1,0 +1,271 @@
+"""Layers converted in place for quantization-aware training.
+
+:func:`convert_` swaps a layer's class to a subclass (``nn.Linear`` -> :class:`QATLinear`, ...): the object, its
+``Parameter`` objects (so optimizers stay valid) and its ``state_dict`` keys stay the same; only ``forward``
+changes, to fake-quantize weights and (for Linear, Conv and attention projections) inputs. :func:`revert_`
+swaps back. Quantizers are plain attributes, not submodules, buffers or parameters.
+
+>>> import torch
+>>> from torch import nn
+>>> from litcompress.quantization.quantizers import QuantConfig
+>>> model = nn.Sequential(nn.Linear(4, 3))
+>>> keys = list(model.state_dict())
+>>> layers = convert_(model, QuantConfig(), ["0"])
+>>> type(model[0]).__name__, list(model.state_dict()) == keys
+('QATLinear', True)
+>>> revert_(model[0]); type(model[0]).__name__
+'Linear'
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from litcompress._validation import _fail
+from litcompress.quantization.quantizers import ActivationQuantizer, QuantConfig, WeightQuantizer
+
+__all__ = [
+    "QATGRU",
+    "QATLSTM",
+    "QATRNN",
+    "QUANTIZABLE_KINDS",
+    "QATConv1d",
+    "QATConv2d",
+    "QATConv3d",
+    "QATEmbedding",
+    "QATLinear",
+    "QATMultiheadAttention",
+    "QuantizedLayer",
+    "convert_",
+    "revert_",
+]
+
+
+class QuantizedLayer:
+    """Mixin of the converted classes: quantizers and the on/off switch."""
+
+    _qat_weights: dict[str, WeightQuantizer]
+    _qat_inputs: dict[str, ActivationQuantizer]
+    _qat_enabled: bool
+    _qat_original: type
+
+    def _qat_input(self, key: str, x: Tensor) -> Tensor:
+        quantizer = self._qat_inputs.get(key)
+        return x if quantizer is None else quantizer(x, self.training)  # type: ignore[attr-defined]
+
+    def _qat_weight(self, attr: str, w: Tensor) -> Tensor:
+        quantizer = self._qat_weights.get(attr)
+        return w if quantizer is None else quantizer(w)
+
+
+class QATLinear(QuantizedLayer, nn.Linear):
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._qat_enabled:
+            return super().forward(x)
+        return F.linear(self._qat_input("input", x), self._qat_weight("weight", self.weight), self.bias)
+
+
+class _QATConv(QuantizedLayer):
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._qat_enabled:
+            return super().forward(x)  # type: ignore[misc]
+        w = self._qat_weight("weight", self.weight)  # type: ignore[attr-defined]
+        return self._conv_forward(self._qat_input("input", x), w, self.bias)  # type: ignore[attr-defined]
+
+
+class QATConv1d(_QATConv, nn.Conv1d):
+    pass
+
+
+class QATConv2d(_QATConv, nn.Conv2d):
+    pass
+
+
+class QATConv3d(_QATConv, nn.Conv3d):
+    pass
+
+
+class QATEmbedding(QuantizedLayer, nn.Embedding):
+    """Weight-only: the inputs are indices."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._qat_enabled:
+            return super().forward(x)
+        return F.embedding(x, self._qat_weight("weight", self.weight), self.padding_idx, self.max_norm,
+                           self.norm_type, self.scale_grad_by_freq, self.sparse)
+
+
+class _QATRNN(QuantizedLayer):
+    """Weight-only: the recurrent kernel runs on fake-quantized copies of the weight matrices."""
+
+    def forward(self, x, hx=None):  # type: ignore[no-untyped-def]
+        if not self._qat_enabled:
+            return super().forward(x, hx)  # type: ignore[misc]
+        saved = self._flat_weights  # type: ignore[has-type]
+        self._flat_weights = [
+            self._qat_weight(n, w) if w is not None else w for n, w in zip(self._flat_weights_names, saved)
+        ]  # type: ignore[attr-defined]
+        try:
+            return super().forward(x, hx)  # type: ignore[misc]
+        finally:
+            self._flat_weights = saved
+
+
+class QATLSTM(_QATRNN, nn.LSTM):
+    pass
+
+
+class QATGRU(_QATRNN, nn.GRU):
+    pass
+
+
+class QATRNN(_QATRNN, nn.RNN):
+    pass
+
+
+def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+
+
+class QATMultiheadAttention(QuantizedLayer, nn.MultiheadAttention):
+    """Attention with fake-quantized projections: inputs and weights of the q/k/v and output projections."""
+
+    def forward(  # type: ignore[override]
+        self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+        need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        if not self._qat_enabled:
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                                   is_causal=is_causal)
+        if not self.batch_first:  # work in (N, L, E)
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        self_attention = key is query and value is query
+        q_in = self._qat_input("query", query)
+        k_in = q_in if self_attention else self._qat_input("key", key)
+        v_in = q_in if self_attention else self._qat_input("value", value)
+        e = self.embed_dim
+        if self.in_proj_weight is not None:
+            w_q, w_k, w_v = self._qat_weight("in_proj_weight", self.in_proj_weight).split(e)
+        else:
+            w_q = self._qat_weight("q_proj_weight", self.q_proj_weight)
+            w_k = self._qat_weight("k_proj_weight", self.k_proj_weight)
+            w_v = self._qat_weight("v_proj_weight", self.v_proj_weight)
+        b_q, b_k, b_v = self.in_proj_bias.split(e) if self.in_proj_bias is not None else (None, None, None)
+        n, tq, h = q_in.shape[0], q_in.shape[1], self.num_heads
+        q = F.linear(q_in, w_q, b_q).view(n, tq, h, -1).transpose(1, 2)  # (N, H, L, D)
+        k = F.linear(k_in, w_k, b_k).view(n, k_in.shape[1], h, -1).transpose(1, 2)  # (N, H, S, D)
+        v = F.linear(v_in, w_v, b_v).view(n, v_in.shape[1], h, -1).transpose(1, 2)
+        mask = _additive(attn_mask, q.dtype)
+        if mask is not None and mask.dim() == 3:  # (N * H, L, S)
+            mask = mask.view(n, h, tq, -1)
+        padding = _additive(key_padding_mask, q.dtype)
+        if padding is not None:
+            padding = padding.view(n, 1, 1, -1)
+            mask = padding if mask is None else mask + padding
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+            if is_causal and mask is None:
+                causal = torch.ones(tq, k.shape[2], dtype=torch.bool, device=q.device).triu(1)
+                scores = scores.masked_fill(causal, float("-inf"))
+            if mask is not None:
+                scores = scores + mask
+            weights = scores.softmax(-1)
+            out = F.dropout(weights, dropout, self.training) @ v
+            weights = weights.mean(1) if average_attn_weights else weights
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                 is_causal=is_causal and mask is None)
+        out = out.transpose(1, 2).reshape(n, tq, e)
+        w_o = self._qat_weight("out_proj.weight", self.out_proj.weight)
+        out = F.linear(self._qat_input("out_proj", out), w_o, self.out_proj.bias)
+        return (out if self.batch_first else out.transpose(0, 1)), weights
+
+
+_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Linear: QATLinear, nn.Conv1d: QATConv1d, nn.Conv2d: QATConv2d, nn.Conv3d: QATConv3d,
+    nn.Embedding: QATEmbedding, nn.LSTM: QATLSTM, nn.GRU: QATGRU, nn.RNN: QATRNN,
+    nn.MultiheadAttention: QATMultiheadAttention,
+    nn.modules.linear.NonDynamicallyQuantizableLinear: QATLinear,
+}
+QUANTIZABLE_KINDS: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.RNNBase, nn.MultiheadAttention,
+)
+"""Layer kinds :func:`convert_` handles (exact classes; a subclass with its own ``forward`` is refused)."""
+
+
+def _weights_of(module: nn.Module) -> list[str]:
+    """All weight matrices a converted layer can fake-quantize."""
+    if isinstance(module, nn.MultiheadAttention):
+        names = ["in_proj_weight"] if module.in_proj_weight is not None else [
+            "q_proj_weight", "k_proj_weight", "v_proj_weight"]
+        return [*names, "out_proj.weight"]
+    if isinstance(module, nn.RNNBase):
+        return [n for n in module._flat_weights_names if n.startswith("weight")]
+    return ["weight"]
+
+
+def _input_keys(module: nn.Module) -> tuple[str, ...]:
+    if isinstance(module, QATMultiheadAttention):
+        return ("query", "key", "value", "out_proj")
+    if isinstance(module, (QATLinear, _QATConv)):
+        return ("input",)
+    return ()  # embeddings take indices; recurrent layers are weight-only
+
+
+def convert_(
+    model: nn.Module, config: QuantConfig, layers: Mapping[str, Sequence[str]] | Sequence[str]
+) -> dict[str, nn.Module]:
+    """Convert layers of ``model`` in place and attach their quantizers; returns the converted layers by name.
+
+    Args:
+        model: the model.
+        config: how to quantize.
+        layers: layer names, or a mapping from layer name to the weight attributes to quantize (default: all of
+            the layer's weight matrices; ``"out_proj.weight"`` names an attention layer's output projection).
+    """
+    modules = dict(model.named_modules())
+    if not isinstance(layers, Mapping):
+        layers = {name: None for name in layers}  # type: ignore[misc]
+    converted: dict[str, nn.Module] = {}
+    for name, attrs in layers.items():
+        module = modules[name]
+        if not isinstance(module, QuantizedLayer):
+            original = type(module)
+            target = _CLASSES.get(original)
+            if target is None:
+                _fail("parameters", "layers of the kinds " + ", ".join(k.__name__ for k in QUANTIZABLE_KINDS),
+                      f"{name} ({original.__name__})",
+                      hint="a subclass with its own forward cannot be converted safely; add it to `exclude`")
+            if isinstance(module, nn.MultiheadAttention) and (module.bias_k is not None or module.add_zero_attn):
+                _fail("parameters", "attention layers without bias_k / bias_v / add_zero_attn", name,
+                      hint="add this layer to `exclude`")
+            module.__class__ = target
+            module._qat_original = original
+        attrs = list(attrs) if attrs is not None else _weights_of(module)
+        module._qat_weights = {a: WeightQuantizer(config, f"{name}.{a}") for a in attrs}
+        module._qat_inputs = (
+            {k: ActivationQuantizer(config, f"{name}:{k}") for k in _input_keys(module)}
+            if config.activation_bits is not None else {}
+        )
+        module._qat_enabled = False
+        converted[name] = module
+    return converted
+
+
+def revert_(module: nn.Module) -> None:
+    """Give a converted layer its original class back (its parameters are untouched)."""
+    if isinstance(module, QuantizedLayer):
+        module.__class__ = module._qat_original
+        for attr in ("_qat_weights", "_qat_inputs", "_qat_enabled", "_qat_original"):
+            module.__dict__.pop(attr, None)

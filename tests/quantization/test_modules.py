@@ -1,0 +1,92 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from litcompress.quantization.fake_quant import fake_quantize, signed_range, symmetric_scale
+from litcompress.quantization.modules import convert_, revert_
+from litcompress.quantization.quantizers import QuantConfig
+from tests.models import ZOO
+
+
+def identity_quantizers(module):
+    module._qat_weights, module._qat_inputs, module._qat_enabled = {}, {}, True
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("masks", ["none", "causal-bool", "float", "padding", "both"])
+@pytest.mark.parametrize("separate", [False, True])
+def test_attention_reimplementation_matches_torch(batch_first, need_weights, masks, separate):
+    torch.manual_seed(0)
+    kwargs = dict(kdim=6, vdim=5) if separate else {}
+    ref = nn.MultiheadAttention(8, 2, batch_first=batch_first, **kwargs).eval()
+    mine = copy.deepcopy(ref)
+    convert_(mine, QuantConfig(), [""])
+    identity_quantizers(mine)
+    n, t, s = 3, 4, 4
+    q = torch.randn(n, t, 8) if batch_first else torch.randn(t, n, 8)
+    k = torch.randn(n, s, 6 if separate else 8) if batch_first else torch.randn(s, n, 6 if separate else 8)
+    v = torch.randn(n, s, 5 if separate else 8) if batch_first else torch.randn(s, n, 5 if separate else 8)
+    if not separate:
+        k = v = q
+    attn_mask = {"causal-bool": torch.ones(t, s, dtype=torch.bool).triu(1), "float": torch.randn(t, s),
+                 "both": torch.ones(t, s, dtype=torch.bool).triu(1)}.get(masks)
+    padding = torch.tensor([[False] * (s - 1) + [True]] * n) if masks in ("padding", "both") else None
+    a = ref(q, k, v, key_padding_mask=padding, need_weights=need_weights, attn_mask=attn_mask)
+    b = mine(q, k, v, key_padding_mask=padding, need_weights=need_weights, attn_mask=attn_mask)
+    torch.testing.assert_close(b[0], a[0], atol=1e-5, rtol=1e-5)
+    if need_weights:
+        torch.testing.assert_close(b[1], a[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_convert_keeps_parameters_and_keys_and_reverts(name):
+    model = ZOO[name].build()
+    params = {n: p for n, p in model.named_parameters()}
+    keys = list(model.state_dict())
+    layers = [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d, nn.Embedding, nn.LSTM, nn.GRU,
+                                                                 nn.MultiheadAttention)]
+    converted = convert_(model, QuantConfig(), layers)
+    assert list(model.state_dict()) == keys
+    assert all(p is params[n] for n, p in model.named_parameters())
+    for module in converted.values():
+        module._qat_enabled = True
+        for q in module._qat_inputs.values():  # give activations a range
+            q.lo, q.hi = torch.tensor(-4.0), torch.tensor(4.0)
+    model.eval()
+    x = ZOO[name].data().tensors[0][:4]
+    out = model(x)
+    assert torch.isfinite(out).all()
+    for module in converted.values():
+        revert_(module)
+    assert not any(type(m).__name__.startswith("QAT") for m in model.modules())
+
+
+def test_weight_grid_is_integer_multiple_of_scale():
+    torch.manual_seed(0)
+    w = torch.randn(6, 10)
+    for bits in (2, 4, 8):
+        qmin, qmax = signed_range(bits)
+        scale = symmetric_scale(w, qmax, axis=0)
+        wq = fake_quantize(w, scale, torch.zeros(6, dtype=torch.int32), qmin, qmax, axis=0)
+        ints = wq / scale[:, None]
+        assert torch.allclose(ints, ints.round(), atol=1e-4)
+        assert ints.abs().max() <= qmax + 1e-4
+        assert (wq[w == 0] == 0).all()
+
+
+def test_straight_through_gradient_is_zero_outside_range():
+    x = torch.tensor([-3.0, 0.1, 0.2, 3.0], requires_grad=True)
+    fake_quantize(x, torch.tensor(0.01), torch.tensor(128), 0, 255).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 0.0]
+
+
+def test_matches_aten_fake_quant_up_to_one_step():
+    torch.manual_seed(0)
+    x = torch.randn(1000) * 3
+    ours = fake_quantize(x, torch.tensor(0.037), torch.tensor(100), 0, 255)
+    aten = torch.fake_quantize_per_tensor_affine(x, 0.037, 100, 0, 255)
+    assert (ours - aten).abs().max() <= 0.037 + 1e-6
+    assert (ours != aten).float().mean() < 0.01
