@@ -1,10 +1,10 @@
 """litcompress: pruning, quantization-aware training and distillation inside an ordinary ``Trainer.fit``."""
 
 from litcompress import schedules
-from litcompress.callbacks import Pruning
+from litcompress.callbacks import Pruning, QuantizationAwareTraining
 from litcompress.selection import select_parameters
 from litcompress.sparsity import Pruner
 
 __version__ = "0.1.0"
 
-__all__ = ["Pruner", "Pruning", "__version__", "schedules", "select_parameters"]
+__all__ = ["Pruner", "Pruning", "QuantizationAwareTraining", "__version__", "schedules", "select_parameters"]

@@ -6,7 +6,6 @@ model's ``state_dict`` keys do not change; :meth:`state_dict` exposes it for the
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -25,8 +24,6 @@ from litcompress.quantization.fake_quant import (
 )
 
 __all__ = ["ActivationQuantizer", "QuantConfig", "WeightQuantizer"]
-
-Reduce = Callable[[Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -75,10 +72,18 @@ class WeightQuantizer:
         scale = symmetric_scale(w, self.qmax, self.axis)
         return power_of_two(scale) if self.config.scale == "power_of_two" else scale
 
-    def init_learned(self, w: Tensor) -> Tensor:
-        """Create the LSQ step size from the current weights; returns the leaf tensor to optimize."""
-        self.scale = self.observed_scale(w).clone().requires_grad_(True)
+    def placeholder(self, w: Tensor) -> Tensor:
+        """The LSQ step size as an idle leaf tensor, to hand to an optimizer before learning starts."""
+        self.scale = torch.ones(w.shape[self.axis] if self.axis is not None else (), device=w.device)
         return self.scale
+
+    @torch.no_grad()
+    def start_learning(self, w: Tensor) -> None:
+        """Initialise the (placeholder) step size from the current weights and let it learn."""
+        if self.scale is None:
+            self.placeholder(w)
+        self.scale.copy_(self.observed_scale(w))
+        self.scale.requires_grad_(True)
 
     def freeze(self, w: Tensor) -> None:
         """Stop following the weights: keep the current scale (learned scales keep learning)."""
@@ -87,24 +92,22 @@ class WeightQuantizer:
         self.frozen = True
 
     def current_scale(self, w: Tensor) -> Tensor:
-        return self.scale.detach() if self.scale is not None else self.observed_scale(w)
+        """The scale in use: the learned or frozen one, else one computed from the weights now."""
+        if self.scale is not None and (self.frozen or self.scale.requires_grad):
+            return self.scale.detach()
+        return self.observed_scale(w)
 
     def __call__(self, w: Tensor) -> Tensor:
-        if self.config.scale == "learned" and self.scale is not None and self.scale.requires_grad:
-            return lsq_fake_quantize(w, self.scale.to(w.device), self.qmin, self.qmax, self.axis)
+        if self.scale is not None and self.scale.requires_grad:
+            return lsq_fake_quantize(w, self.scale, self.qmin, self.qmax, self.axis)
         scale = self.current_scale(w).to(w.device)
         return fake_quantize(w, scale, torch.zeros_like(scale, dtype=torch.int32), self.qmin, self.qmax, self.axis)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"scale": None if self.scale is None else self.scale.detach().clone(), "frozen": self.frozen}
+        return _scale_state(self.scale) | {"frozen": self.frozen}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        scale = state.get("scale")
-        if scale is not None and self.scale is not None and self.scale.requires_grad:
-            with torch.no_grad():  # keep the same leaf tensor: the optimizer points at it
-                self.scale.copy_(scale)
-        else:
-            self.scale = scale
+        self.scale = _load_scale(self.scale, state)
         self.frozen = bool(state.get("frozen", False))
 
 
@@ -141,20 +144,24 @@ class ActivationQuantizer:
         if self.lo is None and self._batch is None:
             _fail("input", f"a batch seen in training before `{self.name}` is used in evaluation", "no range yet",
                   hint="run at least one training step after QAT starts, or restore the callback's state")
-        if self.scale is not None and self.scale.requires_grad:
-            return lsq_fake_quantize(x, self.scale.to(x.device), self.qmin, self.qmax,
+        if self.learning:
+            return lsq_fake_quantize(x, self.scale, self.qmin, self.qmax,
                                      zero_point=self.zero_point.to(x.device), n=x[0].numel() if x.dim() else 1)
         scale, zero_point = self.qparams()
         return fake_quantize(x, scale.to(x.device), zero_point.to(x.device), self.qmin, self.qmax)
 
-    def commit(self, reduce_min: Reduce | None = None, reduce_max: Reduce | None = None) -> None:
-        """Fold the recorded batch range into the moving average (after reducing it across processes)."""
+    @property
+    def pending(self) -> tuple[Tensor, Tensor] | None:
+        """The range recorded since the last :meth:`commit` (``None`` if nothing was observed)."""
+        return self._batch
+
+    def commit(self, lo: Tensor | None = None, hi: Tensor | None = None) -> None:
+        """Fold the recorded batch range (or ``lo``/``hi``, e.g. reduced across processes) into the average."""
         if self._batch is None:
             return
-        lo, hi = self._batch
+        lo = self._batch[0] if lo is None else lo
+        hi = self._batch[1] if hi is None else hi
         self._batch = None
-        if reduce_min is not None and reduce_max is not None:
-            lo, hi = reduce_min(lo), reduce_max(hi)
         if not (torch.isfinite(lo) and torch.isfinite(hi)):
             _fail("input", f"finite values at the input of `{self.name}`", f"range [{float(lo)}, {float(hi)}]",
                   hint="the layer received inf/NaN; check the data, the learning rate or the loss scale")
@@ -165,25 +172,49 @@ class ActivationQuantizer:
             self.lo = self.lo + m * (lo - self.lo)
             self.hi = self.hi + m * (hi - self.hi)
 
-    def init_learned(self) -> Tensor:
-        """Create the LSQ step size from the observed range; the zero point is fixed from then on."""
-        scale, self.zero_point = self.qparams()
-        self.scale = scale.clone().requires_grad_(True)
+    def placeholder(self, device: torch.device) -> Tensor:
+        """The LSQ step size as an idle leaf tensor, to hand to an optimizer before learning starts."""
+        self.scale = torch.ones((), device=device)
         return self.scale
 
+    @property
+    def learning(self) -> bool:
+        return self.scale is not None and self.scale.requires_grad
+
+    @torch.no_grad()
+    def start_learning(self) -> None:
+        """Initialise the step size from the observed range and let it learn; the zero point is fixed from now."""
+        scale, self.zero_point = self.qparams()
+        if self.scale is None:
+            self.placeholder(scale.device)
+        self.scale.copy_(scale)
+        self.scale.requires_grad_(True)
+
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "lo": self.lo, "hi": self.hi, "observing": self.observing,
-            "scale": None if self.scale is None else self.scale.detach().clone(), "zero_point": self.zero_point,
+        return _scale_state(self.scale) | {
+            "lo": self.lo, "hi": self.hi, "observing": self.observing, "zero_point": self.zero_point,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.lo, self.hi = state.get("lo"), state.get("hi")
         self.observing = bool(state.get("observing", True))
         self.zero_point = state.get("zero_point")
-        scale = state.get("scale")
-        if scale is not None and self.scale is not None and self.scale.requires_grad:
-            with torch.no_grad():
-                self.scale.copy_(scale)
-        else:
-            self.scale = scale
+        self.scale = _load_scale(self.scale, state)
+
+
+def _scale_state(scale: Tensor | None) -> dict[str, Any]:
+    return {"scale": None if scale is None else scale.detach().clone(),
+            "learning": bool(scale is not None and scale.requires_grad)}
+
+
+def _load_scale(current: Tensor | None, state: dict[str, Any]) -> Tensor | None:
+    """Restore a step size into the existing leaf tensor when there is one (an optimizer points at it)."""
+    saved = state.get("scale")
+    if saved is None:
+        return current if current is not None and not current.requires_grad else None
+    if current is None or current.shape != saved.shape:
+        current = saved.clone()
+    else:
+        with torch.no_grad():
+            current.copy_(saved)
+    return current.requires_grad_(bool(state.get("learning", False)))

@@ -1,0 +1,251 @@
+"""`QuantizationAwareTraining`: fake-quantized training inside ``Trainer.fit``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from typing_extensions import override
+
+from litcompress._validation import _check_int, _fail
+from litcompress.callbacks._base import _compression_target, _CompressionCallback, _stable
+from litcompress.quantization.modules import QUANTIZABLE_KINDS, QuantizedLayer, convert_
+from litcompress.quantization.quantizers import ActivationQuantizer, QuantConfig, WeightQuantizer
+from litcompress.selection import ParameterFilter, _patterns, select_parameters
+
+__all__ = ["QuantizationAwareTraining"]
+
+
+class QuantizationAwareTraining(_CompressionCallback):
+    r"""Train with fake-quantized weights and activations, so the model learns to live on an integer grid.
+
+    In ``setup`` the selected layers are converted in place (their class becomes a fake-quantizing subclass; the
+    ``Parameter`` objects, so the optimizer, and the ``state_dict`` keys stay the same). From ``start`` on,
+    weights are fake-quantized symmetrically (a zero weight stays exactly zero, so pruned models stay sparse)
+    and the inputs of Linear, Conv and attention projections asymmetrically, per tensor, with ranges from an
+    exponential moving average of min/max. Validation and test inside the fit therefore report the quantized
+    model's metrics. Embeddings and recurrent layers are weight-only.
+
+    Args:
+        weight_bits: 2..8.
+        weight_granularity: ``"per_channel"`` (one scale per output channel) or ``"per_tensor"``.
+        activation_bits: 2..8, or ``None`` for weight-only quantization.
+        scale: ``"minmax"``; ``"power_of_two"`` (scales ``2^-p``: integer weights ``round(w * 2^p)``);
+            ``"learned"`` (LSQ: step sizes trained from ``start`` on, initialised from the observed ranges,
+            gradient scale ``1 / sqrt(N * Q_P)``; they join the first optimizer as an extra parameter group).
+        start: when fake quantization begins, in ``interval`` units.
+        freeze_observers: when ranges stop updating (``None``: never); not before ``start``.
+        freeze_bn: when BatchNorm running statistics freeze (``None``: never).
+        interval: ``"epoch"`` or ``"step"`` (optimizer steps).
+        parameters: which layers, as for :class:`~litcompress.callbacks.Pruning`: ``None`` selects Linear,
+            Conv1d/2d/3d, Embedding, LSTM/GRU/RNN and MultiheadAttention; regexes or ``fn(module, name)`` pick
+            weight tensors by name.
+        exclude: weight names to keep in float; ``["<first>", "<last>"]`` keeps both ends of the network.
+        momentum: weight of a new batch in the range average.
+        scale_lr: learning rate of learned step sizes (default: the first parameter group's).
+        verbose: print a line when quantization starts and when things freeze (rank zero).
+    """
+
+    def __init__(
+        self,
+        weight_bits: int = 8,
+        weight_granularity: Literal["per_channel", "per_tensor"] = "per_channel",
+        activation_bits: int | None = 8,
+        scale: Literal["minmax", "power_of_two", "learned"] = "minmax",
+        *,
+        start: int = 0,
+        freeze_observers: int | None = None,
+        freeze_bn: int | None = None,
+        interval: Literal["step", "epoch"] = "epoch",
+        parameters: str | Sequence[str] | ParameterFilter | None = None,
+        exclude: str | Sequence[str] = (),
+        momentum: float = 0.01,
+        scale_lr: float | None = None,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(interval)
+        self.config = QuantConfig(weight_bits, weight_granularity, activation_bits, scale, momentum)
+        _check_int("start", start, minimum=0)
+        _check_int("freeze_observers", freeze_observers, minimum=0, allow_none=True)
+        _check_int("freeze_bn", freeze_bn, minimum=0, allow_none=True)
+        if freeze_observers is not None and freeze_observers < start:
+            _fail("freeze_observers", f"None or >= `start` ({start})", freeze_observers,
+                  hint="ranges cannot freeze before they are first observed")
+        if scale_lr is not None and (isinstance(scale_lr, bool) or not isinstance(scale_lr, (int, float))
+                                     or not scale_lr > 0):
+            _fail("scale_lr", "None or a float > 0", scale_lr)
+        if parameters is not None and not callable(parameters):
+            _patterns("parameters", parameters)
+        _patterns("exclude", exclude)
+        self.start, self.freeze_observers, self.freeze_bn = start, freeze_observers, freeze_bn
+        self.parameters, self.exclude, self.scale_lr, self.verbose = parameters, exclude, scale_lr, verbose
+
+        self.layers: dict[str, nn.Module] = {}
+        self._bn: list[nn.Module] = []
+        self._flags = {"enabled": False, "observers_frozen": False, "bn_frozen": False}
+        self._pending_state: dict[str, Any] | None = None
+        self._state_key: str | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(
+                config=self.config, parameters=_stable(self.parameters), exclude=_stable(self.exclude))
+        return self._state_key
+
+    # ------------------------------------------------------------------ quantizers
+    def _weight_quantizers(self) -> list[tuple[nn.Module, str, WeightQuantizer]]:
+        return [(m, a, q) for m in self.layers.values() for a, q in m._qat_weights.items()]
+
+    def _input_quantizers(self) -> list[ActivationQuantizer]:
+        return [q for m in self.layers.values() for q in m._qat_inputs.values()]
+
+    @staticmethod
+    def _weight(module: nn.Module, attr: str) -> torch.Tensor:
+        owner, _, leaf = attr.rpartition(".")
+        return getattr(module.get_submodule(owner) if owner else module, leaf)
+
+    # ------------------------------------------------------------------ setup
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        target = _compression_target(pl_module)
+        if next(target.parameters(), None) is None:
+            return  # layers are built in `configure_model`: convert in `on_fit_start`
+        self._prepare(target)
+
+    def _prepare(self, target: nn.Module) -> None:
+        refs = select_parameters(target, self.parameters, self.exclude, kinds=QUANTIZABLE_KINDS)
+        modules = dict(target.named_modules())
+        attention = {n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)}
+        layers: dict[str, list[str]] = {}
+        for ref in refs:
+            owner, attr = ref.module_name, ref.attr
+            parent = owner.rpartition(".")[0] if "." in owner else ""
+            if owner.endswith("out_proj") and (parent in attention):
+                owner, attr = parent, "out_proj.weight"  # attention runs its output projection itself
+            if not isinstance(modules[owner], QUANTIZABLE_KINDS):
+                _fail("parameters", "weights of " + ", ".join(k.__name__ for k in QUANTIZABLE_KINDS), ref.name,
+                      hint="quantization-aware training converts whole layers of these kinds")
+            layers.setdefault(owner, []).append(attr)
+        fresh = {n: a for n, a in layers.items() if not isinstance(modules[n], QuantizedLayer)}
+        self.layers = {n: modules[n] for n in layers}
+        convert_(target, self.config, fresh)  # layers converted by an earlier fit keep their quantizers
+        self._bn = [m for m in target.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if self._pending_state is not None:
+            self._load(self._pending_state)
+            self._pending_state = None
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.layers:
+            self._prepare(_compression_target(pl_module))
+        if self.config.scale != "learned":
+            return
+        # step sizes join the optimizer now, idle until `start`, so a resumed optimizer state lines up
+        scales = [q.scale if q.scale is not None else q.placeholder(self._weight(m, a))
+                  for m, a, q in self._weight_quantizers()]
+        for module in self.layers.values():
+            device = next(module.parameters()).device
+            scales += [q.scale if q.scale is not None else q.placeholder(device) for q in module._qat_inputs.values()]
+        optimizer = trainer.optimizers[0]
+        if not any(any(p is scales[0] for p in g["params"]) for g in optimizer.param_groups):
+            lr = self.scale_lr if self.scale_lr is not None else optimizer.param_groups[0]["lr"]
+            # `initial_lr`: LR schedulers built before this group expect it on every group
+            optimizer.add_param_group({"params": scales, "lr": lr, "initial_lr": lr, "weight_decay": 0.0})
+
+    # ------------------------------------------------------------------ schedule
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if not self._flags["enabled"] and step >= self._to_steps(trainer, self.start):
+            self._set_enabled(True)
+            if self.config.scale == "learned":
+                for module, attr, q in self._weight_quantizers():
+                    q.start_learning(self._weight(module, attr))
+            self._say(trainer, "fake quantization on")
+        if (self.freeze_observers is not None and not self._flags["observers_frozen"]
+                and step >= self._to_steps(trainer, self.freeze_observers)):
+            self._freeze_observers()
+            self._say(trainer, "ranges frozen")
+        if self.freeze_bn is not None and step >= self._to_steps(trainer, self.freeze_bn):
+            if not self._flags["bn_frozen"]:
+                self._flags["bn_frozen"] = True
+                self._say(trainer, "BatchNorm statistics frozen")
+            for bn in self._bn:  # Lightning puts the model in train mode every epoch
+                bn.eval()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        observed = [q for q in self._input_quantizers() if q.pending is not None]
+        if not observed:
+            return
+        lo = torch.stack([q.pending[0] for q in observed])
+        hi = torch.stack([q.pending[1] for q in observed])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            lo, hi = lo.to(trainer.strategy.root_device), hi.to(trainer.strategy.root_device)
+            dist.all_reduce(lo, op=dist.ReduceOp.MIN)  # every process quantizes with the same range
+            dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        for q, a, b in zip(observed, lo, hi):
+            q.commit(a, b)
+        if self.config.scale == "learned":
+            for q in observed:
+                if not q.learning:
+                    q.start_learning()
+
+    def _set_enabled(self, value: bool) -> None:
+        self._flags["enabled"] = value
+        for module in self.layers.values():
+            module._qat_enabled = value
+
+    def _freeze_observers(self) -> None:
+        self._flags["observers_frozen"] = True
+        for module, attr, q in self._weight_quantizers():
+            q.freeze(self._weight(module, attr))
+        for q in self._input_quantizers():
+            q.observing = False
+
+    def _say(self, trainer: pl.Trainer, what: str) -> None:
+        if self.verbose:
+            rank_zero_info(f"{type(self).__name__}: step {trainer.global_step}, {what} ({len(self.layers)} layers)")
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "flags": dict(self._flags),
+            "layers": {
+                name: {"weights": {a: q.state_dict() for a, q in m._qat_weights.items()},
+                       "inputs": {k: q.state_dict() for k, q in m._qat_inputs.items()}}
+                for name, m in self.layers.items()
+            },
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not self.layers:
+            self._pending_state = dict(state_dict)
+        else:
+            self._load(state_dict)
+
+    def _load(self, state: dict[str, Any]) -> None:
+        saved = state.get("layers", {})
+        if set(saved) != set(self.layers):
+            _fail("state_dict", f"quantizer states for the layers {sorted(self.layers)}", sorted(saved),
+                  hint="the checkpoint was written for a different model or a different selection")
+        for name, module in self.layers.items():
+            for a, q in module._qat_weights.items():
+                q.load_state_dict(saved[name]["weights"].get(a, {}))
+            for k, q in module._qat_inputs.items():
+                q.load_state_dict(saved[name]["inputs"].get(k, {}))
+        self._flags.update(state.get("flags", {}))
+        self._set_enabled(self._flags["enabled"])
