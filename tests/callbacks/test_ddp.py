@@ -1,4 +1,4 @@
-"""Two CPU processes (gloo, `ddp_spawn`): every rank ends with the same masks and the same weights."""
+"""Two CPU processes (gloo, `ddp_spawn`): every rank ends with the same masks, ranges and weights."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch.multiprocessing import ProcessExitedException
 from torch.utils.data import DataLoader
 
-from litcompress import Pruning
+from litcompress import Pruning, QuantizationAwareTraining
 from tests.models import ZOO, LitClassifier, classification_data, trainer_kwargs
 
 
@@ -61,3 +61,39 @@ def test_masks_identical_on_both_ranks(tmp_path):
         assert torch.equal(r0["weights"][name], r1["weights"][name]), name
     # ddp_spawn hands the trained weights back to this process
     assert torch.equal(module.state_dict()["model.net.0.weight"], r0["weights"]["model.net.0.weight"])
+
+
+class SaveRanges(pl.Callback):
+    def __init__(self, directory) -> None:
+        self.directory = directory
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        qat = next(cb for cb in trainer.callbacks if isinstance(cb, QuantizationAwareTraining))
+        ranges = {q.name: (q.lo.cpu(), q.hi.cpu()) for q in qat._input_quantizers() if q.lo is not None}
+        weights = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
+        torch.save({"ranges": ranges, "weights": weights}, self.directory / f"qat{trainer.global_rank}.pt")
+
+
+def _fit_qat_spawned(tmp_path):
+    torch.manual_seed(0)
+    module = LitClassifier(ZOO["mlp"].build(), optimizer="adam", lr=1e-2)
+    data = DataLoader(classification_data((16,), n=128), batch_size=16)  # a different shard on each rank
+    callbacks = [QuantizationAwareTraining(start=1, interval="step", verbose=False), SaveRanges(tmp_path)]
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, strategy="ddp_spawn", devices=2), callbacks=callbacks)
+    trainer.fit(module, data)
+
+
+def test_qat_ranges_identical_on_both_ranks(tmp_path):
+    for attempt in range(3):  # see test_masks_identical_on_both_ranks
+        try:
+            _fit_qat_spawned(tmp_path)
+            break
+        except ProcessExitedException:
+            if attempt == 2:
+                raise
+    r0, r1 = (torch.load(tmp_path / f"qat{r}.pt") for r in (0, 1))
+    assert len(r0["ranges"]) == 3
+    for name, (lo, hi) in r0["ranges"].items():
+        assert torch.equal(lo, r1["ranges"][name][0]) and torch.equal(hi, r1["ranges"][name][1]), name
+    for name in r0["weights"]:
+        assert torch.equal(r0["weights"][name], r1["weights"][name]), name
