@@ -62,12 +62,26 @@ class QuantizedLayer:
         quantizer = self._qat_weights.get(attr)
         return w if quantizer is None else quantizer(w)
 
+    def _qat_exporting(self) -> bool:
+        return any(q.export is not None for q in self._qat_weights.values())
+
+
+def _linear(x: Tensor, w: Tensor, b: Tensor | None, exporting: bool) -> Tensor:
+    if not exporting:
+        return F.linear(x, w, b)
+    # exported as MatMul (+ Add), which ONNX Runtime fuses with Q/DQ into an integer kernel whether or not the
+    # output is quantized again (a Gemm with a float output stays in float). A 2-D input goes through a 3-D
+    # MatMul, or ONNX Runtime first fuses MatMul + Add back into a Gemm.
+    y = (x.unsqueeze(0) @ w.t()).squeeze(0) if x.dim() == 2 else x @ w.t()
+    return y if b is None else y + b
+
 
 class QATLinear(QuantizedLayer, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if not self._qat_enabled:
             return super().forward(x)
-        return F.linear(self._qat_input("input", x), self._qat_weight("weight", self.weight), self.bias)
+        w = self._qat_weight("weight", self.weight)
+        return _linear(self._qat_input("input", x), w, self.bias, self._qat_exporting())
 
 
 class _QATConv(QuantizedLayer):
@@ -161,9 +175,10 @@ class QATMultiheadAttention(QuantizedLayer, nn.MultiheadAttention):
             w_v = self._qat_weight("v_proj_weight", self.v_proj_weight)
         b_q, b_k, b_v = self.in_proj_bias.split(e) if self.in_proj_bias is not None else (None, None, None)
         n, tq, h = q_in.shape[0], q_in.shape[1], self.num_heads
-        q = F.linear(q_in, w_q, b_q).view(n, tq, h, -1).transpose(1, 2)  # (N, H, L, D)
-        k = F.linear(k_in, w_k, b_k).view(n, k_in.shape[1], h, -1).transpose(1, 2)  # (N, H, S, D)
-        v = F.linear(v_in, w_v, b_v).view(n, v_in.shape[1], h, -1).transpose(1, 2)
+        exporting = self._qat_exporting()
+        q = _linear(q_in, w_q, b_q, exporting).view(n, tq, h, -1).transpose(1, 2)  # (N, H, L, D)
+        k = _linear(k_in, w_k, b_k, exporting).view(n, k_in.shape[1], h, -1).transpose(1, 2)  # (N, H, S, D)
+        v = _linear(v_in, w_v, b_v, exporting).view(n, v_in.shape[1], h, -1).transpose(1, 2)
         mask = _additive(attn_mask, q.dtype)
         if mask is not None and mask.dim() == 3:  # (N * H, L, S)
             mask = mask.view(n, h, tq, -1)
@@ -188,7 +203,7 @@ class QATMultiheadAttention(QuantizedLayer, nn.MultiheadAttention):
                                                  is_causal=is_causal and mask is None)
         out = out.transpose(1, 2).reshape(n, tq, e)
         w_o = self._qat_weight("out_proj.weight", self.out_proj.weight)
-        out = F.linear(self._qat_input("out_proj", out), w_o, self.out_proj.bias)
+        out = _linear(self._qat_input("out_proj", out), w_o, self.out_proj.bias, exporting)
         return (out if self.batch_first else out.transpose(0, 1)), weights
 
 

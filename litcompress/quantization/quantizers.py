@@ -67,6 +67,7 @@ class WeightQuantizer:
         self.qmin, self.qmax = signed_range(config.weight_bits)
         self.scale: Tensor | None = None  # frozen or learned scale; None: computed from the weights each call
         self.frozen = False
+        self.export: tuple[Tensor, Tensor, Tensor] | None = None  # (int8 weights, scales, zeros) while exporting
 
     def observed_scale(self, w: Tensor) -> Tensor:
         scale = symmetric_scale(w, self.qmax, self.axis)
@@ -97,7 +98,20 @@ class WeightQuantizer:
             return self.scale.detach()
         return self.observed_scale(w)
 
+    @torch.no_grad()
+    def integers(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """The integer weights (``int8``) and their scales: what a deployed model stores."""
+        scale = self.current_scale(w).float()
+        shaped = scale.reshape(-1, *[1] * (w.dim() - 1)) if scale.dim() else scale
+        q = torch.clamp(torch.round(w.detach().float() / shaped), self.qmin, self.qmax).to(torch.int8)
+        return q, scale
+
     def __call__(self, w: Tensor) -> Tensor:
+        if self.export is not None:  # Q/DQ graph for ONNX: DequantizeLinear on an int8 initializer
+            q, scale, zeros = self.export
+            if scale.dim():
+                return _qd().dequantize_per_channel(q, scale, zeros, 0, self.qmin, self.qmax, torch.int8)
+            return _qd().dequantize_per_tensor(q, float(scale), 0, self.qmin, self.qmax, torch.int8)
         if self.scale is not None and self.scale.requires_grad:
             return lsq_fake_quantize(w, self.scale, self.qmin, self.qmax, self.axis)
         scale = self.current_scale(w).to(w.device)
@@ -129,12 +143,20 @@ class ActivationQuantizer:
         self.observing = True
         self.scale: Tensor | None = None  # learned step size (LSQ)
         self.zero_point: Tensor | None = None  # fixed when the step size starts learning
+        self.export: tuple[float, int] | None = None  # (scale, zero point) while exporting
 
     def qparams(self) -> tuple[Tensor, Tensor]:
+        """Scale and zero point in use (learned ones once learning, else from the observed range)."""
+        if self.learning:
+            return self.scale.detach(), self.zero_point  # type: ignore[union-attr,return-value]
         lo, hi = (self.lo, self.hi) if self.lo is not None else self._batch  # type: ignore[misc]
         return affine_qparams(lo, hi, self.qmin, self.qmax)
 
     def __call__(self, x: Tensor, training: bool) -> Tensor:
+        if self.export is not None:  # Q/DQ pair for ONNX: QuantizeLinear -> DequantizeLinear
+            scale, zero_point = self.export
+            q = _qd().quantize_per_tensor(x, scale, zero_point, self.qmin, self.qmax, torch.uint8)
+            return _qd().dequantize_per_tensor(q, scale, zero_point, self.qmin, self.qmax, torch.uint8)
         if training and self.observing:
             lo, hi = torch.aminmax(x.detach())
             if self._batch is None:
@@ -200,6 +222,13 @@ class ActivationQuantizer:
         self.observing = bool(state.get("observing", True))
         self.zero_point = state.get("zero_point")
         self.scale = _load_scale(self.scale, state)
+
+
+def _qd() -> Any:
+    """``torch.ops.quantized_decomposed``: Q/DQ ops that the ONNX exporter maps to Quantize/DequantizeLinear."""
+    import torch.ao.quantization.fx._decomposed
+
+    return torch.ops.quantized_decomposed
 
 
 def _scale_state(scale: Tensor | None) -> dict[str, Any]:

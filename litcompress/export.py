@@ -1,0 +1,83 @@
+"""Deployment: ONNX files that ONNX Runtime runs on integer kernels.
+
+>>> import torch
+>>> from torch import nn
+>>> path = export_onnx(nn.Sequential(nn.Linear(4, 2)), torch.randn(3, 4), "doctest_float.onnx")
+>>> path.stat().st_size > 0
+True
+>>> path.unlink()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.ao.quantization.fx._decomposed  # registers the Q/DQ ops before any export begins
+from torch import Tensor, nn
+
+from litcompress._validation import _fail
+from litcompress.quantization.modules import QuantizedLayer
+
+__all__ = ["export_onnx"]
+
+
+@contextlib.contextmanager
+def _export_mode(model: nn.Module) -> Iterator[int]:
+    """Freeze every active quantizer's parameters into constants, so the graph holds Q/DQ ops on them."""
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLayer) and m._qat_enabled]
+    try:
+        for layer in layers:
+            for attr, q in layer._qat_weights.items():
+                owner, _, leaf = attr.rpartition(".")
+                ints, scale = q.integers(getattr(layer.get_submodule(owner) if owner else layer, leaf))
+                q.export = (ints, scale, torch.zeros_like(scale, dtype=torch.int64))
+            for q in layer._qat_inputs.values():
+                if q.lo is not None or q.learning:
+                    scale, zero_point = q.qparams()
+                    q.export = (float(scale), int(zero_point))
+        yield len(layers)
+    finally:
+        for layer in layers:
+            for q in [*layer._qat_weights.values(), *layer._qat_inputs.values()]:
+                q.export = None
+
+
+def export_onnx(
+    model: nn.Module, example_input: Tensor, path: str | os.PathLike, dynamic_batch: bool = True
+) -> Path:
+    """Export ``model`` to one self-contained ``.onnx`` file (weights inside, no ``.onnx.data``).
+
+    A model trained with :class:`~litcompress.callbacks.QuantizationAwareTraining` exports with
+    QuantizeLinear/DequantizeLinear pairs around every quantized matrix product and int8 weight initializers;
+    ONNX Runtime's graph optimizations turn them into integer kernels. A float model exports as plain fp32.
+
+    Args:
+        model: the model (a LightningModule works; its ``forward`` is exported), put in eval mode for export.
+        example_input: one input batch; its shape and dtype define the graph's input.
+        path: where to write the file.
+        dynamic_batch: let the first dimension of the input vary.
+
+    Returns:
+        The path written.
+    """
+    if not isinstance(model, nn.Module):
+        _fail("model", "a torch.nn.Module", type(model).__name__, exc=TypeError)
+    if not isinstance(example_input, Tensor):
+        _fail("example_input", "a torch.Tensor", type(example_input).__name__, exc=TypeError)
+    path = Path(path)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input)  # fail here, with the model's own message, if the input does not fit
+        dynamic = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+        with _export_mode(model), torch.no_grad():
+            torch.onnx.export(model, (example_input,), str(path), dynamo=True, external_data=False,
+                              dynamic_shapes=dynamic, verbose=False)
+    finally:
+        model.train(was_training)
+    return path
