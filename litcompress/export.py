@@ -1,4 +1,4 @@
-"""Deployment: ONNX files that ONNX Runtime runs on integer kernels.
+"""Deployment: ONNX files that ONNX Runtime runs on integer kernels, and compact weight files.
 
 >>> import torch
 >>> from torch import nn
@@ -20,9 +20,10 @@ import torch.ao.quantization.fx._decomposed  # registers the Q/DQ ops before any
 from torch import Tensor, nn
 
 from litcompress._validation import _fail
+from litcompress.quantization.compact import load_compressed, save_compressed
 from litcompress.quantization.modules import QuantizedLayer
 
-__all__ = ["export_onnx"]
+__all__ = ["export_onnx", "load_compressed", "save_compressed"]
 
 
 @contextlib.contextmanager
