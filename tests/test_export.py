@@ -149,3 +149,56 @@ def test_compressed_file_errors(tmp_path):
     torch.save(model.state_dict(), pickle_file)
     with pytest.raises(ValueError, match="a complete safetensors file"):
         load_compressed(pickle_file, ZOO["mlp"].build())
+
+
+FRESH_PROCESS = """
+import sys, torch, numpy as np, onnxruntime as ort
+sys.path.insert(0, {root!r})
+from litcompress import QuantizationAwareTraining
+from litcompress.export import export_onnx, save_compressed
+from tests.models import LitClassifier, ZOO
+module = LitClassifier.load_from_checkpoint({ckpt!r}, model=ZOO["mlp"].build())  # the plain class
+QuantizationAwareTraining(weight_bits=4, verbose=False).restore(module, {ckpt!r})
+module.eval()
+x = torch.load({x!r})
+np.save({out!r}, module(x).detach().numpy())
+export_onnx(module, x, {onnx!r})
+save_compressed(module, {st!r})
+"""
+
+
+def test_fresh_process_from_checkpoint_to_onnx_and_compact_file(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    qat = QuantizationAwareTraining(weight_bits=4, verbose=False)
+    _, module = fit(tmp_path, [qat, ModelCheckpoint(dirpath=tmp_path, save_last=True)], max_epochs=2,
+                    enable_checkpointing=True)
+    module.eval()
+    x = ZOO["mlp"].data().tensors[0][:8]
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        expected = module(x).numpy()
+    files = {k: str(tmp_path / v) for k, v in dict(ckpt="last.ckpt", x="x.pt", out="out.npy", onnx="m.onnx",
+                                                      st="m.safetensors").items()}
+    root = str(Path(__file__).resolve().parents[1])
+    run = subprocess.run([sys.executable, "-c", FRESH_PROCESS.format(root=root, **files)], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(files["out"]), expected)  # the restored model is the trained one
+    out, ops = run_ort(files["onnx"], x, tmp_path)
+    assert INTEGER_KERNELS & set(ops)
+    assert (out.argmax(-1) == expected.argmax(-1)).all()
+    assert Path(files["st"]).stat().st_size > 0
+
+
+def test_restore_needs_the_matching_callback(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    fit(tmp_path, [QuantizationAwareTraining(verbose=False), ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+        max_epochs=1, enable_checkpointing=True)
+    with pytest.raises(ValueError, match="a checkpoint holding this callback's state"):
+        QuantizationAwareTraining(weight_bits=4).restore(ZOO["mlp"].build(), tmp_path / "last.ckpt")

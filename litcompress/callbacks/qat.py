@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -217,6 +218,34 @@ class QuantizationAwareTraining(_CompressionCallback):
     def _say(self, trainer: pl.Trainer, what: str) -> None:
         if self.verbose:
             rank_zero_info(f"{type(self).__name__}: step {trainer.global_step}, {what} ({len(self.layers)} layers)")
+
+    # ------------------------------------------------------------------ outside a Trainer
+    def restore(self, model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any]) -> nn.Module:
+        """Convert ``model`` and load this callback's state from a Lightning checkpoint, without a Trainer.
+
+        The path from a checkpoint written during QAT to deployable files, in a fresh process::
+
+            model = MyModule.load_from_checkpoint("last.ckpt")  # the plain class: state_dict keys are unchanged
+            QuantizationAwareTraining(...same arguments...).restore(model, "last.ckpt")
+            export_onnx(model, example_input, "model.onnx")
+            save_compressed(model, "model.safetensors")
+
+        (``trainer.validate`` / ``trainer.test`` with ``ckpt_path`` and this callback attached restore it too.)
+
+        Args:
+            model: the LightningModule (or plain module) the checkpoint's weights are already loaded into.
+            checkpoint: a checkpoint path (loaded with ``weights_only=True``) or an already loaded checkpoint.
+        """
+        if not isinstance(checkpoint, Mapping):
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        states = checkpoint.get("callbacks", {})
+        if self.state_key not in states:
+            _fail("checkpoint", f"a checkpoint holding this callback's state ({self.state_key})", sorted(states),
+                  hint="construct the callback with the same arguments as during training")
+        self.layers = {}
+        self._pending_state = dict(states[self.state_key])
+        self._prepare(_compression_target(model))
+        return model
 
     # ------------------------------------------------------------------ state
     @override
