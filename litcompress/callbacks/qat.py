@@ -40,7 +40,7 @@ class QuantizationAwareTraining(_CompressionCallback):
             ``"learned"`` (LSQ: step sizes trained from ``start`` on, initialised from the observed ranges,
             gradient scale ``1 / sqrt(N * Q_P)``; they join the first optimizer as an extra parameter group).
         start: when fake quantization begins, in ``interval`` units.
-        freeze_observers: when ranges stop updating (``None``: never); not before ``start``.
+        freeze_observers: when ranges stop updating (``None``: never); after ``start``.
         freeze_bn: when BatchNorm running statistics freeze (``None``: never).
         interval: ``"epoch"`` or ``"step"`` (optimizer steps).
         parameters: which layers, as for :class:`~litcompress.callbacks.Pruning`: ``None`` selects Linear,
@@ -74,9 +74,9 @@ class QuantizationAwareTraining(_CompressionCallback):
         _check_int("start", start, minimum=0)
         _check_int("freeze_observers", freeze_observers, minimum=0, allow_none=True)
         _check_int("freeze_bn", freeze_bn, minimum=0, allow_none=True)
-        if freeze_observers is not None and freeze_observers < start:
-            _fail("freeze_observers", f"None or >= `start` ({start})", freeze_observers,
-                  hint="ranges cannot freeze before they are first observed")
+        if freeze_observers is not None and freeze_observers <= start:
+            _fail("freeze_observers", f"None or > `start` ({start})", freeze_observers,
+                  hint="ranges must be observed for a while after quantization starts before they freeze")
         if scale_lr is not None and (isinstance(scale_lr, bool) or not isinstance(scale_lr, (int, float))
                                      or not scale_lr > 0):
             _fail("scale_lr", "None or a float > 0", scale_lr)

@@ -2,12 +2,12 @@
 
 One rounding rule everywhere: ``q = clamp(round(x / scale) + zero_point, qmin, qmax)`` (divide by the scale and
 round half to even, as ONNX ``QuantizeLinear`` does), ``x_hat = (q - zero_point) * scale``. Gradients pass
-straight through inside the representable range and are zero outside it (as the aten fake-quant ops do). The
-formulation is a plain expression, ~3x faster on CPU than ``torch.fake_quantize_*``.
+straight through inside the representable range and are zero outside it (as the aten fake-quant ops do). One
+autograd function computes it in a single buffer, faster on CPU than ``torch.fake_quantize_*``.
 
 >>> import torch
 >>> x = torch.tensor([-1.0, -0.26, 0.0, 0.3, 5.0])
->>> fake_quantize(x, torch.tensor(0.1), torch.tensor(0), -127, 127)
+>>> fake_quantize(x, torch.tensor(0.1), None, -127, 127)
 tensor([-1.0000, -0.3000,  0.0000,  0.3000,  5.0000])
 >>> qmin, qmax = signed_range(8)
 >>> qmin, qmax
@@ -59,25 +59,50 @@ def _shape_for(scale: Tensor, x: Tensor, axis: int | None) -> Tensor:
     return scale.reshape(shape)
 
 
+class _FakeQuantize(torch.autograd.Function):
+    """Quantize-dequantize in one buffer (4 in-place passes); the gradient passes straight through, masked to
+    the elements that were inside the integer range when ``clip`` is set (activations)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, clip):  # type: ignore[no-untyped-def]
+        q = torch.div(x, scale).round_()
+        if zero_point is not None:
+            q.add_(zero_point)
+        if clip:
+            ctx.save_for_backward((q >= qmin) & (q <= qmax))
+        q.clamp_(qmin, qmax)
+        if zero_point is not None:
+            q.sub_(zero_point)
+        ctx.clip = clip
+        return q.mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        if ctx.clip:
+            (inside,) = ctx.saved_tensors
+            grad = grad * inside
+        return grad, None, None, None, None, None
+
+
 def fake_quantize(
-    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None = None
+    x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int, axis: int | None = None,
+    clip_grad: bool = True,
 ) -> Tensor:
     """Quantize-dequantize ``x`` with a straight-through gradient (zero outside the representable range).
 
     Args:
         x: any tensor.
         scale: a scalar, or one scale per slice along ``axis``.
-        zero_point: integer-valued tensor shaped like ``scale``.
+        zero_point: integer-valued tensor shaped like ``scale``, or ``None`` for 0 (symmetric).
         qmin: smallest integer.
         qmax: largest integer.
         axis: the channel axis of per-channel ``scale``; ``None`` for per-tensor.
+        clip_grad: zero the gradient where ``x`` falls outside the range (as the aten fake-quant ops do); not
+            needed when the scale covers every element (weights scaled by their max).
     """
     s = _shape_for(scale, x, axis).to(x.dtype)
-    z = _shape_for(zero_point, x, axis).to(x.dtype)
-    lo, hi = (qmin - z) * s, (qmax - z) * s
-    clipped = torch.minimum(torch.maximum(x, lo), hi)  # gradient 1 inside the range, 0 outside
-    q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
-    return clipped + ((q - z) * s - clipped).detach()
+    z = None if zero_point is None else _shape_for(zero_point, x, axis).to(x.dtype)
+    return _FakeQuantize.apply(x, s, z, qmin, qmax, clip_grad)
 
 
 def symmetric_scale(w: Tensor, qmax: int, axis: int | None = 0, eps: float = 1e-12) -> Tensor:
@@ -87,7 +112,8 @@ def symmetric_scale(w: Tensor, qmax: int, axis: int | None = 0, eps: float = 1e-
     tensor([0.0200, 0.0039])
     """
     w = w.detach()
-    amax = w.abs().amax() if axis is None else w.abs().transpose(0, axis).reshape(w.shape[axis], -1).amax(dim=1)
+    dims = list(range(w.dim())) if axis is None else [d for d in range(w.dim()) if d != axis]
+    amax = w.abs().amax(dim=dims)
     return torch.clamp(amax.float() / qmax, min=eps)
 
 

@@ -67,12 +67,12 @@ class QuantizedLayer:
 
 
 def _linear(x: Tensor, w: Tensor, b: Tensor | None, exporting: bool) -> Tensor:
-    if not exporting:
+    if not exporting or x.dim() == 2:
+        # 2-D: exported as Gemm; ONNX Runtime fuses DQ -> Gemm (-> Relu) -> Q into QGemm with an integer output
+        # that feeds the next layer directly (a Gemm whose output is not quantized again stays float)
         return F.linear(x, w, b)
-    # exported as MatMul (+ Add), which ONNX Runtime fuses with Q/DQ into an integer kernel whether or not the
-    # output is quantized again (a Gemm with a float output stays in float). A 2-D input goes through a 3-D
-    # MatMul, or ONNX Runtime first fuses MatMul + Add back into a Gemm.
-    y = (x.unsqueeze(0) @ w.t()).squeeze(0) if x.dim() == 2 else x @ w.t()
+    # N-D: exported as MatMul (+ Add), which ONNX Runtime runs as MatMulIntegerToFloat
+    y = x @ w.t()
     return y if b is None else y + b
 
 

@@ -115,7 +115,8 @@ class WeightQuantizer:
         if self.scale is not None and self.scale.requires_grad:
             return lsq_fake_quantize(w, self.scale, self.qmin, self.qmax, self.axis)
         scale = self.current_scale(w).to(w.device)
-        return fake_quantize(w, scale, torch.zeros_like(scale, dtype=torch.int32), self.qmin, self.qmax, self.axis)
+        # a scale taken from max|w| covers every weight: no clipping, no gradient mask
+        return fake_quantize(w, scale, None, self.qmin, self.qmax, self.axis, clip_grad=self.scale is not None)
 
     def state_dict(self) -> dict[str, Any]:
         return _scale_state(self.scale) | {"frozen": self.frozen}
