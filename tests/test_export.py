@@ -31,7 +31,7 @@ def float_matmuls(ops):
     return [op for op in ops if op in ("Gemm", "MatMul", "FusedMatMul")]
 
 
-@pytest.mark.parametrize("model", ["mlp", "transformer", "gpt"])
+@pytest.mark.parametrize("model", ["mlp", "cnn", "transformer", "gpt"])
 def test_quantized_export_runs_on_integer_kernels(tmp_path, model):
     cb = QuantizationAwareTraining(verbose=False)
     _, module = fit(tmp_path, [cb], model=model, n=None, max_epochs=1)
@@ -45,6 +45,8 @@ def test_quantized_export_runs_on_integer_kernels(tmp_path, model):
     assert INTEGER_KERNELS & set(ops), ops
     if model == "mlp":  # the hidden layers run as QGemm; only the output layer (float logits) stays a Gemm
         assert ops.count("QGemm") == 2 and float_matmuls(ops) == ["Gemm"], ops
+    if model == "cnn":  # every convolution runs as QLinearConv
+        assert ops.count("QLinearConv") == 3 and "Conv" not in ops, ops
     # agreement: outputs within a small fraction of their range; the same predictions
     assert np.abs(out - expected).max() <= 0.02 * (np.abs(expected).max() + 1e-6)
     assert (out.argmax(-1) == expected.argmax(-1)).mean() >= 0.98
@@ -53,8 +55,8 @@ def test_quantized_export_runs_on_integer_kernels(tmp_path, model):
     assert out2.shape[0] == 2 * x.shape[0]
 
 
-@pytest.mark.parametrize("model", ["cnn", "lstm"])
-def test_quantized_export_other_layers_agree(tmp_path, model):
+@pytest.mark.parametrize("model", ["lstm", "gru"])
+def test_quantized_export_weight_only_layers_agree(tmp_path, model):
     cb = QuantizationAwareTraining(verbose=False)
     _, module = fit(tmp_path, [cb], model=model, n=None, max_epochs=1)
     module.eval()

@@ -85,11 +85,15 @@ class QATLinear(QuantizedLayer, nn.Linear):
 
 
 class _QATConv(QuantizedLayer):
+    """Input, weight and output quantized: ONNX Runtime fuses DQ -> Conv -> Q into QLinearConv (an integer
+    kernel) only when the convolution's output is quantized; BatchNorm then runs on the dequantized output."""
+
     def forward(self, x: Tensor) -> Tensor:
         if not self._qat_enabled:
             return super().forward(x)  # type: ignore[misc]
         w = self._qat_weight("weight", self.weight)  # type: ignore[attr-defined]
-        return self._conv_forward(self._qat_input("input", x), w, self.bias)  # type: ignore[attr-defined]
+        y = self._conv_forward(self._qat_input("input", x), w, self.bias)  # type: ignore[attr-defined]
+        return self._qat_input("output", y)
 
 
 class QATConv1d(_QATConv, nn.Conv1d):
@@ -233,7 +237,9 @@ def _weights_of(module: nn.Module) -> list[str]:
 def _input_keys(module: nn.Module) -> tuple[str, ...]:
     if isinstance(module, QATMultiheadAttention):
         return ("query", "key", "value", "out_proj")
-    if isinstance(module, (QATLinear, _QATConv)):
+    if isinstance(module, _QATConv):
+        return ("input", "output")
+    if isinstance(module, QATLinear):
         return ("input",)
     return ()  # embeddings take indices; recurrent layers are weight-only
 
