@@ -47,3 +47,12 @@ def test_pruning_benchmark_quick(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "| lightning |" in run.stdout and out.exists()
+
+
+@pytest.mark.slow
+def test_qat_benchmark_quick(tmp_path):
+    out = tmp_path / "qat.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_qat.py"), "--quick", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "ONNX Runtime static quantization of fp32" in run.stdout and out.exists()
