@@ -41,18 +41,11 @@ def test_prune_mnist_example_reduced():
 
 
 @pytest.mark.slow
-def test_pruning_benchmark_quick(tmp_path):
-    out = tmp_path / "pruning.json"
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_pruning.py"), "--quick", "--out", str(out)],
+@pytest.mark.parametrize(("script", "expect"), [("bench_pruning.py", "| lightning |"),
+                                                ("bench_qat.py", "ONNX Runtime static quantization of fp32")])
+def test_benchmark_quick(tmp_path, script, expect):
+    out = tmp_path / "result.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "| lightning |" in run.stdout and out.exists()
-
-
-@pytest.mark.slow
-def test_qat_benchmark_quick(tmp_path):
-    out = tmp_path / "qat.json"
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_qat.py"), "--quick", "--out", str(out)],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "ONNX Runtime static quantization of fp32" in run.stdout and out.exists()
+    assert expect in run.stdout and out.exists()

@@ -31,17 +31,21 @@ def float_matmuls(ops):
     return [op for op in ops if op in ("Gemm", "MatMul", "FusedMatMul")]
 
 
-@pytest.mark.parametrize("model", ["mlp", "cnn", "transformer", "gpt"])
-def test_quantized_export_runs_on_integer_kernels(tmp_path, model):
-    cb = QuantizationAwareTraining(verbose=False)
-    _, module = fit(tmp_path, [cb], model=model, n=None, max_epochs=1)
+def fit_and_export(tmp_path, model):
+    """QAT fit on a zoo model, export, run in ONNX Runtime: (path, input, torch output, ORT output, ORT ops)."""
+    _, module = fit(tmp_path, [QuantizationAwareTraining(verbose=False)], model=model, n=None, max_epochs=1)
     module.eval()
     x = ZOO[model].data().tensors[0][:8]
     with torch.no_grad():
         expected = module(x).numpy()
     path = export_onnx(module, x, tmp_path / "model.onnx")
+    return (path, x, expected, *run_ort(path, x, tmp_path))
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn", "transformer", "gpt"])
+def test_quantized_export_runs_on_integer_kernels(tmp_path, model):
+    path, x, expected, out, ops = fit_and_export(tmp_path, model)
     assert not (tmp_path / "model.onnx.data").exists()
-    out, ops = run_ort(path, x, tmp_path)
     assert INTEGER_KERNELS & set(ops), ops
     if model == "mlp":  # the hidden layers run as QGemm; only the output layer (float logits) stays a Gemm
         assert ops.count("QGemm") == 2 and float_matmuls(ops) == ["Gemm"], ops
@@ -57,13 +61,7 @@ def test_quantized_export_runs_on_integer_kernels(tmp_path, model):
 
 @pytest.mark.parametrize("model", ["lstm", "gru"])
 def test_quantized_export_weight_only_layers_agree(tmp_path, model):
-    cb = QuantizationAwareTraining(verbose=False)
-    _, module = fit(tmp_path, [cb], model=model, n=None, max_epochs=1)
-    module.eval()
-    x = ZOO[model].data().tensors[0][:8]
-    with torch.no_grad():
-        expected = module(x).numpy()
-    out, ops = run_ort(export_onnx(module, x, tmp_path / "model.onnx"), x, tmp_path)
+    _, _, expected, out, ops = fit_and_export(tmp_path, model)
     assert "DequantizeLinear" in ops or INTEGER_KERNELS & set(ops)
     assert np.abs(out - expected).max() <= 0.02 * (np.abs(expected).max() + 1e-6)
 

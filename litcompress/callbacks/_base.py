@@ -66,6 +66,38 @@ class _CompressionCallback(Callback):
         _check_choice("interval", interval, ("step", "epoch"))
         self.interval = interval
         self._hook_handles: list[Any] = []
+        self._pending_state: dict[str, Any] | None = None
+        self._state_key: str | None = None
+
+    # ------------------------------------------------------------------ checkpoint state
+    def _key_fields(self) -> dict[str, Any]:
+        """What tells two instances apart in one checkpoint (subclasses name their defining arguments)."""
+        raise NotImplementedError
+
+    @property
+    def state_key(self) -> str:
+        # cached: Lightning formats it into a profiler label on every hook call, ~20 times per step
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(**{k: _stable(v) for k, v in self._key_fields().items()})
+        return self._state_key
+
+    def _ready(self) -> bool:
+        """Whether the model's tensors are known, so that saved state can be applied."""
+        raise NotImplementedError
+
+    def _load(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._ready():
+            self._load(state_dict)
+        else:  # restored before `setup` found the tensors (or outside a fit): applied by `_apply_pending_state`
+            self._pending_state = dict(state_dict)
+
+    def _apply_pending_state(self) -> None:
+        if self._pending_state is not None:
+            self._load(self._pending_state)
+            self._pending_state = None
 
     @staticmethod
     def _check_window(start: Any, end: Any, frequency: Any) -> None:

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from litcompress._validation import _check_choice, _check_fraction, _check_int, _fail
-from litcompress.callbacks._base import _compression_target, _CompressionCallback, _stable, _Window
+from litcompress.callbacks._base import _compression_target, _CompressionCallback, _Window
 from litcompress.schedules import Schedule, get_schedule
 from litcompress.selection import ParameterFilter, _patterns, select_parameters
 from litcompress.sparsity.importance import DATA_DEPENDENT, IMPORTANCES, ImportanceFn
@@ -150,19 +150,13 @@ class Pruning(_CompressionCallback):
         self.pruner: Pruner | None = None
         self._window: _Window | None = None
         self._last_point: int | None = None
-        self._pending_state: dict[str, Any] | None = None
-        self._state_key: str | None = None
 
-    @property
-    @override
-    def state_key(self) -> str:
-        # cached: Lightning formats it into a profiler label on every hook call, ~20 times per step
-        if self._state_key is None:
-            self._state_key = self._generate_state_key(
-                sparsity=self.sparsity, pattern=self.pattern, parameters=_stable(self.parameters),
-                exclude=_stable(self.exclude),
-            )
-        return self._state_key
+    def _key_fields(self) -> dict[str, Any]:
+        return {"sparsity": self.sparsity, "pattern": self.pattern, "parameters": self.parameters,
+                "exclude": self.exclude}
+
+    def _ready(self) -> bool:
+        return self.pruner is not None
 
     # ------------------------------------------------------------------ setup
     @override
@@ -189,9 +183,7 @@ class Pruning(_CompressionCallback):
             if shared:
                 _fail("parameters", "disjoint selections for two Pruning callbacks", shared,
                       hint="use `exclude` so each tensor is pruned by one callback")
-        if self._pending_state is not None:
-            self._load(self._pending_state)
-            self._pending_state = None
+        self._apply_pending_state()
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -271,13 +263,6 @@ class Pruning(_CompressionCallback):
         if self.pruner is not None:
             state["pruner"] = self.pruner.state_dict()
         return state
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self.pruner is None:  # restored before `setup` (or outside a fit): apply once the tensors are known
-            self._pending_state = dict(state_dict)
-        else:
-            self._load(state_dict)
 
     def _load(self, state: Mapping[str, Any]) -> None:
         assert self.pruner is not None

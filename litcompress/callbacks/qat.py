@@ -14,7 +14,7 @@ from torch import nn
 from typing_extensions import override
 
 from litcompress._validation import _check_int, _fail
-from litcompress.callbacks._base import _compression_target, _CompressionCallback, _stable
+from litcompress.callbacks._base import _compression_target, _CompressionCallback
 from litcompress.quantization.modules import QUANTIZABLE_KINDS, QuantizedLayer, convert_
 from litcompress.quantization.quantizers import ActivationQuantizer, QuantConfig, WeightQuantizer
 from litcompress.selection import ParameterFilter, _patterns, select_parameters
@@ -89,16 +89,12 @@ class QuantizationAwareTraining(_CompressionCallback):
         self.layers: dict[str, nn.Module] = {}
         self._bn: list[nn.Module] = []
         self._flags = {"enabled": False, "observers_frozen": False, "bn_frozen": False}
-        self._pending_state: dict[str, Any] | None = None
-        self._state_key: str | None = None
 
-    @property
-    @override
-    def state_key(self) -> str:
-        if self._state_key is None:
-            self._state_key = self._generate_state_key(
-                config=self.config, parameters=_stable(self.parameters), exclude=_stable(self.exclude))
-        return self._state_key
+    def _key_fields(self) -> dict[str, Any]:
+        return {"config": self.config, "parameters": self.parameters, "exclude": self.exclude}
+
+    def _ready(self) -> bool:
+        return bool(self.layers)
 
     # ------------------------------------------------------------------ quantizers
     def _weight_quantizers(self) -> list[tuple[nn.Module, str, WeightQuantizer]]:
@@ -138,9 +134,7 @@ class QuantizationAwareTraining(_CompressionCallback):
         self.layers = {n: modules[n] for n in layers}
         convert_(target, self.config, fresh)  # layers converted by an earlier fit keep their quantizers
         self._bn = [m for m in target.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if self._pending_state is not None:
-            self._load(self._pending_state)
-            self._pending_state = None
+        self._apply_pending_state()
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -258,13 +252,6 @@ class QuantizationAwareTraining(_CompressionCallback):
                 for name, m in self.layers.items()
             },
         }
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not self.layers:
-            self._pending_state = dict(state_dict)
-        else:
-            self._load(state_dict)
 
     def _load(self, state: dict[str, Any]) -> None:
         saved = state.get("layers", {})
