@@ -2,9 +2,18 @@
 
 from litcompress import schedules
 from litcompress.callbacks import Pruning, QuantizationAwareTraining
+from litcompress.modules import DistillationModule
 from litcompress.selection import select_parameters
 from litcompress.sparsity import Pruner
 
 __version__ = "0.1.0"
 
-__all__ = ["Pruner", "Pruning", "QuantizationAwareTraining", "__version__", "schedules", "select_parameters"]
+__all__ = [
+    "DistillationModule",
+    "Pruner",
+    "Pruning",
+    "QuantizationAwareTraining",
+    "__version__",
+    "schedules",
+    "select_parameters",
+]

@@ -1,3 +1,5 @@
-"""LightningModules: `DistillationModule` (to come, issue 4)."""
+"""LightningModules: `DistillationModule`."""
 
-__all__: list[str] = []
+from litcompress.modules.distillation import DistillationModule
+
+__all__ = ["DistillationModule"]

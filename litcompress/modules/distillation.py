@@ -1,0 +1,217 @@
+"""`DistillationModule`: teacher-student distillation as a LightningModule users subclass."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
+
+from litcompress._validation import _check_fraction, _fail
+from litcompress.distillation.losses import kd_loss, mse_distillation_loss
+
+__all__ = ["DistillationModule"]
+
+TaskLoss = Callable[[Tensor, Tensor], Tensor]
+
+
+class DistillationModule(pl.LightningModule):
+    r"""Distil a frozen ``teacher`` into ``student`` inside an ordinary ``Trainer.fit``.
+
+    The loss is Hinton et al.'s: ``alpha * KL(softmax(t/T) || softmax(s/T)) * T^2 + (1 - alpha) * task_loss``.
+    Each part is logged (``train/kd_loss``, ``train/task_loss``, ``train/loss``); validation logs the student's
+    accuracy and its top-1 agreement with the teacher.
+
+    The teacher is held outside the module tree: it is never in ``state_dict`` (checkpoints are student-side
+    only), never in the optimizer, never wrapped by DDP, always in eval mode (dropout and BatchNorm statistics
+    never change, and Lightning's train/eval-mode warnings do not fire), and runs under ``torch.no_grad``. It is
+    moved to the student's device when a fit starts. ``compression_target`` is the student, so the
+    :class:`~litcompress.callbacks.Pruning` and :class:`~litcompress.callbacks.QuantizationAwareTraining`
+    callbacks compress the student only.
+
+    Subclass to change any step; each is a small method: :meth:`unpack_batch`, :meth:`student_forward`,
+    :meth:`teacher_forward`, :meth:`task_loss`, :meth:`distillation_loss`, :meth:`configure_optimizers`.
+
+    Args:
+        student: the model to train; ``forward`` runs it.
+        teacher: the trained model to learn from (``None`` to load a checkpoint for inference only).
+        temperature: softmax temperature ``T > 0`` (around 4 works well; see the README on budgets).
+        alpha: weight of the distillation term in ``[0, 1]``; ``1 - alpha`` weighs the task loss.
+        task_loss: ``"cross_entropy"`` (default), ``"mse"`` (regression: distillation becomes MSE too),
+            a callable ``fn(student_output, target)``, or ``None`` for label-free distillation (``alpha=1``).
+        ignore_index: target value of padding positions in sequence outputs ``(B, T, V)``; they count in
+            neither loss.
+        lr: learning rate of the default AdamW optimizer.
+        weight_decay: weight decay of the default AdamW optimizer.
+        num_classes: classes (or vocabulary size) for the validation metrics; inferred when omitted.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        *,
+        temperature: float = 4.0,
+        alpha: float = 0.9,
+        task_loss: Literal["cross_entropy", "mse"] | TaskLoss | None = "cross_entropy",
+        ignore_index: int = -100,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(student, nn.Module):
+            _fail("student", "a torch.nn.Module", type(student).__name__, exc=TypeError)
+        if teacher is not None and not isinstance(teacher, nn.Module):
+            _fail("teacher", "a torch.nn.Module or None", type(teacher).__name__, exc=TypeError)
+        if teacher is student:
+            _fail("teacher", "a model other than the student", "the student itself")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            _fail("temperature", "a float > 0", temperature)
+        _check_fraction("alpha", alpha, closed_right=True)
+        if task_loss is None and alpha < 1:
+            _fail("alpha", "1.0 when `task_loss` is None (label-free distillation has no task term)", alpha)
+        if task_loss is not None and not callable(task_loss) and task_loss not in ("cross_entropy", "mse"):
+            _fail("task_loss", "'cross_entropy', 'mse', a callable fn(output, target) or None", task_loss)
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            _fail("lr", "a float > 0", lr)
+        self.student = student
+        object.__setattr__(self, "_teacher", None)  # outside the module tree: no state_dict keys, no DDP, no optim
+        self.teacher = teacher
+        self.temperature, self.alpha, self.task_loss_kind = float(temperature), float(alpha), task_loss
+        self.ignore_index, self.lr, self.weight_decay = ignore_index, lr, weight_decay
+        self.num_classes = num_classes
+        self.val_acc: MulticlassAccuracy | None = None
+        self.val_agreement: MulticlassAccuracy | None = None
+
+    # ------------------------------------------------------------------ the teacher
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The frozen teacher (not a submodule: see the class docstring)."""
+        return self._teacher
+
+    @teacher.setter
+    def teacher(self, teacher: nn.Module | None) -> None:
+        if teacher is not None:
+            teacher.eval()
+            teacher.requires_grad_(False)
+        object.__setattr__(self, "_teacher", teacher)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "teacher":  # nn.Module.__setattr__ would register a module value as a submodule
+            type(self).teacher.fset(self, value)  # type: ignore[attr-defined]
+        else:
+            super().__setattr__(name, value)
+
+    @property
+    def compression_target(self) -> nn.Module:
+        """What litcompress callbacks compress: the student."""
+        return self.student
+
+    @override
+    def train(self, mode: bool = True) -> DistillationModule:
+        super().train(mode)
+        if self._teacher is not None:
+            self._teacher.eval()  # whatever Lightning does to the student, the teacher stays in eval mode
+        return self
+
+    @override
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.teacher is None:
+            _fail("teacher", "a teacher model for training", None,
+                  hint="pass `teacher=` (a teacher is only optional for inference from a checkpoint)")
+
+    @override
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+
+    # ------------------------------------------------------------------ overridable steps
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Runs the student."""
+        return self.student(*args, **kwargs)
+
+    def unpack_batch(self, batch: Any) -> tuple[Any, Any]:
+        """Split a batch into ``(inputs, targets)``; ``targets`` is ``None`` for unlabeled batches."""
+        if isinstance(batch, (tuple, list)):
+            return (batch[0], batch[1]) if len(batch) > 1 else (batch[0], None)
+        return batch, None
+
+    def student_forward(self, inputs: Any) -> Tensor:
+        return self.student(inputs)
+
+    def teacher_forward(self, inputs: Any) -> Tensor:
+        with torch.no_grad():
+            return self.teacher(inputs)  # type: ignore[misc]
+
+    def _mask(self, outputs: Tensor, targets: Tensor | None) -> Tensor | None:
+        if targets is None or outputs.dim() < 3:
+            return None
+        return targets != self.ignore_index  # (B, T): padding positions count in neither loss
+
+    def task_loss(self, student_out: Tensor, targets: Tensor) -> Tensor:
+        """Loss against the labels (cross entropy over the last dimension, MSE, or the user's function)."""
+        if callable(self.task_loss_kind):
+            return self.task_loss_kind(student_out, targets)
+        if self.task_loss_kind == "mse":
+            return F.mse_loss(student_out, targets)
+        return F.cross_entropy(student_out.reshape(-1, student_out.shape[-1]).float(), targets.reshape(-1),
+                               ignore_index=self.ignore_index)
+
+    def distillation_loss(self, student_out: Tensor, teacher_out: Tensor, targets: Tensor | None) -> Tensor:
+        """Soft-target KL scaled by ``T^2`` (MSE for regression)."""
+        if self.task_loss_kind == "mse":
+            return mse_distillation_loss(student_out, teacher_out)
+        return kd_loss(student_out, teacher_out, self.temperature, self._mask(student_out, targets))
+
+    def losses(self, batch: Any) -> dict[str, Tensor]:
+        """All loss parts for one batch: ``loss``, ``kd_loss`` and (with labels) ``task_loss``."""
+        inputs, targets = self.unpack_batch(batch)
+        student_out = self.student_forward(inputs)
+        teacher_out = self.teacher_forward(inputs)
+        parts = {"kd_loss": self.distillation_loss(student_out, teacher_out, targets)}
+        loss = self.alpha * parts["kd_loss"]
+        if self.alpha < 1:
+            if targets is None:
+                _fail("batch", "(inputs, targets) when alpha < 1", "a batch without targets",
+                      hint="set alpha=1.0 and task_loss=None for label-free distillation")
+            parts["task_loss"] = self.task_loss(student_out, targets)
+            loss = loss + (1 - self.alpha) * parts["task_loss"]
+        parts["loss"] = loss
+        return parts
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        parts = self.losses(batch)
+        self.log_dict({f"train/{k}": v for k, v in parts.items()}, prog_bar=False)
+        return parts["loss"]
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        inputs, targets = self.unpack_batch(batch)
+        student_out = self.student_forward(inputs)
+        teacher_out = self.teacher_forward(inputs) if self.teacher is not None else None
+        if self.task_loss_kind == "mse" or student_out.dim() < 2:
+            return
+        if self.val_acc is None:
+            classes = self.num_classes or student_out.shape[-1]
+            self.val_acc = MulticlassAccuracy(classes, average="micro", ignore_index=self.ignore_index).to(self.device)
+            self.val_agreement = MulticlassAccuracy(classes, average="micro").to(self.device)
+        preds = student_out.argmax(-1)
+        if targets is not None:
+            self.val_acc(preds.reshape(-1), targets.reshape(-1))
+            self.log("val/acc", self.val_acc)
+        if teacher_out is not None:
+            self.val_agreement(preds.reshape(-1), teacher_out.argmax(-1).reshape(-1))
+            self.log("val/agreement", self.val_agreement)
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW over the student's trainable parameters (everything this module registers)."""
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr,
+                                 weight_decay=self.weight_decay)

@@ -1,0 +1,168 @@
+"""`DistillationModule` through real `Trainer.fit` runs."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from litcompress import DistillationModule, Pruning, QuantizationAwareTraining
+from litcompress.distillation import kd_loss
+from tests.helpers import Crash, Interrupted, RecordingLogger, fit
+from tests.models import MLP, TinyGPT, classification_data, lm_data, trainer_kwargs
+
+
+def teacher_and_student(seed=0):
+    torch.manual_seed(seed)
+    return MLP(16, 64), MLP(16, 8)
+
+
+class TeacherWatch(pl.Callback):
+    def __init__(self):
+        self.modes = []
+
+    def on_train_batch_start(self, trainer, pl_module, *args):
+        self.modes.append(pl_module.teacher.training)
+
+
+def test_teacher_frozen_outside_checkpoint_and_optimizer(tmp_path):
+    teacher, student = teacher_and_student()
+    teacher.train()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    module = DistillationModule(student, teacher)
+    watch = TeacherWatch()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, _ = fit(tmp_path, [watch, ModelCheckpoint(dirpath=tmp_path, save_last=True)], module=module,
+                         max_epochs=2, enable_checkpointing=True)
+    assert not any("eval mode" in str(w.message) for w in caught)
+    assert watch.modes and not any(watch.modes)  # eval mode at every training step
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert all(not p.requires_grad for p in teacher.parameters())
+    teacher_ids = {id(p) for p in teacher.parameters()}
+    assert not any(id(p) in teacher_ids for g in trainer.optimizers[0].param_groups for p in g["params"])
+    keys = list(torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"])
+    assert keys and all(k.startswith("student.") for k in keys)
+    # inference from the checkpoint needs no teacher
+    restored = DistillationModule.load_from_checkpoint(tmp_path / "last.ckpt", student=MLP(16, 8), teacher=None)
+    x = classification_data((16,)).tensors[0][:4]
+    torch.testing.assert_close(restored(x), module(x))
+
+
+def test_loss_is_hinton_mix_and_parts_are_logged(tmp_path):
+    teacher, student = teacher_and_student()
+    module = DistillationModule(student, teacher, temperature=3.0, alpha=0.7)
+    x, y = classification_data((16,)).tensors
+    parts = module.losses((x[:16], y[:16]))
+    s, t = student(x[:16]), teacher(x[:16]).detach()
+    p_t = F.softmax(t / 3.0, -1)
+    kl = (p_t * (p_t.log() - F.log_softmax(s / 3.0, -1))).sum(-1).mean() * 9.0
+    ce = F.cross_entropy(s, y[:16])
+    torch.testing.assert_close(parts["kd_loss"], kl)
+    torch.testing.assert_close(parts["loss"], 0.7 * kl + 0.3 * ce)
+    logger = RecordingLogger()
+    fit(tmp_path, [], module=module, max_epochs=1, logger=logger, log_every_n_steps=1)
+    logged = set().union(*(m.keys() for _, m in logger.records))
+    assert {"train/kd_loss", "train/task_loss", "train/loss", "val/acc", "val/agreement"} <= logged
+
+
+def test_sequence_kd_masks_padding(tmp_path):
+    torch.manual_seed(0)
+    teacher, student = TinyGPT(layers=2), TinyGPT(layers=1)
+    module = DistillationModule(student, teacher, ignore_index=-100)
+    idx, targets = lm_data(n=4).tensors
+    targets = targets.clone()
+    targets[:, -3:] = -100  # padding
+    parts = module.losses((idx, targets))
+    s, t = student(idx), teacher(idx).detach()
+    mask = targets != -100
+    torch.testing.assert_close(parts["kd_loss"], kd_loss(s[mask], t[mask], 4.0))
+    data = DataLoader(lm_data(), batch_size=16)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1))
+    trainer.fit(module, data, data)
+    assert 0.0 <= float(trainer.callback_metrics["val/agreement"]) <= 1.0
+
+
+def test_regression_mse_and_label_free(tmp_path):
+    torch.manual_seed(0)
+    teacher, student = MLP(16, 32, num_classes=3), MLP(16, 8, num_classes=3)
+    x = torch.randn(64, 16)
+    y = teacher(x).detach() + 0.01 * torch.randn(64, 3)
+    module = DistillationModule(student, teacher, task_loss="mse", alpha=0.5)
+    parts = module.losses((x, y))
+    torch.testing.assert_close(parts["kd_loss"], F.mse_loss(student(x), teacher(x).detach()))
+    free = DistillationModule(MLP(16, 8), MLP(16, 32), task_loss=None, alpha=1.0)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=3))
+    before = free.losses((x,))["loss"].item()
+    trainer.fit(free, DataLoader(TensorDataset(x), batch_size=16))  # inputs only: no labels anywhere
+    assert free.losses((x,))["loss"].item() < before
+
+
+def test_callbacks_compress_only_the_student(tmp_path):
+    teacher, student = teacher_and_student()
+    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    prune = Pruning(0.5, schedule="one_shot", verbose=False)
+    qat = QuantizationAwareTraining(verbose=False)
+    fit(tmp_path, [prune, qat], module=DistillationModule(student, teacher), max_epochs=1)
+    assert all(r.name.startswith("net.") for r in prune.pruner.refs)  # names relative to the student
+    assert int((student.net[0].weight == 0).sum()) == student.net[0].weight.numel() // 2
+    assert type(student.net[0]).__name__ == "QATLinear" and type(teacher.net[0]).__name__ == "Linear"
+    assert all(torch.equal(teacher_state[k], v) for k, v in teacher.state_dict().items())
+
+
+@pytest.mark.parametrize("cut", [3, 8])
+def test_resume_is_bit_identical(tmp_path, cut):
+    def run(callbacks, ckpt_path=None):
+        teacher, student = teacher_and_student()
+        return fit(tmp_path, callbacks, module=DistillationModule(student, teacher), max_epochs=3,
+                   ckpt_path=ckpt_path)[1]
+
+    reference = run([])
+    with pytest.raises(Interrupted):
+        run([Crash(cut, tmp_path / "cut.ckpt")])
+    resumed = run([], ckpt_path=tmp_path / "cut.ckpt")
+    for a, b in zip(reference.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_bf16_mixed(tmp_path):
+    teacher, student = teacher_and_student()
+    trainer, _ = fit(tmp_path, [], module=DistillationModule(student, teacher), max_epochs=1, precision="bf16-mixed")
+    assert torch.isfinite(torch.tensor(float(trainer.callback_metrics["val/acc"])))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        (dict(temperature=0), ValueError, "`temperature` to be a float > 0"),
+        (dict(temperature=-1.0), ValueError, "`temperature`"),
+        (dict(alpha=1.5), ValueError, r"`alpha` to be a float in the \[0, 1\] range"),
+        (dict(task_loss=None, alpha=0.5), ValueError, "`alpha` to be 1.0 when `task_loss` is None"),
+        (dict(task_loss="hinge"), ValueError, "`task_loss`"),
+        (dict(lr=0), ValueError, "`lr`"),
+    ],
+)
+def test_misconfiguration_at_construction(kwargs, exc, match):
+    teacher, student = teacher_and_student()
+    with pytest.raises(exc, match=match):
+        DistillationModule(student, teacher, **kwargs)
+
+
+def test_misconfiguration_of_models(tmp_path):
+    teacher, student = teacher_and_student()
+    with pytest.raises(TypeError, match="`student`"):
+        DistillationModule("student", teacher)
+    with pytest.raises(ValueError, match="a model other than the student"):
+        DistillationModule(student, student)
+    with pytest.raises(ValueError, match="`teacher` to be a teacher model for training"):
+        fit(tmp_path, [], module=DistillationModule(student, None), max_epochs=1)
+    mismatched = DistillationModule(MLP(16, 8, num_classes=4), MLP(16, 8, num_classes=5))
+    before = [p.clone() for p in mismatched.parameters()]
+    with pytest.raises(ValueError, match=r"outputs shaped like the student's \(16, 4\), but got \(16, 5\)"):
+        fit(tmp_path, [], module=mismatched, max_epochs=1)
+    assert all(torch.equal(a, b) for a, b in zip(before, mismatched.parameters()))  # no step was taken
