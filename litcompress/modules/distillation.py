@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -12,12 +12,17 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from litcompress._validation import _check_fraction, _fail
+from litcompress._validation import _check_choice, _check_fraction, _fail
+from litcompress.distillation.features import FEATURE_LOSSES, capture, feature_loss, make_adapter, output_width
 from litcompress.distillation.losses import kd_loss, mse_distillation_loss
 
 __all__ = ["DistillationModule"]
 
 TaskLoss = Callable[[Tensor, Tensor], Tensor]
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")  # ModuleDict keys cannot contain dots
 
 
 class DistillationModule(pl.LightningModule):
@@ -49,6 +54,12 @@ class DistillationModule(pl.LightningModule):
         lr: learning rate of the default AdamW optimizer.
         weight_decay: weight decay of the default AdamW optimizer.
         num_classes: classes (or vocabulary size) for the validation metrics; inferred when omitted.
+        features: feature distillation: ``{"student.layer": "teacher.layer", ...}`` (the prefixes are
+            optional). Outputs are captured with forward hooks; a learnable adapter (part of this module, trained
+            with the student, saved in checkpoints) maps the student's width to the teacher's.
+        feature_loss: ``"mse"``, ``"cosine"``, or ``"attention"`` (attention transfer, Zagoruyko & Komodakis,
+            for conv feature maps: no adapter needed).
+        feature_weight: weight of the feature term, added to the loss above.
     """
 
     def __init__(
@@ -63,6 +74,9 @@ class DistillationModule(pl.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.01,
         num_classes: int | None = None,
+        features: Mapping[str, str] | None = None,
+        feature_loss: Literal["mse", "cosine", "attention"] = "mse",
+        feature_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if not isinstance(student, nn.Module):
@@ -86,8 +100,37 @@ class DistillationModule(pl.LightningModule):
         self.temperature, self.alpha, self.task_loss_kind = float(temperature), float(alpha), task_loss
         self.ignore_index, self.lr, self.weight_decay = ignore_index, lr, weight_decay
         self.num_classes = num_classes
+        self.features = self._resolve_features(features, feature_loss, feature_weight)
+        self.feature_loss_kind, self.feature_weight = feature_loss, float(feature_weight)
+        self.adapters = nn.ModuleDict()  # student-side state: trained with the student, saved in checkpoints
+        if self.features and teacher is not None and feature_loss != "attention":
+            s_modules, t_modules = dict(student.named_modules()), dict(teacher.named_modules())
+            for s_name, t_name in self.features.items():
+                conv = isinstance(s_modules[s_name], nn.modules.conv._ConvNd)
+                self.adapters[_key(s_name)] = make_adapter(
+                    output_width(s_modules[s_name]), output_width(t_modules[t_name]), channels_first=conv)
         self.val_acc: MulticlassAccuracy | None = None
         self.val_agreement: MulticlassAccuracy | None = None
+
+    def _resolve_features(self, features: Mapping[str, str] | None, kind: str, weight: float) -> dict[str, str]:
+        if features is None:
+            return {}
+        if not isinstance(features, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
+                                                          for k, v in features.items()):
+            _fail("features", "a mapping from student layer names to teacher layer names", features, exc=TypeError)
+        _check_choice("feature_loss", kind, FEATURE_LOSSES)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            _fail("feature_weight", "a float >= 0", weight)
+        pairs = {k.removeprefix("student."): v.removeprefix("teacher.") for k, v in features.items()}
+        for side, model, names in (("student", self.student, pairs), ("teacher", self._teacher, pairs.values())):
+            if model is None:
+                continue
+            valid = dict(model.named_modules())
+            for name in names:
+                if name not in valid:
+                    listed = ", ".join(n for n in valid if n)[:600]
+                    _fail("features", f"names of {side} layers", name, hint=f"the {side}'s layers are: {listed}")
+        return pairs
 
     # ------------------------------------------------------------------ the teacher
     @property
@@ -169,13 +212,29 @@ class DistillationModule(pl.LightningModule):
             return mse_distillation_loss(student_out, teacher_out)
         return kd_loss(student_out, teacher_out, self.temperature, self._mask(student_out, targets))
 
+    def feature_distillation_loss(self, student_features: dict[str, Tensor], teacher_features: dict[str, Tensor]):
+        """Sum over the ``features`` pairs of the distance between adapted student and teacher features."""
+        total = 0.0
+        for s_name, t_name in self.features.items():
+            s_feat, t_feat = student_features[s_name], teacher_features[t_name].detach()
+            if self.feature_loss_kind != "attention":
+                s_feat = self.adapters[_key(s_name)](s_feat)
+            channel_dim = 1 if isinstance(self.student.get_submodule(s_name), nn.modules.conv._ConvNd) else -1
+            total = total + feature_loss(s_feat, t_feat, self.feature_loss_kind, channel_dim)
+        return total
+
     def losses(self, batch: Any) -> dict[str, Tensor]:
-        """All loss parts for one batch: ``loss``, ``kd_loss`` and (with labels) ``task_loss``."""
+        """All loss parts for one batch: ``loss``, ``kd_loss`` and (when used) ``task_loss``, ``feature_loss``."""
         inputs, targets = self.unpack_batch(batch)
-        student_out = self.student_forward(inputs)
-        teacher_out = self.teacher_forward(inputs)
+        with capture(self.student, list(self.features)) as s_feats:
+            student_out = self.student_forward(inputs)
+        with capture(self.teacher, list(self.features.values())) as t_feats:  # type: ignore[arg-type]
+            teacher_out = self.teacher_forward(inputs)
         parts = {"kd_loss": self.distillation_loss(student_out, teacher_out, targets)}
         loss = self.alpha * parts["kd_loss"]
+        if self.features:
+            parts["feature_loss"] = self.feature_distillation_loss(s_feats, t_feats)
+            loss = loss + self.feature_weight * parts["feature_loss"]
         if self.alpha < 1:
             if targets is None:
                 _fail("batch", "(inputs, targets) when alpha < 1", "a batch without targets",
@@ -212,6 +271,6 @@ class DistillationModule(pl.LightningModule):
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW over the student's trainable parameters (everything this module registers)."""
+        """AdamW over the student's trainable parameters and the feature adapters (all this module registers)."""
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr,
                                  weight_decay=self.weight_decay)

@@ -166,3 +166,51 @@ def test_misconfiguration_of_models(tmp_path):
     with pytest.raises(ValueError, match=r"outputs shaped like the student's \(16, 4\), but got \(16, 5\)"):
         fit(tmp_path, [], module=mismatched, max_epochs=1)
     assert all(torch.equal(a, b) for a, b in zip(before, mismatched.parameters()))  # no step was taken
+
+
+def conv_pair(seed=0):
+    from tests.models import ConvNet
+
+    torch.manual_seed(seed)
+    return ConvNet(width=16), ConvNet(width=8)
+
+
+@pytest.mark.parametrize("kind", ["mse", "cosine", "attention"])
+def test_feature_distillation_with_adapters(tmp_path, kind):
+    teacher, student = conv_pair()
+    module = DistillationModule(student, teacher, features={"student.stem.0": "teacher.stem.0", "block.3": "block.3"},
+                                feature_loss=kind, feature_weight=2.0)
+    if kind == "attention":
+        assert len(module.adapters) == 0  # spatial attention maps need no width adapter
+    else:
+        assert set(module.adapters) == {"stem__0", "block__3"}
+        assert module.adapters["stem__0"].proj.weight.shape == (16, 8)
+    x, y = classification_data((1, 8, 8)).tensors
+    first = module.losses((x, y))
+    assert first["feature_loss"] > 0
+    torch.testing.assert_close(first["loss"], 0.9 * first["kd_loss"] + 0.1 * first["task_loss"]
+                               + 2.0 * first["feature_loss"])
+    trainer, _ = fit(tmp_path, [ModelCheckpoint(dirpath=tmp_path, save_last=True)], module=module, model="cnn",
+                     n=None, max_epochs=4, enable_checkpointing=True)
+    assert module.losses((x, y))["feature_loss"] < first["feature_loss"]  # the student's features moved closer
+    optimized = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert all(id(p) in optimized for p in module.adapters.parameters())
+    keys = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
+    assert all(k.startswith(("student.", "adapters.")) for k in keys)
+    assert any(k.startswith("adapters.") for k in keys) == (kind != "attention")
+
+
+def test_feature_names_and_widths_are_checked():
+    teacher, student = conv_pair()
+    with pytest.raises(ValueError, match=r"names of student layers, but got 'stem\.9'. HINT: the student's layers"):
+        DistillationModule(student, teacher, features={"stem.9": "stem.0"})
+    with pytest.raises(ValueError, match="names of teacher layers, but got 'nope'"):
+        DistillationModule(student, teacher, features={"stem.0": "nope"})
+    with pytest.raises(ValueError, match="`feature_loss`"):
+        DistillationModule(student, teacher, features={"stem.0": "stem.0"}, feature_loss="l1")
+    with pytest.raises(ValueError, match="`feature_weight`"):
+        DistillationModule(student, teacher, features={"stem.0": "stem.0"}, feature_weight=-1)
+    with pytest.raises(TypeError, match="`features`"):
+        DistillationModule(student, teacher, features=["stem.0"])
+    with pytest.raises(ValueError, match="layers whose output width is known"):
+        DistillationModule(student, teacher, features={"block": "block"})  # a Sequential: width unknown

@@ -1,0 +1,110 @@
+"""Feature distillation in pure torch: capture intermediate outputs, adapt widths, compare.
+
+>>> import torch
+>>> from torch import nn
+>>> student, teacher = nn.Sequential(nn.Linear(4, 8)), nn.Sequential(nn.Linear(4, 16))
+>>> adapter = make_adapter(output_width(student[0]), output_width(teacher[0]))
+>>> with capture(student, ["0"]) as s, capture(teacher, ["0"]) as t:
+...     _ = student(torch.randn(2, 4)), teacher(torch.randn(2, 4))
+>>> feature_loss(adapter(s["0"]), t["0"], "mse").shape
+torch.Size([])
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from litcompress._validation import _fail
+
+__all__ = ["FEATURE_LOSSES", "attention_map", "capture", "feature_loss", "make_adapter", "output_width"]
+
+FEATURE_LOSSES = ("mse", "cosine", "attention")
+
+
+def _first_tensor(output: object) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]  # LSTM (output, state), attention (output, weights)
+    raise TypeError(f"Expected a module output that is a tensor or starts with one, but got {type(output).__name__}.")
+
+
+@contextlib.contextmanager
+def capture(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, Tensor]]:
+    """Record the outputs of the named submodules during the forwards run inside the block."""
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        valid = ", ".join(n for n in modules if n)[:800]
+        _fail("features", "names of existing layers", missing, hint=f"valid names are: {valid}")
+    found: dict[str, Tensor] = {}
+    handles = [
+        modules[n].register_forward_hook(lambda _m, _i, out, n=n: found.__setitem__(n, _first_tensor(out)))
+        for n in names
+    ]
+    try:
+        yield found
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def output_width(module: nn.Module) -> int | None:
+    """Feature width of a layer's output for known kinds (``None`` when unknown)."""
+    for attr in ("out_features", "out_channels", "hidden_size", "embed_dim", "num_features", "embedding_dim"):
+        value = getattr(module, attr, None)
+        if isinstance(value, int):
+            return value
+    if isinstance(module, nn.LayerNorm):
+        return int(module.normalized_shape[-1])
+    return None
+
+
+class _ChannelAdapter(nn.Module):
+    """1x1 convolution over dim 1 for (B, C, ...) maps; a linear map over the last dim otherwise."""
+
+    def __init__(self, width_in: int, width_out: int, channels_first: bool) -> None:
+        super().__init__()
+        self.channels_first = channels_first
+        self.proj = nn.Linear(width_in, width_out, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.channels_first and x.dim() > 2:
+            return self.proj(x.movedim(1, -1)).movedim(-1, 1)
+        return self.proj(x)
+
+
+def make_adapter(width_in: int | None, width_out: int | None, channels_first: bool = False) -> nn.Module:
+    """A learnable map from the student's feature width to the teacher's (identity when they match)."""
+    if width_in is None or width_out is None:
+        _fail("features", "layers whose output width is known (Linear, Conv, RNN, attention, norms)",
+              (width_in, width_out), hint="distil features of such layers, or use feature_loss='attention'")
+    if width_in == width_out:
+        return nn.Identity()
+    return _ChannelAdapter(width_in, width_out, channels_first)
+
+
+def attention_map(feature: Tensor) -> Tensor:
+    """Zagoruyko & Komodakis' spatial attention: channel mean of squared activations, L2-normalised per sample."""
+    if feature.dim() < 3:
+        _fail("features", "conv feature maps (B, C, H, W) for attention transfer", tuple(feature.shape))
+    return F.normalize(feature.pow(2).mean(1).flatten(1), dim=1)
+
+
+def feature_loss(student: Tensor, teacher: Tensor, kind: str, channel_dim: int = -1) -> Tensor:
+    """Distance between (adapted) student and teacher features: ``"mse"``, ``"cosine"`` (over ``channel_dim``)
+    or ``"attention"`` (attention transfer; conv maps only)."""
+    if kind == "attention":
+        return (attention_map(student) - attention_map(teacher)).pow(2).sum(1).mean()
+    if student.shape != teacher.shape:
+        _fail("features", f"student features shaped like the teacher's {tuple(teacher.shape)} after the adapter",
+              tuple(student.shape))
+    if kind == "cosine":
+        return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=channel_dim)).mean()
+    return F.mse_loss(student.float(), teacher.float())
+
+
