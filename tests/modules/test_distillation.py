@@ -214,3 +214,52 @@ def test_feature_names_and_widths_are_checked():
         DistillationModule(student, teacher, features=["stem.0"])
     with pytest.raises(ValueError, match="layers whose output width is known"):
         DistillationModule(student, teacher, features={"block": "block"})  # a Sequential: width unknown
+
+
+def test_label_free_distillation_from_random_inputs(tmp_path):
+    from litcompress.data import RandomInputs
+
+    torch.manual_seed(0)
+    data = classification_data((16,), n=256)
+    teacher_module = fit(tmp_path, [], module=None, model="mlp", n=256, max_epochs=10, lr=0.05)[1]
+    teacher = teacher_module.model
+    x, _ = data.tensors
+
+    def agreement(student):
+        with torch.no_grad():
+            return float((student(x).argmax(1) == teacher(x).argmax(1)).float().mean())
+
+    torch.manual_seed(1)
+    student = MLP(16, 32)
+    untrained = agreement(student)
+    inputs = RandomInputs((16,), size=2048, distribution="matched", reference=x[:64], seed=0)
+    module = DistillationModule(student, teacher, task_loss=None, alpha=1.0, lr=3e-3, temperature=2.0)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=6))
+    trainer.fit(module, DataLoader(inputs, batch_size=64))  # no labels, no real training data
+    assert agreement(student) > max(0.85, untrained + 0.3), (untrained, agreement(student))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        (dict(shape=16), TypeError, "`shape`"),
+        (dict(shape=(16,), size=0), ValueError, "`size`"),
+        (dict(shape=(16,), distribution="normal"), ValueError, "`distribution`"),
+        (dict(shape=(16,), distribution="matched"), ValueError, "`reference`"),
+        (dict(shape=(16,), distribution="matched", reference=torch.zeros(4, 8)), ValueError, "`reference`"),
+        (dict(shape=(16,), distribution="uniform", low=1.0, high=1.0), ValueError, "`high`"),
+        (dict(shape=(8,), distribution="tokens"), TypeError, "`vocab_size`"),
+    ],
+)
+def test_random_inputs_misconfiguration(kwargs, exc, match):
+    from litcompress.data import RandomInputs
+
+    with pytest.raises(exc, match=match):
+        RandomInputs(**kwargs)
+
+
+def test_random_tokens_for_language_models():
+    from litcompress.data import RandomInputs
+
+    ds = RandomInputs((8,), size=10, distribution="tokens", vocab_size=32)
+    assert ds[3].dtype == torch.long and int(ds[3].max()) < 32 and torch.equal(ds[3], ds[3])
