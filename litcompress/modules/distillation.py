@@ -8,11 +8,13 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from litcompress._validation import _check_choice, _check_fraction, _fail
+from litcompress.distillation.cache import TeacherCache
 from litcompress.distillation.features import FEATURE_LOSSES, capture, feature_loss, make_adapter, output_width
 from litcompress.distillation.losses import kd_loss, mse_distillation_loss
 
@@ -60,6 +62,12 @@ class DistillationModule(pl.LightningModule):
         feature_loss: ``"mse"``, ``"cosine"``, or ``"attention"`` (attention transfer, Zagoruyko & Komodakis,
             for conv feature maps: no adapter needed).
         feature_weight: weight of the feature term, added to the loss above.
+        cache_teacher: run the teacher once per distinct input and reuse its outputs in later epochs. Keys are
+            content hashes of the inputs, so augmented inputs never get stale targets; when a repeated epoch
+            finds fewer than half its inputs cached (random augmentation), a warning says so and the cache
+            turns itself off. The cache is saved in checkpoints. Not with ``features``.
+        cache_max_bytes: memory bound of the cache.
+        cache_dtype: storage dtype of cached outputs (``torch.float16`` halves memory; float32 is exact).
     """
 
     def __init__(
@@ -77,6 +85,9 @@ class DistillationModule(pl.LightningModule):
         features: Mapping[str, str] | None = None,
         feature_loss: Literal["mse", "cosine", "attention"] = "mse",
         feature_weight: float = 1.0,
+        cache_teacher: bool = False,
+        cache_max_bytes: int = 1 << 30,
+        cache_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         if not isinstance(student, nn.Module):
@@ -109,6 +120,12 @@ class DistillationModule(pl.LightningModule):
                 conv = isinstance(s_modules[s_name], nn.modules.conv._ConvNd)
                 self.adapters[_key(s_name)] = make_adapter(
                     output_width(s_modules[s_name]), output_width(t_modules[t_name]), channels_first=conv)
+        if not isinstance(cache_teacher, bool):
+            _fail("cache_teacher", "a bool", cache_teacher, exc=TypeError)
+        if cache_teacher and self.features:
+            _fail("cache_teacher", "False with `features`", cache_teacher,
+                  hint="intermediate teacher features are not cached; drop one of the two")
+        self.teacher_cache = TeacherCache(cache_max_bytes, cache_dtype) if cache_teacher else None
         self.val_acc: MulticlassAccuracy | None = None
         self.val_agreement: MulticlassAccuracy | None = None
 
@@ -229,7 +246,7 @@ class DistillationModule(pl.LightningModule):
         with capture(self.student, list(self.features)) as s_feats:
             student_out = self.student_forward(inputs)
         with capture(self.teacher, list(self.features.values())) as t_feats:  # type: ignore[arg-type]
-            teacher_out = self.teacher_forward(inputs)
+            teacher_out = self._teacher_outputs(inputs)
         parts = {"kd_loss": self.distillation_loss(student_out, teacher_out, targets)}
         loss = self.alpha * parts["kd_loss"]
         if self.features:
@@ -243,6 +260,35 @@ class DistillationModule(pl.LightningModule):
             loss = loss + (1 - self.alpha) * parts["task_loss"]
         parts["loss"] = loss
         return parts
+
+    def _teacher_outputs(self, inputs: Any) -> Tensor:
+        cache = self.teacher_cache
+        if cache is None or not cache.enabled or not self.training or not isinstance(inputs, Tensor):
+            return self.teacher_forward(inputs)
+        keys = cache.keys(inputs)
+        cached = cache.lookup(keys)
+        if cached is not None:
+            return cached.to(self.device, torch.float32)
+        out = self.teacher_forward(inputs)
+        cache.add(keys, out)
+        return out
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        if self.teacher_cache is not None:
+            message = self.teacher_cache.end_epoch(repeated_pass=self.current_epoch >= 1)
+            if message:
+                rank_zero_warn(message)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.teacher_cache is not None:
+            checkpoint["litcompress_teacher_cache"] = self.teacher_cache.state_dict()
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.teacher_cache is not None and "litcompress_teacher_cache" in checkpoint:
+            self.teacher_cache.load_state_dict(checkpoint["litcompress_teacher_cache"])
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:

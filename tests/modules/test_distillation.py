@@ -263,3 +263,81 @@ def test_random_tokens_for_language_models():
 
     ds = RandomInputs((8,), size=10, distribution="tokens", vocab_size=32)
     assert ds[3].dtype == torch.long and int(ds[3].max()) < 32 and torch.equal(ds[3], ds[3])
+
+
+class TeacherCalls(pl.Callback):
+    def __init__(self, teacher):
+        self.per_epoch: dict[int, int] = {}
+        self.epoch = 0
+        teacher.register_forward_hook(lambda *a: self.per_epoch.__setitem__(self.epoch,
+                                                                             self.per_epoch.get(self.epoch, 0) + 1))
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.epoch = trainer.current_epoch
+
+    def on_validation_start(self, trainer, pl_module):
+        self.epoch = -1  # validation calls are not counted
+
+
+def test_teacher_cache_hits_and_matches_uncached(tmp_path):
+    def run(cache):
+        teacher, student = teacher_and_student()
+        calls = TeacherCalls(teacher)
+        module = DistillationModule(student, teacher, cache_teacher=cache)
+        fit(tmp_path, [calls], module=module, max_epochs=3)
+        return module, calls.per_epoch
+
+    cached, calls = run(True)
+    assert calls[0] == 4 and calls.get(1, 0) == 0 and calls.get(2, 0) == 0  # the teacher is not called again
+    assert len(cached.teacher_cache.store) == 64
+    plain, _ = run(False)
+    for a, b in zip(cached.parameters(), plain.parameters()):
+        assert torch.equal(a, b)  # float32 cache: exactly the targets the teacher would give
+
+
+class Augmented(torch.utils.data.Dataset):
+    def __init__(self, data):
+        self.x, self.y = data.tensors
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.1 * torch.randn_like(self.x[i]), self.y[i]  # a new view every time
+
+
+def test_teacher_cache_detects_augmentation(tmp_path):
+    teacher, student = teacher_and_student()
+    calls = TeacherCalls(teacher)
+    module = DistillationModule(student, teacher, cache_teacher=True)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=3), callbacks=[calls])
+    with pytest.warns(UserWarning, match="random augmentation"):
+        trainer.fit(module, DataLoader(Augmented(classification_data((16,), n=64)), batch_size=16))
+    assert not module.teacher_cache.enabled and not module.teacher_cache.store
+    assert calls.per_epoch[1] == 4 and calls.per_epoch[2] == 4  # fresh targets for every augmented batch
+
+
+@pytest.mark.parametrize("cut", [3, 6])
+def test_resume_with_cache_is_bit_identical(tmp_path, cut):
+    def run(callbacks, ckpt_path=None):
+        teacher, student = teacher_and_student()
+        return fit(tmp_path, callbacks, module=DistillationModule(student, teacher, cache_teacher=True),
+                   max_epochs=3, ckpt_path=ckpt_path)[1]
+
+    reference = run([])
+    with pytest.raises(Interrupted):
+        run([Crash(cut, tmp_path / "cut.ckpt")])
+    resumed = run([], ckpt_path=tmp_path / "cut.ckpt")
+    assert len(resumed.teacher_cache.store) == 64
+    for a, b in zip(reference.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_cache_misconfiguration():
+    teacher, student = teacher_and_student()
+    with pytest.raises(ValueError, match="`cache_teacher` to be False with `features`"):
+        DistillationModule(student, teacher, features={"net.0": "net.0"}, cache_teacher=True)
+    with pytest.raises(TypeError, match="`cache_teacher`"):
+        DistillationModule(student, teacher, cache_teacher="yes")
+    with pytest.raises(ValueError, match="`cache_max_bytes`"):
+        DistillationModule(student, teacher, cache_teacher=True, cache_max_bytes=0)
