@@ -7,8 +7,8 @@ import torch
 from torch.multiprocessing import ProcessExitedException
 from torch.utils.data import DataLoader
 
-from litcompress import Pruning, QuantizationAwareTraining
-from tests.models import ZOO, LitClassifier, classification_data, trainer_kwargs
+from litcompress import DistillationModule, Pruning, QuantizationAwareTraining
+from tests.models import MLP, ZOO, LitClassifier, classification_data, trainer_kwargs
 
 
 class SaveMasks(pl.Callback):
@@ -97,3 +97,41 @@ def test_qat_ranges_identical_on_both_ranks(tmp_path):
         assert torch.equal(lo, r1["ranges"][name][0]) and torch.equal(hi, r1["ranges"][name][1]), name
     for name in r0["weights"]:
         assert torch.equal(r0["weights"][name], r1["weights"][name]), name
+
+
+class SaveStudent(pl.Callback):
+    def __init__(self, directory) -> None:
+        self.directory, self.wrapped = directory, None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.wrapped = type(trainer.strategy.model).__name__  # DDP wraps the module, whose tree has no teacher
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        state = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
+        torch.save({"state": state, "wrapped": self.wrapped}, self.directory / f"kd{trainer.global_rank}.pt")
+
+
+def _fit_kd_spawned(tmp_path):
+    torch.manual_seed(0)
+    module = DistillationModule(ZOO["mlp"].build(), MLP(16, 64), cache_teacher=True)
+    data = DataLoader(classification_data((16,), n=128), batch_size=16)
+    callbacks = [Pruning(0.5, start=2, frequency=2, verbose=False), SaveStudent(tmp_path)]
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, strategy="ddp_spawn", devices=2), callbacks=callbacks)
+    trainer.fit(module, data)
+
+
+def test_distillation_student_identical_on_both_ranks(tmp_path):
+    for attempt in range(3):  # see test_masks_identical_on_both_ranks
+        try:
+            _fit_kd_spawned(tmp_path)
+            break
+        except ProcessExitedException:
+            if attempt == 2:
+                raise
+    r0, r1 = (torch.load(tmp_path / f"kd{r}.pt") for r in (0, 1))
+    assert r0["wrapped"] == "DistributedDataParallel"
+    assert all(k.startswith("student.") for k in r0["state"])  # the teacher is not part of what DDP syncs
+    for name in r0["state"]:
+        assert torch.equal(r0["state"][name], r1["state"][name]), name
+    w = r0["state"]["student.net.0.weight"]
+    assert int((w == 0).sum()) == w.numel() // 2
