@@ -42,7 +42,8 @@ def test_prune_mnist_example_reduced():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("script", "expect"), [("bench_pruning.py", "| lightning |"),
-                                                ("bench_qat.py", "ONNX Runtime static quantization of fp32")])
+                                                ("bench_qat.py", "ONNX Runtime static quantization of fp32"),
+                                                ("bench_distillation.py", "label-free from RandomInputs")])
 def test_benchmark_quick(tmp_path, script, expect):
     out = tmp_path / "result.json"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)],
