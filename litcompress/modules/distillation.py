@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from litcompress._validation import _check_choice, _check_fraction, _fail
 from litcompress.distillation.cache import TeacherCache
+from litcompress.distillation.ensemble import TeacherEnsemble
 from litcompress.distillation.features import FEATURE_LOSSES, capture, feature_loss, make_adapter, output_width
 from litcompress.distillation.losses import kd_loss, mse_distillation_loss
 
@@ -46,7 +47,9 @@ class DistillationModule(pl.LightningModule):
 
     Args:
         student: the model to train; ``forward`` runs it.
-        teacher: the trained model to learn from (``None`` to load a checkpoint for inference only).
+        teacher: the trained model to learn from, or a list of them (a
+            :class:`~litcompress.distillation.TeacherEnsemble`: their softened predictions are averaged), or
+            ``None`` to load a checkpoint for inference only.
         temperature: softmax temperature ``T > 0`` (around 4 works well; see the README on budgets).
         alpha: weight of the distillation term in ``[0, 1]``; ``1 - alpha`` weighs the task loss.
         task_loss: ``"cross_entropy"`` (default), ``"mse"`` (regression: distillation becomes MSE too),
@@ -73,7 +76,7 @@ class DistillationModule(pl.LightningModule):
     def __init__(
         self,
         student: nn.Module,
-        teacher: nn.Module | None,
+        teacher: nn.Module | Sequence[nn.Module] | None,
         *,
         temperature: float = 4.0,
         alpha: float = 0.9,
@@ -92,8 +95,13 @@ class DistillationModule(pl.LightningModule):
         super().__init__()
         if not isinstance(student, nn.Module):
             _fail("student", "a torch.nn.Module", type(student).__name__, exc=TypeError)
+        if isinstance(teacher, (list, tuple)):
+            if any(t is student for t in teacher):
+                _fail("teacher", "models other than the student", "a list holding the student")
+            teacher = TeacherEnsemble(teacher, temperature if isinstance(temperature, (int, float)) else 1.0,
+                                      "outputs" if task_loss == "mse" else "probabilities")
         if teacher is not None and not isinstance(teacher, nn.Module):
-            _fail("teacher", "a torch.nn.Module or None", type(teacher).__name__, exc=TypeError)
+            _fail("teacher", "a torch.nn.Module, a list of them, or None", type(teacher).__name__, exc=TypeError)
         if teacher is student:
             _fail("teacher", "a model other than the student", "the student itself")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:

@@ -341,3 +341,21 @@ def test_cache_misconfiguration():
         DistillationModule(student, teacher, cache_teacher="yes")
     with pytest.raises(ValueError, match="`cache_max_bytes`"):
         DistillationModule(student, teacher, cache_teacher=True, cache_max_bytes=0)
+
+
+def test_teacher_ensemble_averages_softened_probabilities(tmp_path):
+    torch.manual_seed(0)
+    t1, t2, student = MLP(16, 64), MLP(16, 32), MLP(16, 8)
+    module = DistillationModule(student, [t1, t2], temperature=2.0, cache_teacher=True)
+    x, y = (t[:16] for t in classification_data((16,)).tensors)
+    parts = module.losses((x, y))
+    p = (F.softmax(t1(x).detach() / 2, -1) + F.softmax(t2(x).detach() / 2, -1)) / 2
+    expected = (p * (p.log() - F.log_softmax(student(x) / 2, -1))).sum(-1).mean() * 4
+    torch.testing.assert_close(parts["kd_loss"], expected)
+    fit(tmp_path, [], module=module, max_epochs=2)
+    assert not any(k.startswith(("teacher", "members")) for k in module.state_dict())
+    assert all(not p.requires_grad for p in t1.parameters()) and not t2.training
+    with pytest.raises(TypeError, match="a module or a list of two or more modules"):
+        DistillationModule(MLP(16, 8), [t1])
+    with pytest.raises(ValueError, match="ensemble members with outputs of one shape"):
+        DistillationModule(MLP(16, 8), [t1, MLP(16, 8, num_classes=3)]).losses((x, y))

@@ -1,0 +1,57 @@
+"""`TeacherEnsemble`: several teachers as one, with their softened predictions averaged.
+
+>>> import torch
+>>> from torch import nn
+>>> a, b = nn.Linear(4, 3), nn.Linear(4, 3)
+>>> ensemble = TeacherEnsemble([a, b], temperature=4.0)
+>>> x = torch.randn(2, 4)
+>>> p = ((a(x) / 4).softmax(-1) + (b(x) / 4).softmax(-1)) / 2
+>>> torch.allclose((ensemble(x) / 4).softmax(-1), p)
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from litcompress._validation import _check_choice, _fail
+
+__all__ = ["TeacherEnsemble"]
+
+
+class TeacherEnsemble(nn.Module):
+    """Average teachers: their softened class probabilities (the output is ``T * log(mean_i softmax(t_i / T))``,
+    logits whose softmax at temperature ``T`` is exactly the averaged distribution) or, for regression, their
+    outputs.
+
+    Args:
+        teachers: two or more models with outputs of the same shape.
+        temperature: the distillation temperature the probabilities are averaged at.
+        average: ``"probabilities"`` (classification, sequences) or ``"outputs"`` (regression).
+    """
+
+    def __init__(self, teachers: Sequence[nn.Module], temperature: float = 4.0,
+                 average: Literal["probabilities", "outputs"] = "probabilities") -> None:
+        super().__init__()
+        if not isinstance(teachers, (list, tuple)) or len(teachers) < 2 or not all(
+                isinstance(t, nn.Module) for t in teachers):
+            _fail("teacher", "a module or a list of two or more modules", teachers, exc=TypeError)
+        _check_choice("average", average, ("probabilities", "outputs"))
+        self.members = nn.ModuleList(teachers)
+        self.temperature, self.average = float(temperature), average
+
+    def forward(self, *args, **kwargs) -> Tensor:  # type: ignore[no-untyped-def]
+        outputs = [m(*args, **kwargs) for m in self.members]
+        shapes = {tuple(o.shape) for o in outputs}
+        if len(shapes) > 1:
+            _fail("teacher", "ensemble members with outputs of one shape", sorted(shapes))
+        if self.average == "outputs":
+            return torch.stack(outputs).mean(0)
+        t = self.temperature
+        probs = torch.stack([F.softmax(o.float() / t, dim=-1) for o in outputs]).mean(0)
+        return t * probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
