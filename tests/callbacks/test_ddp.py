@@ -42,16 +42,19 @@ def _fit_spawned(tmp_path):
     return module
 
 
-def test_masks_identical_on_both_ranks(tmp_path):
-    # A worker killed by a signal (gloo occasionally aborts at process shutdown on CPU) is retried; a Python
-    # exception or a failed check in a worker is not (that raises ProcessRaisedException / AssertionError).
+def spawn_with_retry(fit_fn, tmp_path):
+    """Run a `ddp_spawn` fit. A worker killed by a signal (gloo occasionally aborts at process shutdown on CPU)
+    is retried; a Python exception or a failed check in a worker is not (ProcessRaisedException / AssertionError)."""
     for attempt in range(3):
         try:
-            module = _fit_spawned(tmp_path)
-            break
+            return fit_fn(tmp_path)
         except ProcessExitedException:
             if attempt == 2:
                 raise
+
+
+def test_masks_identical_on_both_ranks(tmp_path):
+    module = spawn_with_retry(_fit_spawned, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["masks"].keys() == r1["masks"].keys() and len(r0["masks"]) == 3
     for name in r0["masks"]:
@@ -84,13 +87,7 @@ def _fit_qat_spawned(tmp_path):
 
 
 def test_qat_ranges_identical_on_both_ranks(tmp_path):
-    for attempt in range(3):  # see test_masks_identical_on_both_ranks
-        try:
-            _fit_qat_spawned(tmp_path)
-            break
-        except ProcessExitedException:
-            if attempt == 2:
-                raise
+    spawn_with_retry(_fit_qat_spawned, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"qat{r}.pt") for r in (0, 1))
     assert len(r0["ranges"]) == 3
     for name, (lo, hi) in r0["ranges"].items():
@@ -121,13 +118,7 @@ def _fit_kd_spawned(tmp_path):
 
 
 def test_distillation_student_identical_on_both_ranks(tmp_path):
-    for attempt in range(3):  # see test_masks_identical_on_both_ranks
-        try:
-            _fit_kd_spawned(tmp_path)
-            break
-        except ProcessExitedException:
-            if attempt == 2:
-                raise
+    spawn_with_retry(_fit_kd_spawned, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"kd{r}.pt") for r in (0, 1))
     assert r0["wrapped"] == "DistributedDataParallel"
     assert all(k.startswith("student.") for k in r0["state"])  # the teacher is not part of what DDP syncs
