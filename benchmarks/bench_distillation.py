@@ -8,7 +8,7 @@ no labels and no real images in training. Step cost: median train-step time of t
 with the teacher cache (epochs after the first).
 
     python benchmarks/bench_distillation.py              # 100 epochs, 1 seed: a few minutes on 2 CPU cores
-    python benchmarks/bench_distillation.py --seeds 0 1 2
+    python benchmarks/bench_distillation.py --seeds 0 1 2 --teachers 3   # also an averaged 3-teacher ensemble
     python benchmarks/bench_distillation.py --quick
 """
 
@@ -109,12 +109,22 @@ def accuracy(model: nn.Module, test) -> float:
     return float((model(x).argmax(1) == y).float().mean())
 
 
-def one_seed(seed: int, epochs: int, teacher_epochs: int) -> dict:
+def one_seed(seed: int, epochs: int, teacher_epochs: int, teachers: int = 1) -> dict:
     pl.seed_everything(seed, verbose=False)
     train, test = mnist_5k(seed)
     loader = DataLoader(train, batch_size=64, shuffle=True)
     teacher = fit(Supervised(TeacherCNN()), loader, teacher_epochs).model.eval()
     out = {"teacher": accuracy(teacher, test)}
+    if teachers > 1:  # more teachers from other seeds, averaged (TeacherEnsemble)
+        others = []
+        for i in range(1, teachers):
+            pl.seed_everything(1000 * (seed + 1) + i, verbose=False)
+            others.append(fit(Supervised(TeacherCNN()), loader, teacher_epochs).model.eval())
+        ensemble = [teacher, *others]
+        pl.seed_everything(seed, verbose=False)
+        kd_ens = fit(Distilled(student(), ensemble, temperature=4.0, alpha=0.9, cache_teacher=True), loader, epochs)
+        out["ensemble"] = accuracy(kd_ens.teacher, test)
+        out["distilled_ensemble"] = accuracy(kd_ens.student, test)
     pl.seed_everything(seed, verbose=False)
     clock_scratch = Clock()
     out["scratch"] = accuracy(fit(Supervised(student()), loader, epochs, [clock_scratch]).model, test)
@@ -145,12 +155,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--teacher-epochs", type=int, default=15)
+    parser.add_argument("--teachers", type=int, default=1, help="also distil from an ensemble of this many")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "distillation.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
     epochs, teacher_epochs = (2, 1) if args.quick else (args.epochs, args.teacher_epochs)
-    runs = [one_seed(s, epochs, teacher_epochs) for s in args.seeds]
+    runs = [one_seed(s, epochs, teacher_epochs, args.teachers) for s in args.seeds]
 
     def stat(key):
         values = [100 * r[key] for r in runs]
@@ -163,8 +174,11 @@ def main() -> None:
     print(f"| model (MNIST-5k, {epochs} epochs, seeds {args.seeds}) | test accuracy (%) |\n|---|---|")
     for key, label in (("teacher", "teacher CNN"), ("scratch", "student 784-30-30-10 from scratch"),
                        ("distilled", "student distilled (T=4, alpha=0.9)"),
-                       ("label_free", "student distilled label-free from RandomInputs")):
-        print(f"| {label} | {stat(key)} |")
+                       ("label_free", "student distilled label-free from RandomInputs"),
+                       ("ensemble", f"ensemble of {args.teachers} teacher CNNs"),
+                       ("distilled_ensemble", f"student distilled from the {args.teachers}-teacher ensemble")):
+        if key in runs[0]:
+            print(f"| {label} | {stat(key)} |")
     print(f"| share of the scratch-to-teacher gap closed | {stat('gap_closed')}% |")
     print("\n| train step (batch 64) | ms | vs student alone |\n|---|---|---|")
     for key in runs[0]["step_ms"]:
