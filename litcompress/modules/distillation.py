@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from litcompress._validation import _check_choice, _check_fraction, _fail
+from litcompress._validation import _check_choice, _check_fraction, _check_int, _fail
 from litcompress.distillation.cache import TeacherCache
 from litcompress.distillation.ensemble import TeacherEnsemble
 from litcompress.distillation.features import FEATURE_LOSSES, capture, feature_loss, make_adapter, output_width
@@ -113,6 +113,10 @@ class DistillationModule(pl.LightningModule):
             _fail("task_loss", "'cross_entropy', 'mse', a callable fn(output, target) or None", task_loss)
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
             _fail("lr", "a float > 0", lr)
+        if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+            _fail("weight_decay", "a float >= 0", weight_decay)
+        _check_int("ignore_index", ignore_index)
+        _check_int("num_classes", num_classes, minimum=2, allow_none=True)
         self.student = student
         object.__setattr__(self, "_teacher", None)  # outside the module tree: no state_dict keys, no DDP, no optim
         self.teacher = teacher

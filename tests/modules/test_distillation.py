@@ -145,6 +145,9 @@ def test_bf16_mixed(tmp_path):
         (dict(task_loss=None, alpha=0.5), ValueError, "`alpha` to be 1.0 when `task_loss` is None"),
         (dict(task_loss="hinge"), ValueError, "`task_loss`"),
         (dict(lr=0), ValueError, "`lr`"),
+        (dict(weight_decay=-0.1), ValueError, "`weight_decay`"),
+        (dict(ignore_index=1.5), TypeError, "`ignore_index`"),
+        (dict(num_classes=1), ValueError, "`num_classes`"),
     ],
 )
 def test_misconfiguration_at_construction(kwargs, exc, match):
