@@ -71,6 +71,11 @@ class DistillationModule(pl.LightningModule):
             turns itself off. The cache is saved in checkpoints. Not with ``features``.
         cache_max_bytes: memory bound of the cache.
         cache_dtype: storage dtype of cached outputs (``torch.float16`` halves memory; float32 is exact).
+        transfer: ``"mixup"`` adds ``transfer_size`` extra inputs per training step, each a random convex mix of
+            two inputs of the batch, labelled by the teacher only (an extra transfer set; its distillation term
+            is added with weight ``alpha`` and logged as ``train/transfer_loss``). Floating-point inputs only.
+        transfer_size: extra inputs per step for ``transfer``.
+        seed: seed of the transfer draws (with ``global_step``: identical on resume and on every process).
     """
 
     def __init__(
@@ -91,6 +96,9 @@ class DistillationModule(pl.LightningModule):
         cache_teacher: bool = False,
         cache_max_bytes: int = 1 << 30,
         cache_dtype: torch.dtype = torch.float32,
+        transfer: Literal["mixup"] | None = None,
+        transfer_size: int = 64,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if not isinstance(student, nn.Module):
@@ -138,6 +146,11 @@ class DistillationModule(pl.LightningModule):
             _fail("cache_teacher", "False with `features`", cache_teacher,
                   hint="intermediate teacher features are not cached; drop one of the two")
         self.teacher_cache = TeacherCache(cache_max_bytes, cache_dtype) if cache_teacher else None
+        if transfer is not None:
+            _check_choice("transfer", transfer, ("mixup",))
+        _check_int("transfer_size", transfer_size, minimum=1)
+        _check_int("seed", seed)
+        self.transfer, self.transfer_size, self.seed = transfer, transfer_size, seed
         self.val_acc: MulticlassAccuracy | None = None
         self.val_agreement: MulticlassAccuracy | None = None
 
@@ -264,6 +277,11 @@ class DistillationModule(pl.LightningModule):
         if self.features:
             parts["feature_loss"] = self.feature_distillation_loss(s_feats, t_feats)
             loss = loss + self.feature_weight * parts["feature_loss"]
+        if self.transfer is not None and self.training:
+            mixed = self.mixup_inputs(inputs)
+            parts["transfer_loss"] = self.distillation_loss(self.student_forward(mixed), self.teacher_forward(mixed),
+                                                            None)
+            loss = loss + self.alpha * parts["transfer_loss"]
         if self.alpha < 1:
             if targets is None:
                 _fail("batch", "(inputs, targets) when alpha < 1", "a batch without targets",
@@ -272,6 +290,17 @@ class DistillationModule(pl.LightningModule):
             loss = loss + (1 - self.alpha) * parts["task_loss"]
         parts["loss"] = loss
         return parts
+
+    def mixup_inputs(self, inputs: Tensor) -> Tensor:
+        """``transfer_size`` convex mixes of two random inputs of the batch (seeded by ``seed`` and the step)."""
+        if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
+            _fail("transfer", "None for inputs that are not floating-point tensors", self.transfer,
+                  hint="mixup mixes inputs; token ids or structured batches cannot be mixed")
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step)
+        n, k = inputs.shape[0], self.transfer_size
+        a, b = torch.randint(n, (k,), generator=g), torch.randint(n, (k,), generator=g)
+        lam = torch.rand((k,) + (1,) * (inputs.dim() - 1), generator=g).to(inputs.device, inputs.dtype)
+        return lam * inputs[a.to(inputs.device)] + (1 - lam) * inputs[b.to(inputs.device)]
 
     def _teacher_outputs(self, inputs: Any) -> Tensor:
         cache = self.teacher_cache

@@ -362,3 +362,47 @@ def test_teacher_ensemble_averages_softened_probabilities(tmp_path):
         DistillationModule(MLP(16, 8), [t1])
     with pytest.raises(ValueError, match="ensemble members with outputs of one shape"):
         DistillationModule(MLP(16, 8), [t1, MLP(16, 8, num_classes=3)]).losses((x, y))
+
+
+def test_mixup_transfer_set(tmp_path):
+    teacher, student = teacher_and_student()
+    module = DistillationModule(student, teacher, transfer="mixup", transfer_size=32, seed=3)
+    x, y = (t[:16] for t in classification_data((16,)).tensors)
+    mixed = module.mixup_inputs(x)
+    assert mixed.shape == (32, 16) and torch.equal(mixed, module.mixup_inputs(x))  # seeded: reproducible
+    lo, hi = x.min(0).values, x.max(0).values
+    assert ((mixed >= lo - 1e-6) & (mixed <= hi + 1e-6)).all()  # convex mixes stay within the batch's range
+    module.train()
+    parts = module.losses((x, y))
+    expected = kd_loss(student(mixed), teacher(mixed).detach(), 4.0)
+    torch.testing.assert_close(parts["transfer_loss"], expected)
+    torch.testing.assert_close(parts["loss"], 0.9 * parts["kd_loss"] + 0.1 * parts["task_loss"]
+                               + 0.9 * parts["transfer_loss"])
+    module.eval()
+    assert "transfer_loss" not in module.losses((x, y))  # only in training
+
+
+@pytest.mark.parametrize("cut", [3, 6])
+def test_resume_with_transfer_is_bit_identical(tmp_path, cut):
+    def run(callbacks, ckpt_path=None):
+        teacher, student = teacher_and_student()
+        return fit(tmp_path, callbacks, module=DistillationModule(student, teacher, transfer="mixup", transfer_size=8),
+                   max_epochs=3, ckpt_path=ckpt_path)[1]
+
+    reference = run([])
+    with pytest.raises(Interrupted):
+        run([Crash(cut, tmp_path / "cut.ckpt")])
+    resumed = run([], ckpt_path=tmp_path / "cut.ckpt")
+    for a, b in zip(reference.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_transfer_misconfiguration(tmp_path):
+    teacher, student = teacher_and_student()
+    with pytest.raises(ValueError, match="`transfer`"):
+        DistillationModule(student, teacher, transfer="cutmix")
+    with pytest.raises(ValueError, match="`transfer_size`"):
+        DistillationModule(student, teacher, transfer="mixup", transfer_size=0)
+    gpt = DistillationModule(TinyGPT(layers=1), TinyGPT(layers=2), transfer="mixup")
+    with pytest.raises(ValueError, match="`transfer` to be None for inputs that are not floating-point"):
+        gpt.mixup_inputs(lm_data(n=4).tensors[0])
