@@ -115,11 +115,12 @@ def test_callbacks_compress_only_the_student(tmp_path):
     assert all(torch.equal(teacher_state[k], v) for k, v in teacher.state_dict().items())
 
 
-@pytest.mark.parametrize("cut", [3, 8])
-def test_resume_is_bit_identical(tmp_path, cut):
+def resumed_matches_uninterrupted(tmp_path, cut, **kwargs):
+    """Fit 3 epochs; crash at `cut` and resume; the two students must be bit-identical. Returns the resumed one."""
+
     def run(callbacks, ckpt_path=None):
         teacher, student = teacher_and_student()
-        return fit(tmp_path, callbacks, module=DistillationModule(student, teacher), max_epochs=3,
+        return fit(tmp_path, callbacks, module=DistillationModule(student, teacher, **kwargs), max_epochs=3,
                    ckpt_path=ckpt_path)[1]
 
     reference = run([])
@@ -128,6 +129,12 @@ def test_resume_is_bit_identical(tmp_path, cut):
     resumed = run([], ckpt_path=tmp_path / "cut.ckpt")
     for a, b in zip(reference.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+    return resumed
+
+
+@pytest.mark.parametrize("cut", [3, 8])
+def test_resume_is_bit_identical(tmp_path, cut):
+    resumed_matches_uninterrupted(tmp_path, cut)
 
 
 def test_bf16_mixed(tmp_path):
@@ -322,18 +329,8 @@ def test_teacher_cache_detects_augmentation(tmp_path):
 
 @pytest.mark.parametrize("cut", [3, 6])
 def test_resume_with_cache_is_bit_identical(tmp_path, cut):
-    def run(callbacks, ckpt_path=None):
-        teacher, student = teacher_and_student()
-        return fit(tmp_path, callbacks, module=DistillationModule(student, teacher, cache_teacher=True),
-                   max_epochs=3, ckpt_path=ckpt_path)[1]
-
-    reference = run([])
-    with pytest.raises(Interrupted):
-        run([Crash(cut, tmp_path / "cut.ckpt")])
-    resumed = run([], ckpt_path=tmp_path / "cut.ckpt")
+    resumed = resumed_matches_uninterrupted(tmp_path, cut, cache_teacher=True)
     assert len(resumed.teacher_cache.store) == 64
-    for a, b in zip(reference.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
 
 
 def test_cache_misconfiguration():
@@ -384,17 +381,7 @@ def test_mixup_transfer_set(tmp_path):
 
 @pytest.mark.parametrize("cut", [3, 6])
 def test_resume_with_transfer_is_bit_identical(tmp_path, cut):
-    def run(callbacks, ckpt_path=None):
-        teacher, student = teacher_and_student()
-        return fit(tmp_path, callbacks, module=DistillationModule(student, teacher, transfer="mixup", transfer_size=8),
-                   max_epochs=3, ckpt_path=ckpt_path)[1]
-
-    reference = run([])
-    with pytest.raises(Interrupted):
-        run([Crash(cut, tmp_path / "cut.ckpt")])
-    resumed = run([], ckpt_path=tmp_path / "cut.ckpt")
-    for a, b in zip(reference.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
+    resumed_matches_uninterrupted(tmp_path, cut, transfer="mixup", transfer_size=8)
 
 
 def test_transfer_misconfiguration(tmp_path):
