@@ -33,8 +33,7 @@ def _export_mode(model: nn.Module) -> Iterator[int]:
     try:
         for layer in layers:
             for attr, q in layer._qat_weights.items():
-                owner, _, leaf = attr.rpartition(".")
-                ints, scale = q.integers(getattr(layer.get_submodule(owner) if owner else layer, leaf))
+                ints, scale = q.integers(layer._qat_tensor(attr))
                 q.export = (ints, scale, torch.zeros_like(scale, dtype=torch.int64))
             for q in layer._qat_inputs.values():
                 if q.lo is not None or q.learning:

@@ -95,7 +95,7 @@ def test_compressed_round_trip_restores_fake_quantized_weights(tmp_path, bits, p
     expected = {name: p.detach().clone() for name, p in module.named_parameters()}
     for layer in qat.layers.values():
         for attr, q in layer._qat_weights.items():
-            w = qat._weight(layer, attr)
+            w = layer._qat_tensor(attr)
             name = next(n for n, p in module.named_parameters() if p is w)
             expected[name] = q(w).detach()  # what training saw: the fake-quantized weight
     path = save_compressed(module, tmp_path / "model.safetensors")

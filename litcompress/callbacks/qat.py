@@ -103,11 +103,6 @@ class QuantizationAwareTraining(_CompressionCallback):
     def _input_quantizers(self) -> list[ActivationQuantizer]:
         return [q for m in self.layers.values() for q in m._qat_inputs.values()]
 
-    @staticmethod
-    def _weight(module: nn.Module, attr: str) -> torch.Tensor:
-        owner, _, leaf = attr.rpartition(".")
-        return getattr(module.get_submodule(owner) if owner else module, leaf)
-
     # ------------------------------------------------------------------ setup
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -143,7 +138,7 @@ class QuantizationAwareTraining(_CompressionCallback):
         if self.config.scale != "learned":
             return
         # step sizes join the optimizer now, idle until `start`, so a resumed optimizer state lines up
-        scales = [q.scale if q.scale is not None else q.placeholder(self._weight(m, a))
+        scales = [q.scale if q.scale is not None else q.placeholder(m._qat_tensor(a))
                   for m, a, q in self._weight_quantizers()]
         for module in self.layers.values():
             device = next(module.parameters()).device
@@ -164,7 +159,7 @@ class QuantizationAwareTraining(_CompressionCallback):
             self._set_enabled(True)
             if self.config.scale == "learned":
                 for module, attr, q in self._weight_quantizers():
-                    q.start_learning(self._weight(module, attr))
+                    q.start_learning(module._qat_tensor(attr))
             self._say(trainer, "fake quantization on")
         if (self.freeze_observers is not None and not self._flags["observers_frozen"]
                 and step >= self._to_steps(trainer, self.freeze_observers)):
@@ -205,7 +200,7 @@ class QuantizationAwareTraining(_CompressionCallback):
     def _freeze_observers(self) -> None:
         self._flags["observers_frozen"] = True
         for module, attr, q in self._weight_quantizers():
-            q.freeze(self._weight(module, attr))
+            q.freeze(module._qat_tensor(attr))
         for q in self._input_quantizers():
             q.observing = False
 

@@ -56,8 +56,7 @@ def _quantized(model: nn.Module) -> dict[str, tuple[Any, Tensor]]:
     for layer in model.modules():
         if isinstance(layer, QuantizedLayer) and layer._qat_enabled:
             for attr, q in layer._qat_weights.items():
-                owner, _, leaf = attr.rpartition(".")
-                w = getattr(layer.get_submodule(owner) if owner else layer, leaf)
+                w = layer._qat_tensor(attr)
                 found[names[id(w)]] = (q, w)
     return found
 

@@ -62,6 +62,11 @@ class QuantizedLayer:
         quantizer = self._qat_weights.get(attr)
         return w if quantizer is None else quantizer(w)
 
+    def _qat_tensor(self, attr: str) -> Tensor:
+        """The weight a quantizer key names (``"weight"``, ``"weight_hh_l0"``, ``"out_proj.weight"``)."""
+        owner, _, leaf = attr.rpartition(".")
+        return getattr(self.get_submodule(owner) if owner else self, leaf)  # type: ignore[attr-defined]
+
     def _qat_exporting(self) -> bool:
         return any(q.export is not None for q in self._qat_weights.values())
 

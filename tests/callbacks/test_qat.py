@@ -16,7 +16,7 @@ def weights_on_grid(cb):
     """Every fake-quantized weight is an integer multiple of its scale, within the integer range."""
     for module in cb.layers.values():
         for attr, q in module._qat_weights.items():
-            w = cb._weight(module, attr).detach()
+            w = module._qat_tensor(attr).detach()
             scale = q.current_scale(w)
             wq = q(w).detach()
             ints = wq / (scale.reshape(-1, *[1] * (w.dim() - 1)) if scale.dim() else scale)
