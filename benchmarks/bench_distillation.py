@@ -110,49 +110,76 @@ def accuracy(model: nn.Module, test) -> float:
     return float((model(x).argmax(1) == y).float().mean())
 
 
-def one_seed(seed: int, epochs: int, teacher_epochs: int, teachers: int = 1) -> dict:
+def shift_collate(batch):
+    """Stack a batch and move each 28x28 image by a random whole-pixel shift in [-2, 2] (zeros fill)."""
+    x = torch.stack([b[0] for b in batch]).view(-1, 28, 28)
+    y = torch.stack([b[1] for b in batch])
+    n = len(x)
+    padded = F.pad(x, (2, 2, 2, 2))
+    dy, dx = torch.randint(0, 5, (2, n))  # offsets into the padded image
+    rows = (torch.arange(28) + dy[:, None])[:, :, None]
+    cols = (torch.arange(28) + dx[:, None])[:, None, :]
+    return padded[torch.arange(n)[:, None, None], rows, cols].reshape(n, 784), y
+
+
+ROWS = ("scratch", "kd", "mixup", "ensemble", "ensemble_mixup", "label_free", "unlabeled_mixup", "step_cost")
+
+
+def one_seed(seed: int, epochs: int, teacher_epochs: int, teachers: int = 1, shift: bool = False,
+             rows: tuple[str, ...] = ROWS) -> dict:
     pl.seed_everything(seed, verbose=False)
     train, test = mnist_5k(seed)
-    loader = DataLoader(train, batch_size=64, shuffle=True)
+    # shifts are drawn per batch in the loader, so the teacher and the student see the same shifted images
+    loader = DataLoader(train, batch_size=64, shuffle=True, collate_fn=shift_collate if shift else None)
+    cache = not shift  # shifted inputs are never seen twice: the cache would only warn and switch off
+    kd = {"temperature": 4.0, "alpha": 0.9, "cache_teacher": cache}
+    mixup = {"transfer": "mixup", "transfer_size": 64, "seed": seed}
     teacher = fit(Supervised(TeacherCNN()), loader, teacher_epochs).model.eval()
     out = {"teacher": accuracy(teacher, test)}
-    if teachers > 1:  # more teachers from other seeds, averaged (TeacherEnsemble)
+
+    def run(key, module, data=loader, clock=None):
+        pl.seed_everything(seed, verbose=False)
+        model = fit(module, data, epochs, [clock] if clock else [])
+        out[key] = accuracy(model.student if isinstance(model, DistillationModule) else model.model, test)
+
+    if teachers > 1 and {"ensemble", "ensemble_mixup"} & set(rows):  # teachers from other seeds, averaged
         others = []
         for i in range(1, teachers):
             pl.seed_everything(1000 * (seed + 1) + i, verbose=False)
             others.append(fit(Supervised(TeacherCNN()), loader, teacher_epochs).model.eval())
         ensemble = [teacher, *others]
+        out["ensemble_teacher"] = accuracy(DistillationModule(student(), ensemble).teacher, test)
+        if "ensemble" in rows:
+            run("ensemble", Distilled(student(), ensemble, **kd))
+        if "ensemble_mixup" in rows:
+            run("ensemble_mixup", Distilled(student(), ensemble, **kd, **mixup))
+    clock_scratch, clock_kd = Clock(), Clock()
+    if "scratch" in rows:
+        run("scratch", Supervised(student()), clock=clock_scratch)
+    if "kd" in rows:
+        run("kd", Distilled(student(), teacher, **kd), clock=clock_kd)
+    if "mixup" in rows:
+        run("mixup", Distilled(student(), teacher, **kd, **mixup))
+    if "unlabeled_mixup" in rows:  # real images, no labels: the teacher labels them and their mixes
+        run("unlabeled_mixup", Distilled(student(), teacher, task_loss=None, temperature=4.0, alpha=1.0,
+                                         cache_teacher=cache, **mixup))
+    if "label_free" in rows:  # no labels and no real images
+        inputs = RandomInputs((784,), size=len(train), distribution="matched", reference=train.tensors[0][:256],
+                              seed=seed)
+        run("label_free", Distilled(student(), teacher, task_loss=None, alpha=1.0, temperature=4.0,
+                                    cache_teacher=True), DataLoader(inputs, batch_size=64, shuffle=True))
+    if "scratch" in out:
+        for key in ("kd", "mixup", "ensemble", "ensemble_mixup", "unlabeled_mixup"):
+            if key in out:
+                best = out["ensemble_teacher"] if key.startswith("ensemble") else out["teacher"]
+                out[f"gap_closed_{key}"] = (out[key] - out["scratch"]) / max(best - out["scratch"], 1e-9)
+    if "step_cost" in rows and clock_scratch.times and clock_kd.times:  # KD without the cache: a short run
         pl.seed_everything(seed, verbose=False)
-        kd_ens = fit(Distilled(student(), ensemble, temperature=4.0, alpha=0.9, cache_teacher=True), loader, epochs)
-        out["ensemble"] = accuracy(kd_ens.teacher, test)
-        out["distilled_ensemble"] = accuracy(kd_ens.student, test)
-    pl.seed_everything(seed, verbose=False)
-    clock_scratch = Clock()
-    out["scratch"] = accuracy(fit(Supervised(student()), loader, epochs, [clock_scratch]).model, test)
-    pl.seed_everything(seed, verbose=False)
-    clock_kd = Clock()
-    kd = fit(Distilled(student(), teacher, temperature=4.0, alpha=0.9, cache_teacher=True), loader, epochs,
-             [clock_kd])
-    out["distilled"] = accuracy(kd.student, test)
-    out["gap_closed"] = (out["distilled"] - out["scratch"]) / max(out["teacher"] - out["scratch"], 1e-9)
-    pl.seed_everything(seed, verbose=False)
-    mix = fit(Distilled(student(), teacher, temperature=4.0, alpha=0.9, cache_teacher=True, transfer="mixup",
-                        transfer_size=64, seed=seed), loader, epochs)
-    out["distilled_mixup"] = accuracy(mix.student, test)
-    out["gap_closed_mixup"] = (out["distilled_mixup"] - out["scratch"]) / max(out["teacher"] - out["scratch"], 1e-9)
-    pl.seed_everything(seed, verbose=False)
-    inputs = RandomInputs((784,), size=len(train), distribution="matched", reference=train.tensors[0][:256],
-                          seed=seed)
-    free = fit(Distilled(student(), teacher, task_loss=None, alpha=1.0, temperature=4.0, cache_teacher=True),
-               DataLoader(inputs, batch_size=64, shuffle=True), epochs)
-    out["label_free"] = accuracy(free.student, test)
-    # step cost of KD without the cache: a short run is enough
-    pl.seed_everything(seed, verbose=False)
-    clock_nocache = Clock()
-    fit(Distilled(student(), teacher), loader, 3, [clock_nocache])
-    ms = {k: 1e3 * statistics.median(c.times) for k, c in
-          (("student alone", clock_scratch), ("KD", clock_nocache), ("KD + teacher cache", clock_kd))}
-    out["step_ms"] = ms
+        clock_nocache = Clock()
+        fit(Distilled(student(), teacher), loader, 3, [clock_nocache])
+        out["step_ms"] = {k: 1e3 * statistics.median(c.times) for k, c in
+                          (("student alone", clock_scratch), ("KD", clock_nocache),
+                           ("KD + teacher cache" if cache else "KD (no cache: shifted inputs)", clock_kd))}
     return out
 
 
@@ -162,37 +189,45 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--teacher-epochs", type=int, default=15)
     parser.add_argument("--teachers", type=int, default=1, help="also distil from an ensemble of this many")
+    parser.add_argument("--shift", action="store_true", help="random ±2 px shifts for teachers and students")
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "distillation.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
     epochs, teacher_epochs = (2, 1) if args.quick else (args.epochs, args.teacher_epochs)
-    runs = [one_seed(s, epochs, teacher_epochs, args.teachers) for s in args.seeds]
+    runs = [one_seed(s, epochs, teacher_epochs, args.teachers, args.shift, tuple(args.rows)) for s in args.seeds]
 
-    def stat(key):
-        values = [100 * r[key] for r in runs]
+    def stat(key, scale=100):
+        values = [scale * r[key] for r in runs]
         return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
 
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "torch": torch.__version__,
-            "epochs": epochs, "teacher_epochs": teacher_epochs, "seeds": args.seeds}
+            "epochs": epochs, "teacher_epochs": teacher_epochs, "seeds": args.seeds, "shift": args.shift,
+            "teachers": args.teachers}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
-    print(f"| model (MNIST-5k, {epochs} epochs, seeds {args.seeds}) | test accuracy (%) |\n|---|---|")
-    for key, label in (("teacher", "teacher CNN"), ("scratch", "student 784-30-30-10 from scratch"),
-                       ("distilled", "student distilled (T=4, alpha=0.9)"),
-                       ("distilled_mixup", "student distilled + mixup transfer set (64 teacher-labelled mixes/step)"),
-                       ("label_free", "student distilled label-free from RandomInputs"),
-                       ("ensemble", f"ensemble of {args.teachers} teacher CNNs"),
-                       ("distilled_ensemble", f"student distilled from the {args.teachers}-teacher ensemble")):
+    aug = ", ±2 px shifts" if args.shift else ""
+    k = args.teachers
+    print(f"| model (MNIST-5k, {epochs} epochs{aug}, seeds {args.seeds}) | test accuracy (%) | gap closed |")
+    print("|---|---|---|")
+    for key, label in (("teacher", "teacher CNN"), ("ensemble_teacher", f"ensemble of {k} teacher CNNs"),
+                       ("scratch", "student 784-30-30-10 from scratch"),
+                       ("kd", "student distilled (T=4, alpha=0.9)"),
+                       ("mixup", "student distilled + mixup transfer set (64 teacher-labelled mixes/step)"),
+                       ("ensemble", f"student distilled from the {k}-teacher ensemble"),
+                       ("ensemble_mixup", f"student distilled from the {k}-teacher ensemble + mixup transfer set"),
+                       ("unlabeled_mixup", "student distilled without labels (real images + mixup)"),
+                       ("label_free", "student distilled with no data (RandomInputs)")):
         if key in runs[0]:
-            print(f"| {label} | {stat(key)} |")
-    print(f"| share of the scratch-to-teacher gap closed | {stat('gap_closed')}% |")
-    print(f"| share of the gap closed, with the mixup transfer set | {stat('gap_closed_mixup')}% |")
-    print("\n| train step (batch 64) | ms | vs student alone |\n|---|---|---|")
-    for key in runs[0]["step_ms"]:
-        ms = statistics.median(r["step_ms"][key] for r in runs)
-        base = statistics.median(r["step_ms"]["student alone"] for r in runs)
-        print(f"| {key} | {ms:.2f} | {ms / base:.2f}x |")
+            gap = f"{stat('gap_closed_' + key)}%" if f"gap_closed_{key}" in runs[0] else ""
+            print(f"| {label} | {stat(key)} | {gap} |")
+    if "step_ms" in runs[0]:
+        print("\n| train step (batch 64) | ms | vs student alone |\n|---|---|---|")
+        for key in runs[0]["step_ms"]:
+            ms = statistics.median(r["step_ms"][key] for r in runs)
+            base = statistics.median(r["step_ms"]["student alone"] for r in runs)
+            print(f"| {key} | {ms:.2f} | {ms / base:.2f}x |")
     print(json.dumps(meta))
 
 
