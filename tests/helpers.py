@@ -91,3 +91,19 @@ def fit(tmp_path, callbacks, model="mlp", n=64, batch_size=16, seed=0, ckpt_path
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, **overrides), callbacks=list(callbacks))
     trainer.fit(module, ResumableLoader(data, batch_size), ResumableLoader(data, 64), ckpt_path=ckpt_path)
     return trainer, module
+
+
+class TeacherCalls(pl.Callback):
+    """Counts a teacher's forward calls per training epoch."""
+
+    def __init__(self, teacher):
+        self.per_epoch: dict[int, int] = {}
+        self.epoch = 0
+        teacher.register_forward_hook(lambda *a: self.per_epoch.__setitem__(self.epoch,
+                                                                             self.per_epoch.get(self.epoch, 0) + 1))
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.epoch = trainer.current_epoch
+
+    def on_validation_start(self, trainer, pl_module):
+        self.epoch = -1  # validation calls are not counted

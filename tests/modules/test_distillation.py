@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from litcompress import DistillationModule, Pruning, QuantizationAwareTraining
 from litcompress.distillation import kd_loss
-from tests.helpers import Crash, Interrupted, RecordingLogger, fit
+from tests.helpers import Crash, Interrupted, RecordingLogger, TeacherCalls, fit
 from tests.models import MLP, TinyGPT, classification_data, lm_data, trainer_kwargs
 
 
@@ -275,20 +275,6 @@ def test_random_tokens_for_language_models():
     assert ds[3].dtype == torch.long and int(ds[3].max()) < 32 and torch.equal(ds[3], ds[3])
 
 
-class TeacherCalls(pl.Callback):
-    def __init__(self, teacher):
-        self.per_epoch: dict[int, int] = {}
-        self.epoch = 0
-        teacher.register_forward_hook(lambda *a: self.per_epoch.__setitem__(self.epoch,
-                                                                             self.per_epoch.get(self.epoch, 0) + 1))
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        self.epoch = trainer.current_epoch
-
-    def on_validation_start(self, trainer, pl_module):
-        self.epoch = -1  # validation calls are not counted
-
-
 def test_teacher_cache_hits_and_matches_uncached(tmp_path):
     def run(cache):
         teacher, student = teacher_and_student()
@@ -327,9 +313,9 @@ def test_teacher_cache_detects_augmentation(tmp_path):
     assert calls.per_epoch[1] == 4 and calls.per_epoch[2] == 4  # fresh targets for every augmented batch
 
 
-@pytest.mark.parametrize("cut", [3, 6])
-def test_resume_with_cache_is_bit_identical(tmp_path, cut):
-    resumed = resumed_matches_uninterrupted(tmp_path, cut, cache_teacher=True)
+@pytest.mark.parametrize(("cut", "top_k"), [(3, None), (6, None), (6, 2)])
+def test_resume_with_cache_is_bit_identical(tmp_path, cut, top_k):
+    resumed = resumed_matches_uninterrupted(tmp_path, cut, cache_teacher=True, cache_top_k=top_k)
     assert len(resumed.teacher_cache.store) == 64
 
 
