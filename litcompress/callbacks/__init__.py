@@ -1,6 +1,7 @@
-"""Lightning callbacks: when compression happens during ``Trainer.fit``."""
+"""Lightning callbacks: when compression happens during ``Trainer.fit``, and the report of what it bought."""
 
 from litcompress.callbacks.pruning import Pruning
 from litcompress.callbacks.qat import QuantizationAwareTraining
+from litcompress.callbacks.report import CompressionReport
 
-__all__ = ["Pruning", "QuantizationAwareTraining"]
+__all__ = ["CompressionReport", "Pruning", "QuantizationAwareTraining"]

@@ -30,6 +30,12 @@ def _compression_target(pl_module: pl.LightningModule) -> nn.Module:
     return target if isinstance(target, nn.Module) else pl_module
 
 
+def _log_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    """Send ``metrics`` to every logger of ``trainer`` at the current step (loggers write on rank zero only)."""
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+
+
 def _stable(value: Any) -> Any:
     """A representation that is the same in every process and run (callables by qualified name, not address)."""
     if callable(value) and not isinstance(value, type):
@@ -142,10 +148,7 @@ class _CompressionCallback(Callback):
                 )
         return _Window(start * per, end_step, frequency * per, schedule)
 
-    @staticmethod
-    def _log(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
-        for logger in trainer.loggers:  # Logger.log_metrics is rank-zero only
-            logger.log_metrics(metrics, step=trainer.global_step)
+    _log = staticmethod(_log_metrics)
 
     def _hook_optimizers(self, trainer: pl.Trainer, post: Callable[..., Any]) -> None:
         """Run ``post`` after every ``optimizer.step()`` of this fit (automatic or manual optimization)."""

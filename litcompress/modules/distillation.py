@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from typing_extensions import override
 
 from litcompress._validation import _check_choice, _check_fraction, _check_int, _fail
@@ -32,8 +33,10 @@ class DistillationModule(pl.LightningModule):
     r"""Distil a frozen ``teacher`` into ``student`` inside an ordinary ``Trainer.fit``.
 
     The loss is Hinton et al.'s: ``alpha * KL(softmax(t/T) || softmax(s/T)) * T^2 + (1 - alpha) * task_loss``.
-    Each part is logged (``train/kd_loss``, ``train/task_loss``, ``train/loss``); validation logs the student's
-    accuracy and its top-1 agreement with the teacher.
+    Each part is logged (``train/kd_loss``, ``train/task_loss``, ``train/loss``). Validation logs the student's
+    ``val/acc``, ``val/f1`` (macro) and ``val/loss``, the same for the teacher under ``teacher/val/...`` (the
+    baseline :class:`~litcompress.callbacks.CompressionReport` compares against), and ``val/agreement``, the
+    student's top-1 agreement with the teacher.
 
     The teacher is held outside the module tree: it is never in ``state_dict`` (checkpoints are student-side
     only), never in the optimizer, never wrapped by DDP, always in eval mode (dropout and BatchNorm statistics
@@ -162,7 +165,8 @@ class DistillationModule(pl.LightningModule):
         _check_int("transfer_size", transfer_size, minimum=1)
         _check_int("seed", seed)
         self.transfer, self.transfer_size, self.seed = transfer, transfer_size, seed
-        self.val_acc: MulticlassAccuracy | None = None
+        self.val_metrics: MetricCollection | None = None  # built at the first validation batch (class count)
+        self.teacher_val_metrics: MetricCollection | None = None
         self.val_agreement: MulticlassAccuracy | None = None
 
     def _resolve_features(self, features: Mapping[str, str] | None, kind: str, weight: float) -> dict[str, str]:
@@ -355,16 +359,22 @@ class DistillationModule(pl.LightningModule):
         teacher_out = self.teacher_forward(inputs) if self.teacher is not None else None
         if self.task_loss_kind == "mse" or student_out.dim() < 2:
             return
-        if self.val_acc is None:
-            classes = self.num_classes or student_out.shape[-1]
-            self.val_acc = MulticlassAccuracy(classes, average="micro", ignore_index=self.ignore_index).to(self.device)
+        if self.val_metrics is None:
+            classes, ignore = self.num_classes or student_out.shape[-1], self.ignore_index
+            metrics = MetricCollection({"acc": MulticlassAccuracy(classes, average="micro", ignore_index=ignore),
+                                        "f1": MulticlassF1Score(classes, average="macro", ignore_index=ignore)})
+            self.val_metrics = metrics.clone(prefix="val/").to(self.device)
+            self.teacher_val_metrics = metrics.clone(prefix="teacher/val/").to(self.device)
             self.val_agreement = MulticlassAccuracy(classes, average="micro").to(self.device)
-        preds = student_out.argmax(-1)
         if targets is not None:
-            self.val_acc(preds.reshape(-1), targets.reshape(-1))
-            self.log("val/acc", self.val_acc)
+            for out, metrics, prefix in ((student_out, self.val_metrics, ""), (teacher_out, self.teacher_val_metrics,
+                                                                                 "teacher/")):
+                if out is not None:
+                    metrics(out.argmax(-1).reshape(-1), targets.reshape(-1))
+                    self.log_dict(metrics)  # type: ignore[arg-type]
+                    self.log(f"{prefix}val/loss", self.task_loss(out, targets))
         if teacher_out is not None:
-            self.val_agreement(preds.reshape(-1), teacher_out.argmax(-1).reshape(-1))
+            self.val_agreement(student_out.argmax(-1).reshape(-1), teacher_out.argmax(-1).reshape(-1))  # type: ignore[misc]
             self.log("val/agreement", self.val_agreement)
 
     @override

@@ -1,0 +1,200 @@
+"""`CompressionReport`: the model before and after a fit, side by side: size, sparsity, bits, FLOPs, latency, metrics.
+
+The baseline is measured when the fit starts: the model itself, or, for a
+:class:`~litcompress.modules.DistillationModule`, its teacher. The final model is measured when the fit ends. The
+table is printed on rank zero, written as JSON (and PNG charts) to the trainer's log directory, and its headline
+numbers are sent to the loggers as ``compression/...`` scalars. A failure while reporting is a warning: the report
+never crashes a finished fit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from litcompress._validation import _check_int, _fail
+from litcompress.callbacks._base import _compression_target, _log_metrics
+from litcompress.report.summary import ModelSummary, _is_quantized, summarize
+from litcompress.report.table import compare, format_table
+
+__all__ = ["CompressionReport"]
+
+_SCHEMA = 1
+
+
+class CompressionReport(Callback):
+    """Measure the model at fit start and fit end; print, save and log the comparison.
+
+    Baseline metrics: for a :class:`~litcompress.modules.DistillationModule`, the teacher's, which it logs as
+    ``teacher/<key>`` (e.g. ``teacher/val/acc``); otherwise the values Lightning's sanity-check validation logs
+    before the first training step. That check covers ``num_sanity_val_steps`` batches (2 by default): pass
+    ``Trainer(num_sanity_val_steps=-1)`` for the whole validation set (the report notes a partial baseline).
+    Final metrics: the last validation's values. The baseline is saved in checkpoints, so a resumed fit reports
+    against the original model.
+
+    Args:
+        example_input: one input batch for FLOPs and latency (its first dimension is the batch size);
+            default: the LightningModule's ``example_input_array``.
+        metrics: logged metric keys to show (e.g. ``"val/acc"``, ``"val/f1"``, ``"val/loss"``).
+        latency: time forward passes (torch eager; also ONNX Runtime when the model is quantized).
+        repeats: timed passes per latency figure (the median is reported).
+        plots: also save ``compression_layers.png`` and ``compression_tradeoff.png`` (needs matplotlib).
+        dirpath: where to write ``filename`` and the plots; default: ``trainer.log_dir``.
+        filename: the JSON file's name.
+
+    Example::
+
+        trainer = Trainer(callbacks=[Pruning(amount=0.8), CompressionReport(metrics=["val/acc"])])
+    """
+
+    def __init__(
+        self,
+        example_input: Tensor | None = None,
+        metrics: Sequence[str] = ("val/acc",),
+        *,
+        latency: bool = True,
+        repeats: int = 30,
+        plots: bool = True,
+        dirpath: str | None = None,
+        filename: str = "compression_report.json",
+    ) -> None:
+        if example_input is not None and (not isinstance(example_input, Tensor) or example_input.dim() == 0):
+            _fail("example_input", "a tensor whose first dimension is the batch, or None",
+                  type(example_input).__name__, exc=TypeError)
+        if isinstance(metrics, str) or not all(isinstance(m, str) for m in metrics):
+            _fail("metrics", "a list of logged metric names such as ['val/acc']", metrics, exc=TypeError)
+        for name, value in (("latency", latency), ("plots", plots)):
+            if not isinstance(value, bool):
+                _fail(name, "a bool", value, exc=TypeError)
+        _check_int("repeats", repeats, minimum=1)
+        if dirpath is not None and not isinstance(dirpath, (str, Path)):
+            _fail("dirpath", "a directory path or None", dirpath, exc=TypeError)
+        if not isinstance(filename, str) or not filename.endswith(".json"):
+            _fail("filename", "a file name ending in .json", filename)
+        self.example_input, self.metrics = example_input, list(metrics)
+        self.latency, self.repeats, self.plots = latency, repeats, plots
+        self.dirpath, self.filename = dirpath, filename
+        self.baseline: dict[str, Any] | None = None  # the baseline summary, as a dict (saved in checkpoints)
+        self.baseline_metrics: dict[str, float] = {}
+        self.baseline_note = ""
+        self.report: dict[str, Any] | None = None  # the last report written
+
+    def _input(self, pl_module: pl.LightningModule) -> Tensor:
+        x = self.example_input if self.example_input is not None else pl_module.example_input_array
+        if not isinstance(x, Tensor):
+            _fail("example_input", "a tensor", type(x).__name__, exc=TypeError,
+                  hint="pass CompressionReport(example_input=batch) or set `self.example_input_array` in your "
+                       "LightningModule")
+        return x.to(pl_module.device)
+
+    @staticmethod
+    def _baseline_model(pl_module: pl.LightningModule) -> tuple[nn.Module, str]:
+        teacher = getattr(pl_module, "teacher", None)
+        if isinstance(teacher, nn.Module) and _compression_target(pl_module) is not pl_module:
+            return teacher, "teacher"
+        return _compression_target(pl_module), "before"
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        x = self._input(pl_module)  # raises before any training step when there is no usable input
+        if self.baseline is not None:  # restored from a checkpoint: the original model's figures
+            return
+        model, _ = self._baseline_model(pl_module)
+        onnx = self.latency and _is_quantized(_compression_target(pl_module))  # int8 ORT will be compared
+        self.baseline = summarize(model, x, latency=self.latency and trainer.is_global_zero, onnx=onnx,
+                                  repeats=self.repeats).to_dict()
+
+    @override
+    def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.baseline_metrics or trainer.global_step > 0:
+            return
+        self.baseline_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in self.metrics}
+        full = trainer.num_val_batches
+        done = trainer.num_sanity_val_batches
+        if any(d < f for d, f in zip(done, full)):
+            self.baseline_note = (f"baseline metrics from {sum(done)} of {sum(full)} validation batches "
+                                  "(set Trainer(num_sanity_val_steps=-1) for all)")
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or self.baseline is None:
+            return
+        try:
+            self.report = self._write(trainer, pl_module)
+        except Exception as err:  # a report must never crash a finished fit
+            rank_zero_warn(f"CompressionReport could not be completed: {type(err).__name__}: {err}")
+
+    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        target = _compression_target(pl_module)
+        final = summarize(target, self._input(pl_module), latency=self.latency, repeats=self.repeats,
+                          onnx=self.latency and _is_quantized(target))
+        baseline = ModelSummary.from_dict(self.baseline)  # type: ignore[arg-type]
+        _, label = self._baseline_model(pl_module)
+        logged = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, (Tensor, float, int))}
+        missing = [k for k in self.metrics if k not in logged]
+        if missing:
+            rank_zero_warn(f"CompressionReport: metrics {missing} were never logged; logged keys are "
+                           f"{sorted(logged)}. Name logged keys in `metrics`.")
+        after = {k: logged.get(k) for k in self.metrics}
+        before = ({k: logged.get(f"teacher/{k}") for k in self.metrics} if label == "teacher"
+                  else {k: self.baseline_metrics.get(k) for k in self.metrics})
+        rows = compare(baseline, final, before, after)
+        title = f"Compression report ({type(pl_module).__name__}, batch {final.batch_size})"
+        rank_zero_info(format_table(rows, title, before=label, after="after"))
+        if self.baseline_note:
+            rank_zero_info(f"Note: {self.baseline_note}")
+        report = {"schema": _SCHEMA, "baseline_kind": label, "baseline": self.baseline, "final": final.to_dict(),
+                  "metrics": {"before": before, "after": after}, "rows": rows, "note": self.baseline_note,
+                  "global_step": trainer.global_step}
+        directory = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / self.filename).write_text(json.dumps(report, indent=1))
+        _log_metrics(trainer, {f"compression/{k}": v for k, v in _headline(baseline, final).items()})
+        if self.plots:
+            self._plot(directory, baseline, final, label, before, after)
+        return report
+
+    def _plot(self, directory: Path, baseline: ModelSummary, final: ModelSummary, label: str,
+              before: dict[str, float | None], after: dict[str, float | None]) -> None:
+        from litcompress.report.plots import plot_layers, plot_tradeoff
+
+        try:
+            plot_layers(final, directory / "compression_layers.png")
+            key = self.metrics[0] if self.metrics else None
+            if key is not None and before.get(key) is not None and after.get(key) is not None:
+                plot_tradeoff([(label, baseline.compact_bytes, before[key]), ("after", final.compact_bytes,
+                                                                                after[key])],  # type: ignore[list-item]
+                              directory / "compression_tradeoff.png", metric=key)
+        except ImportError as err:
+            rank_zero_warn(f"CompressionReport: no plots ({err}); pass plots=False to silence this.")
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"baseline": self.baseline, "baseline_metrics": self.baseline_metrics, "note": self.baseline_note}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.baseline = state_dict.get("baseline")
+        self.baseline_metrics = dict(state_dict.get("baseline_metrics", {}))
+        self.baseline_note = state_dict.get("note", "")
+
+
+def _headline(before: ModelSummary, after: ModelSummary) -> dict[str, float]:
+    out = {"sparsity": after.sparsity, "bits_per_weight": after.bits_per_weight,
+           "compact_bytes": float(after.compact_bytes), "size_ratio": after.compact_bytes / before.compact_bytes,
+           "flops_ratio": after.sparse_flops / before.sparse_flops if before.sparse_flops else math.nan}
+    for kind in ("eager", "onnx"):
+        a, b = getattr(before, f"latency_{kind}"), getattr(after, f"latency_{kind}")
+        if a and b:
+            out[f"latency_ratio_{kind}"] = b / a
+    return {k: float(v) for k, v in out.items()}
+

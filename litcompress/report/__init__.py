@@ -1,0 +1,7 @@
+"""Measure and show what compression bought: costs, side-by-side tables, JSON and plots (no Lightning needed)."""
+
+from litcompress.report.plots import plot_layers, plot_tradeoff
+from litcompress.report.summary import LayerSummary, ModelSummary, summarize
+from litcompress.report.table import compare, format_table
+
+__all__ = ["LayerSummary", "ModelSummary", "compare", "format_table", "plot_layers", "plot_tradeoff", "summarize"]

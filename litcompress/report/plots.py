@@ -1,0 +1,77 @@
+"""Charts of a compression result, saved as PNG (matplotlib, an optional dependency: ``pip install matplotlib``).
+
+- :func:`plot_layers`: per-layer sparsity and bit-width, one bar pair per weight tensor.
+- :func:`plot_tradeoff`: accuracy against size on disk, one point per model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from litcompress._validation import _fail
+from litcompress.report.summary import ModelSummary
+
+__all__ = ["plot_layers", "plot_tradeoff"]
+
+
+def _pyplot():  # type: ignore[no-untyped-def]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, never a window
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ImportError("Plots need matplotlib: `pip install matplotlib` (or `pip install litcompress[report]`)"
+                          ) from err
+    return plt
+
+
+def plot_layers(summary: ModelSummary, path: str | os.PathLike, title: str = "Per-layer sparsity and bits") -> Path:
+    """Bar chart of each weight tensor's sparsity (left axis) and storage bits (right axis)."""
+    if not summary.layers:
+        _fail("summary", "a summary with at least one weight tensor", "none", hint="the model has no weights")
+    plt = _pyplot()
+    names = [layer.name for layer in summary.layers]
+    x = range(len(names))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(names) + 2), 4.5))
+    ax.bar([i - 0.2 for i in x], [100 * layer.sparsity for layer in summary.layers], width=0.4, label="sparsity (%)",
+           color="tab:blue")
+    ax.set_ylabel("sparsity (%)")
+    ax.set_ylim(0, 100)
+    bits = ax.twinx()
+    bits.bar([i + 0.2 for i in x], [layer.bits for layer in summary.layers], width=0.4, label="bits per weight",
+             color="tab:orange")
+    bits.set_ylabel("bits per weight")
+    bits.set_ylim(0, 33)
+    ax.set_xticks(list(x), names, rotation=45, ha="right", fontsize=8)
+    ax.set_title(title)
+    fig.legend(loc="upper right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_tradeoff(points: Sequence[tuple[str, float, float]], path: str | os.PathLike, metric: str = "accuracy",
+                  title: str = "Accuracy vs size") -> Path:
+    """Scatter of ``(label, size in bytes, metric)`` points, size on a log axis."""
+    if not points or not all(len(p) == 3 for p in points):
+        _fail("points", "a non-empty list of (label, size_bytes, metric) tuples", points)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for label, size, value in points:
+        ax.scatter([size / 1024], [value], s=60)
+        ax.annotate(label, (size / 1024, value), textcoords="offset points", xytext=(6, 4), fontsize=9)
+    ax.set_xscale("log")
+    ax.set_xlabel("size on disk (KiB, log scale)")
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,218 @@
+"""`summarize`: what a model costs (parameters, nonzeros, bits, bytes on disk, FLOPs, latency), measured.
+
+Every number is measured, not estimated: sizes are the bytes of real files (:func:`~litcompress.export.save_compressed`
+and a float32 safetensors file), FLOPs come from :class:`torch.utils.flop_counter.FlopCounterMode`, latency is the
+median of timed forward passes (torch eager, and ONNX Runtime on the exported model when it is quantized).
+
+>>> import torch
+>>> from torch import nn
+>>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+>>> s = summarize(model, torch.randn(2, 8), latency=False)
+>>> s.parameters, s.nonzero, s.bits_per_weight, s.flops  # FLOPs: 2 per multiply-add, batch of 2
+(212, 212, 32.0, 768)
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from litcompress._validation import _check_int, _fail
+from litcompress.quantization.compact import _quantized, save_compressed
+from litcompress.quantization.modules import QuantizedLayer
+
+__all__ = ["LayerSummary", "ModelSummary", "summarize"]
+
+
+@dataclass
+class LayerSummary:
+    """One weight tensor (two or more dimensions): its size, its zeros and the bits it is stored with."""
+
+    name: str
+    parameters: int
+    nonzero: int
+    bits: int
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nonzero / self.parameters if self.parameters else 0.0
+
+
+@dataclass
+class ModelSummary:
+    """The measured cost of one model. ``latency_*`` are median seconds per batch of ``batch_size``, or ``None``."""
+
+    parameters: int
+    nonzero: int
+    bits_per_weight: float
+    compact_bytes: int
+    fp32_bytes: int
+    flops: int
+    sparse_flops: int
+    batch_size: int
+    latency_eager: float | None = None
+    latency_onnx: float | None = None
+    quantized: bool = False
+    layers: list[LayerSummary] = field(default_factory=list)
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nonzero / self.parameters if self.parameters else 0.0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSummary:
+        """The inverse of :meth:`to_dict` (derived fields are dropped)."""
+        fields = {k: v for k, v in data.items() if k not in ("sparsity", "layers")}
+        layers = [LayerSummary(**{k: v for k, v in layer.items() if k != "sparsity"}) for layer in data["layers"]]
+        return cls(**fields, layers=layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["sparsity"] = self.sparsity
+        for layer, entry in zip(self.layers, out["layers"]):
+            entry["sparsity"] = layer.sparsity
+        return out
+
+
+def summarize(
+    model: nn.Module,
+    example_input: Tensor,
+    *,
+    latency: bool = True,
+    onnx: bool | None = None,
+    repeats: int = 30,
+    warmup: int = 5,
+) -> ModelSummary:
+    """Measure ``model`` on ``example_input`` (one batch; its first dimension is the batch size).
+
+    Args:
+        model: any module; a model trained with litcompress callbacks reports its masks' zeros and its
+            quantized weights' bits.
+        example_input: an input batch the model accepts.
+        latency: time forward passes (``False`` skips it: faster, and deterministic output).
+        onnx: also time the model exported with :func:`~litcompress.export.export_onnx` in ONNX Runtime;
+            ``None`` does so when the model has quantized layers in force.
+        repeats: timed forward passes (the median is reported).
+        warmup: untimed passes first.
+
+    Raises:
+        TypeError: ``model`` is not a module or ``example_input`` not a tensor.
+        ValueError: the model cannot run on ``example_input`` (the message carries the model's error).
+    """
+    if not isinstance(model, nn.Module):
+        _fail("model", "a torch.nn.Module", type(model).__name__, exc=TypeError)
+    if not isinstance(example_input, Tensor) or example_input.dim() == 0:
+        _fail("example_input", "a tensor whose first dimension is the batch", type(example_input).__name__,
+              exc=TypeError)
+    _check_int("repeats", repeats, minimum=1)
+    _check_int("warmup", warmup, minimum=0)
+    quantized = _quantized(model)
+    is_quantized = bool(quantized)
+    weights = dict(model.named_parameters())  # tied weights once
+    bits = {name: q.config.weight_bits for name, (q, _) in quantized.items()}
+    layers = [LayerSummary(name, p.numel(), int(torch.count_nonzero(p)), bits.get(name, 8 * p.element_size()))
+              for name, p in weights.items() if p.dim() >= 2]
+    total = sum(p.numel() for p in weights.values())
+    nonzero = sum(int(torch.count_nonzero(p)) for p in weights.values())
+    bit_sum = sum(bits.get(name, 8 * p.element_size()) * p.numel() for name, p in weights.items())
+    was_training = model.training
+    model.eval()
+    try:
+        flops, sparse_flops = _flops(model, example_input)
+        with tempfile.TemporaryDirectory() as tmp:
+            compact = save_compressed(model, Path(tmp) / "compact.safetensors").stat().st_size
+            fp32 = _fp32_file_size(model, Path(tmp) / "fp32.safetensors")
+            summary = ModelSummary(total, nonzero, bit_sum / total if total else 32.0, compact, fp32, flops,
+                                   sparse_flops, len(example_input), quantized=is_quantized, layers=layers)
+            if latency:
+                summary.latency_eager = _time(lambda: model(example_input), repeats, warmup)
+            if latency and (is_quantized if onnx is None else onnx):
+                summary.latency_onnx = _onnx_latency(model, example_input, Path(tmp) / "model.onnx", repeats,
+                                                     warmup)
+    finally:
+        model.train(was_training)
+    return summary
+
+
+@torch.no_grad()
+def _flops(model: nn.Module, example_input: Tensor) -> tuple[int, int]:
+    """Dense FLOPs of one forward pass, and the FLOPs left when each layer's zero weights are skipped."""
+    counter = FlopCounterMode(display=False)
+    saved = 0.0
+    handles, starts = [], {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not (isinstance(weight, Tensor) and weight.dim() >= 2 and not list(module.children())):
+            continue
+        density = float(torch.count_nonzero(weight)) / weight.numel()
+
+        def pre(mod: nn.Module, args: Any) -> None:
+            starts[id(mod)] = counter.get_total_flops()
+
+        def post(mod: nn.Module, args: Any, out: Any, density: float = density) -> None:
+            nonlocal saved
+            saved += (counter.get_total_flops() - starts.pop(id(mod))) * (1.0 - density)
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    try:
+        with counter:
+            model(example_input)
+    except Exception as err:
+        _fail("example_input", "an input the model accepts", f"a tensor of shape {tuple(example_input.shape)} "
+              f"and dtype {example_input.dtype}", hint=f"the forward pass failed with: {err}")
+    finally:
+        for handle in handles:
+            handle.remove()
+    total = counter.get_total_flops()
+    return total, round(total - saved)
+
+
+def _fp32_file_size(model: nn.Module, path: Path) -> int:
+    from safetensors.torch import save_file
+
+    tensors, seen = {}, set()
+    for name, value in model.state_dict(keep_vars=True).items():
+        if id(value) in seen:  # tied weights are stored once
+            continue
+        seen.add(id(value))
+        value = value.detach().cpu()
+        tensors[name] = (value.float() if value.is_floating_point() else value).contiguous()
+    save_file(tensors, str(path))
+    return path.stat().st_size
+
+
+@torch.inference_mode()
+def _time(fn: Any, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _onnx_latency(model: nn.Module, example_input: Tensor, path: Path, repeats: int, warmup: int) -> float:
+    import onnxruntime as ort
+
+    from litcompress.export import export_onnx
+
+    export_onnx(model, example_input, path)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: example_input.detach().cpu().numpy()}
+    return _time(lambda: session.run(None, feed), repeats, warmup)
+
+
+def _is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, QuantizedLayer) for m in model.modules())

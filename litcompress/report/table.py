@@ -1,0 +1,103 @@
+"""`compare` and `format_table`: two models' costs and metrics side by side, with after/before ratios.
+
+>>> import torch
+>>> from torch import nn
+>>> from litcompress.report import summarize
+>>> dense = summarize(nn.Linear(64, 10), torch.randn(1, 64), latency=False)
+>>> rows = compare(dense, dense, {"val/acc": 0.9}, {"val/acc": 0.88})
+>>> [(r["name"], r["ratio"]) for r in rows][:2]
+[('parameters', 1.0), ('nonzero parameters', 1.0)]
+>>> print(format_table(rows, use_rich=False).splitlines()[-1])
+val/acc                    |      0.9000 |      0.8800 | 0.978x
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from typing import Any
+
+from litcompress.report.summary import ModelSummary
+
+__all__ = ["compare", "format_table"]
+
+_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("parameters", "parameters", "int"),
+    ("nonzero parameters", "nonzero", "int"),
+    ("sparsity", "sparsity", "pct"),
+    ("bits per weight", "bits_per_weight", "float"),
+    ("size, compact file (bytes)", "compact_bytes", "bytes"),
+    ("size, fp32 file (bytes)", "fp32_bytes", "bytes"),
+    ("FLOPs per batch", "flops", "int"),
+    ("FLOPs skipping zeros", "sparse_flops", "int"),
+    ("latency, torch eager (ms)", "latency_eager", "ms"),
+    ("latency, ONNX Runtime (ms)", "latency_onnx", "ms"),
+)
+
+
+def compare(before: ModelSummary, after: ModelSummary, metrics_before: Mapping[str, float | None] | None = None,
+            metrics_after: Mapping[str, float | None] | None = None) -> list[dict[str, Any]]:
+    """Rows of ``{"name", "before", "after", "ratio", "kind"}``; ``ratio`` is after / before, ``None`` if unknown."""
+    rows = []
+    for label, attr, kind in _ROWS:
+        a, b = getattr(before, attr), getattr(after, attr)
+        if a is None and b is None:
+            continue
+        rows.append({"name": label, "before": a, "after": b, "ratio": _ratio(a, b), "kind": kind})
+    metrics_before, metrics_after = metrics_before or {}, metrics_after or {}
+    for key in dict.fromkeys([*metrics_before, *metrics_after]):
+        a, b = metrics_before.get(key), metrics_after.get(key)
+        rows.append({"name": key, "before": a, "after": b, "ratio": _ratio(a, b), "kind": "metric"})
+    return rows
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or a == 0 else b / a
+
+
+def _cell(value: Any, kind: str) -> str:
+    if value is None:
+        return "n/a"
+    if kind == "pct":
+        return f"{100 * value:.1f}%"
+    if kind == "ms":
+        return f"{1e3 * value:.3f}"
+    if kind in ("int", "bytes"):
+        return f"{int(value):,}"
+    if kind == "float":
+        return f"{value:.2f}"
+    return f"{value:.4f}"
+
+
+def format_table(rows: list[dict[str, Any]], title: str = "Compression report", before: str = "before",
+                 after: str = "after", use_rich: bool | None = None) -> str:
+    """The rows as a table: with ``rich`` when it is installed (or ``use_rich=True``), plain text otherwise."""
+    cells = [(r["name"], _cell(r["before"], r["kind"]), _cell(r["after"], r["kind"]),
+              "n/a" if r["ratio"] is None else f"{r['ratio']:.3f}x") for r in rows]
+    if use_rich is None:
+        try:
+            import rich  # noqa: F401
+
+            use_rich = True
+        except ImportError:
+            use_rich = False
+    if use_rich:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title)
+        for i, header in enumerate(("", before, after, "after / before")):
+            table.add_column(header, justify="left" if i == 0 else "right")
+        for row in cells:
+            table.add_row(*row)
+        buffer = io.StringIO()
+        Console(file=buffer, width=100, force_terminal=False).print(table)
+        return buffer.getvalue().rstrip()
+    widths = [max(len(c[i]) for c in [("", before, after, "after / before"), *cells]) for i in range(4)]
+    widths = [max(widths[0], 26), max(widths[1], 11), max(widths[2], 11), widths[3]]
+    lines = [title, " | ".join(h.rjust(w) if i else h.ljust(w)
+                               for i, (h, w) in enumerate(zip(("", before, after, "after / before"), widths)))]
+    lines.append("-+-".join("-" * w for w in widths))
+    lines += [" | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+              for row in cells]
+    return "\n".join(lines)

@@ -1,0 +1,131 @@
+"""`CompressionReport` through real fits: baseline vs final numbers, JSON, logged scalars, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from litcompress import CompressionReport, DistillationModule, Pruning, QuantizationAwareTraining
+from litcompress.export import save_compressed
+from tests.helpers import Crash, Interrupted, RecordingLogger, StepCounter, fit
+from tests.models import MLP, LitClassifier, classification_data
+
+X = classification_data((16,)).tensors[0][:8]
+KEYS = {"schema", "baseline_kind", "baseline", "final", "metrics", "rows", "note", "global_step"}
+
+
+def report(**kwargs):
+    kwargs.setdefault("example_input", X)
+    kwargs.setdefault("repeats", 2)
+    return CompressionReport(**kwargs)
+
+
+def test_pruned_and_quantized_fit_reports_measured_numbers(tmp_path):
+    rep, logger = report(metrics=["val/acc", "val/loss"]), RecordingLogger()
+    trainer, module = fit(tmp_path, [Pruning(0.75, schedule="one_shot"), QuantizationAwareTraining(), rep],
+                          num_sanity_val_steps=-1, logger=logger)
+    data = json.loads((tmp_path / "compression_report.json").read_text())
+    assert set(data) == KEYS and data["schema"] == 1 and data["baseline_kind"] == "before"
+    before, after = data["baseline"], data["final"]
+    weights = [p for p in module.parameters() if p.dim() >= 2]
+    zeros = sum(int((p == 0).sum()) for p in weights)
+    assert before["nonzero"] == before["parameters"] == sum(p.numel() for p in module.parameters())
+    assert after["parameters"] - after["nonzero"] == zeros == sum(round(0.75 * p.numel()) for p in weights)
+    assert after["compact_bytes"] == save_compressed(module, tmp_path / "m.safetensors").stat().st_size
+    assert {layer["bits"] for layer in after["layers"]} == {8} and before["bits_per_weight"] == 32.0
+    assert after["quantized"] and after["latency_onnx"] > 0 and before["latency_onnx"] > 0
+    assert after["sparse_flops"] < after["flops"] == before["flops"]
+    # baseline metrics: the full sanity-check validation before training; final: the last validation
+    assert data["note"] == "" and data["metrics"]["after"]["val/acc"] == pytest.approx(
+        float(trainer.callback_metrics["val/acc"]))
+    assert data["metrics"]["before"]["val/acc"] is not None
+    logged = {k: v for _, m in logger.records for k, v in m.items() if k.startswith("compression/")}
+    assert logged["compression/size_ratio"] == pytest.approx(after["compact_bytes"] / before["compact_bytes"])
+    assert logged["compression/sparsity"] == pytest.approx(zeros / after["parameters"])
+    assert (tmp_path / "compression_layers.png").stat().st_size > 1000
+    assert (tmp_path / "compression_tradeoff.png").stat().st_size > 1000
+
+
+def test_distillation_baseline_is_the_teacher(tmp_path):
+    torch.manual_seed(0)
+    teacher, student = MLP(16, 64), MLP(16, 8)
+    rep = report(metrics=["val/acc", "val/f1"], plots=False)
+    fit(tmp_path, [rep], module=DistillationModule(student, teacher))
+    data = rep.report
+    assert data["baseline_kind"] == "teacher"
+    assert data["baseline"]["parameters"] == sum(p.numel() for p in teacher.parameters())
+    assert data["final"]["parameters"] == sum(p.numel() for p in student.parameters())
+    x, y = classification_data((16,), n=64).tensors  # the data `fit` trains and validates on
+    with torch.no_grad():
+        teacher_acc = float((teacher(x).argmax(1) == y).float().mean())
+    assert data["metrics"]["before"]["val/acc"] == pytest.approx(teacher_acc)
+    assert data["metrics"]["before"]["val/f1"] is not None and data["metrics"]["after"]["val/f1"] is not None
+
+
+def test_partial_baseline_is_noted_and_unknown_metric_warns(tmp_path):
+    rep = report(metrics=["val/acc", "val/typo"], plots=False)
+    with pytest.warns(UserWarning, match=r"\['val/typo'\] were never logged; logged keys are .*'val/acc'"):
+        fit(tmp_path, [rep], n=128, num_sanity_val_steps=1)  # 2 validation batches, 1 checked before training
+    assert rep.report["note"].startswith("baseline metrics from 1 of 2 validation batches")
+    assert rep.report["metrics"]["before"]["val/acc"] is not None
+    assert rep.report["metrics"]["after"]["val/typo"] is None
+
+
+def test_resumed_fit_reports_against_the_original_model(tmp_path):
+    def run(ckpt_path=None, crash=None):
+        rep = report(plots=False)
+        fit(tmp_path, [Pruning(0.5, schedule="one_shot"), rep] + ([crash] if crash else []), ckpt_path=ckpt_path,
+            max_epochs=3)
+        return rep
+
+    with pytest.raises(Interrupted):
+        run(crash=Crash(6, tmp_path / "cut.ckpt"))
+    resumed = run(ckpt_path=tmp_path / "cut.ckpt")
+    assert resumed.report["baseline"]["sparsity"] == 0.0  # measured before pruning, not at the resume
+    assert resumed.report["final"]["sparsity"] > 0.4
+
+
+def test_bad_input_fails_before_training(tmp_path):
+    steps = StepCounter()
+    with pytest.raises(ValueError, match=r"`example_input` to be an input the model accepts.*shape \(2, 3\)"):
+        fit(tmp_path, [report(example_input=torch.randn(2, 3)), steps])
+    assert steps.batches == 0
+    with pytest.raises(TypeError, match=r"`example_input`.*example_input_array"):
+        fit(tmp_path, [CompressionReport(), steps])
+    assert steps.batches == 0
+    for kwargs, exc, match in (({"metrics": "val/acc"}, TypeError, "`metrics`"),
+                               ({"repeats": 0}, ValueError, "`repeats`"),
+                               ({"filename": "report.txt"}, ValueError, "`filename`"),
+                               ({"example_input": [1.0]}, TypeError, "`example_input`"),
+                               ({"plots": "yes"}, TypeError, "`plots`")):
+        with pytest.raises(exc, match=match):
+            CompressionReport(**kwargs)
+
+
+class BreakInput(pl.Callback):
+    def __init__(self, rep):
+        self.rep = rep
+
+    def on_train_end(self, trainer, pl_module):
+        self.rep.example_input = torch.randn(2, 3)  # the final measurement will fail
+
+
+def test_a_failing_report_never_crashes_the_fit(tmp_path):
+    rep = report(plots=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, _ = fit(tmp_path, [rep, BreakInput(rep)])
+    assert trainer.state.finished and rep.report is None
+    assert any("CompressionReport could not be completed" in str(w.message) for w in caught)
+
+
+def test_example_input_array_is_the_default(tmp_path):
+    module = LitClassifier(MLP())
+    module.example_input_array = X[:3]
+    rep = CompressionReport(latency=False, plots=False)
+    fit(tmp_path, [rep], module=module)
+    assert rep.report["final"]["batch_size"] == 3 and rep.report["final"]["latency_eager"] is None
