@@ -32,23 +32,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from prune_mnist import mnist_5k
+from mnist5k import TeacherCNN, cosine_adamw, mnist_5k
 
 from litcompress import DistillationModule
 from litcompress.data import RandomInputs
 
 warnings.filterwarnings("ignore")
-
-
-class TeacherCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 32, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 5),
-                                      nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.25))
-        self.head = nn.Sequential(nn.Linear(64 * 4 * 4, 256), nn.ReLU(), nn.Dropout(0.25), nn.Linear(256, 10))
-
-    def forward(self, x):  # (B, 784) -> (B, 10)
-        return self.head(self.features(x.view(-1, 1, 28, 28)))
 
 
 def student() -> nn.Module:
@@ -69,12 +58,6 @@ class Supervised(pl.LightningModule):
 
     def configure_optimizers(self):
         return cosine_adamw(self, self.lr)
-
-
-def cosine_adamw(module: pl.LightningModule, lr: float):
-    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, module.trainer.estimated_stepping_batches)
-    return [opt], [{"scheduler": sched, "interval": "step"}]
 
 
 class Distilled(DistillationModule):
@@ -191,25 +174,35 @@ def main() -> None:
     parser.add_argument("--teachers", type=int, default=1, help="also distil from an ensemble of this many")
     parser.add_argument("--shift", action="store_true", help="random ±2 px shifts for teachers and students")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "distillation.json")
+    parser.add_argument("--tables-from", type=Path, nargs="+", help="only print the tables of saved --out files")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    if args.tables_from:  # e.g. one file per seed, run as separate processes
+        saved = [json.loads(f.read_text()) for f in args.tables_from]
+        meta = {**saved[0]["meta"], "seeds": [s for d in saved for s in d["meta"]["seeds"]]}
+        print_tables([r for d in saved for r in d["runs"]], meta)
+        return
+    torch.set_num_threads(args.threads)
     epochs, teacher_epochs = (2, 1) if args.quick else (args.epochs, args.teacher_epochs)
     runs = [one_seed(s, epochs, teacher_epochs, args.teachers, args.shift, tuple(args.rows)) for s in args.seeds]
+    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "torch": torch.__version__,
+            "epochs": epochs, "teacher_epochs": teacher_epochs, "seeds": args.seeds, "shift": args.shift,
+            "teachers": args.teachers, "threads": args.threads}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
+    print_tables(runs, meta)
 
+
+def print_tables(runs: list[dict], meta: dict) -> None:
     def stat(key, scale=100):
         values = [scale * r[key] for r in runs]
         return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
 
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "torch": torch.__version__,
-            "epochs": epochs, "teacher_epochs": teacher_epochs, "seeds": args.seeds, "shift": args.shift,
-            "teachers": args.teachers}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
-    aug = ", ±2 px shifts" if args.shift else ""
-    k = args.teachers
-    print(f"| model (MNIST-5k, {epochs} epochs{aug}, seeds {args.seeds}) | test accuracy (%) | gap closed |")
+    aug = ", ±2 px shifts" if meta["shift"] else ""
+    k = meta["teachers"]
+    print(f"| model (MNIST-5k, {meta['epochs']} epochs{aug}, seeds {meta['seeds']}) | test accuracy (%) | gap closed |")
     print("|---|---|---|")
     for key, label in (("teacher", "teacher CNN"), ("ensemble_teacher", f"ensemble of {k} teacher CNNs"),
                        ("scratch", "student 784-30-30-10 from scratch"),

