@@ -20,7 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `mnist5k` class paths resolve from any directory
 
-from mnist5k import MNIST5k  # noqa: E402
+from mnist5k import MNIST5k
 
 
 def main(args: list[str] | None = None) -> LightningCLI:

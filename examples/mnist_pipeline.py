@@ -58,7 +58,7 @@ def onnx_accuracy(path: Path, data: MNIST5k) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=40, help="student epochs (one fit)")
+    parser.add_argument("--epochs", type=int, default=80, help="student epochs (one fit)")
     parser.add_argument("--teacher-epochs", type=int, default=15)
     parser.add_argument("--sparsity", type=float, default=0.5, help="share of the student's weights removed")
     parser.add_argument("--bits", type=int, default=8, choices=[2, 3, 4, 5, 6, 7, 8], help="weight bits")

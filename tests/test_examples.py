@@ -40,10 +40,33 @@ def test_prune_mnist_example_reduced():
     assert result["pruned_acc"] > result["dense_acc"] - 0.01  # 12x fewer weights, at most 1 point lost
 
 
+def import_example(name: str):
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+@pytest.mark.slow
+def test_mnist_pipeline_reduced(tmp_path):
+    pipeline = import_example("mnist_pipeline")
+    result = pipeline.main(["--epochs", "12", "--teacher-epochs", "3", "--limit", "1000", "--sparsity", "0.5",
+                            "--no-progress-bar", "--out", str(tmp_path)])
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"teacher.pt", "student.safetensors", "student_int8.onnx", "compression_report.json", "pipeline.json",
+            "compression_layers.png", "compression_tradeoff.png"} <= files
+    assert abs(result["onnx_acc"] - result["student_acc"]) <= 0.01  # ONNX Runtime int8 runs what QAT trained
+    assert result["student_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert result["teacher_bytes"] > 10 * result["student_compact_bytes"]
+    assert result["teacher_acc"] > 0.7 and result["student_acc"] > 0.5  # trained: 1,000 digits, 3 and 12 epochs
+    assert result["latency_ms"]["student_onnx"] > 0 and result["latency_ms"]["teacher_onnx"] > 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("script", "expect"), [("bench_pruning.py", "| lightning |"),
                                                 ("bench_qat.py", "ONNX Runtime static quantization of fp32"),
-                                                ("bench_distillation.py", "label-free from RandomInputs")])
+                                                ("bench_distillation.py", "with no data (RandomInputs)")])
 def test_benchmark_quick(tmp_path, script, expect):
     out = tmp_path / "result.json"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)],

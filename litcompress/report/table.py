@@ -43,7 +43,8 @@ def compare(before: ModelSummary, after: ModelSummary, metrics_before: Mapping[s
         a, b = getattr(before, attr), getattr(after, attr)
         if a is None and b is None:
             continue
-        rows.append({"name": label, "before": a, "after": b, "ratio": _ratio(a, b), "kind": kind})
+        ratio = None if kind == "pct" else _ratio(a, b)  # a share is compared by its values, not their ratio
+        rows.append({"name": label, "before": a, "after": b, "ratio": ratio, "kind": kind})
     metrics_before, metrics_after = metrics_before or {}, metrics_after or {}
     for key in dict.fromkeys([*metrics_before, *metrics_after]):
         a, b = metrics_before.get(key), metrics_after.get(key)
