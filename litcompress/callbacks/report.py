@@ -157,7 +157,8 @@ class CompressionReport(Callback):
                   else {k: self.baseline_metrics.get(k) for k in self.metrics})
         rows = compare(baseline, final, before, after)
         title = f"Compression report ({type(pl_module).__name__}, batch {final.batch_size})"
-        rank_zero_info(format_table(rows, title, before=label, after="after"))
+        after_label = "student" if label == "teacher" else "after"
+        rank_zero_info(format_table(rows, title, before=label, after=after_label))
         if self.baseline_note:
             rank_zero_info(f"Note: {self.baseline_note}")
         report = {"schema": _SCHEMA, "baseline_kind": label, "baseline": self.baseline, "final": final.to_dict(),

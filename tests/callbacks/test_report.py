@@ -50,6 +50,23 @@ def test_pruned_and_quantized_fit_reports_measured_numbers(tmp_path):
     assert (tmp_path / "compression_tradeoff.png").stat().st_size > 1000
 
 
+def test_json_schema(tmp_path):
+    fit(tmp_path, [report(metrics=["val/acc"], plots=False)])
+    data = json.loads((tmp_path / "compression_report.json").read_text())
+    summary_fields = {"parameters": int, "nonzero": int, "bits_per_weight": float, "compact_bytes": int,
+                      "fp32_bytes": int, "flops": int, "sparse_flops": int, "batch_size": int, "quantized": bool,
+                      "sparsity": float, "layers": list}
+    for side in ("baseline", "final"):
+        for key, kind in summary_fields.items():
+            assert isinstance(data[side][key], kind), (side, key)
+        assert data[side]["latency_eager"] > 0 and data[side]["latency_onnx"] is None  # float model: no ORT
+        for layer in data[side]["layers"]:
+            assert set(layer) == {"name", "parameters", "nonzero", "bits", "sparsity"}
+    for row in data["rows"]:
+        assert set(row) == {"name", "before", "after", "ratio", "kind"}
+    assert [r["name"] for r in data["rows"]][-1] == "val/acc" and isinstance(data["global_step"], int)
+
+
 def test_distillation_baseline_is_the_teacher(tmp_path):
     torch.manual_seed(0)
     teacher, student = MLP(16, 64), MLP(16, 8)
