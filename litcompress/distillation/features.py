@@ -91,18 +91,29 @@ def make_adapter(width_in: int | None, width_out: int | None, channels_first: bo
     return _ChannelAdapter(width_in, width_out, channels_first)
 
 
-def attention_map(feature: Tensor) -> Tensor:
-    """Zagoruyko & Komodakis' spatial attention: channel mean of squared activations, L2-normalised per sample."""
+def attention_map(feature: Tensor, size: tuple[int, ...] | None = None) -> Tensor:
+    """Zagoruyko & Komodakis' spatial attention: channel mean of squared activations, L2-normalised per sample.
+
+    ``size`` resamples the map to another spatial size first (area interpolation: averages when shrinking), so a
+    student map can be compared with a teacher map of another resolution.
+    """
     if feature.dim() < 3:
         _fail("features", "conv feature maps (B, C, H, W) for attention transfer", tuple(feature.shape))
-    return F.normalize(feature.pow(2).mean(1).flatten(1), dim=1)
+    energy = feature.float().pow(2).mean(1)
+    if size is not None and tuple(energy.shape[1:]) != tuple(size):
+        if len(size) != energy.dim() - 1:
+            _fail("features", f"feature maps with {len(size)} spatial dimensions, like the teacher's",
+                  tuple(feature.shape))
+        energy = F.interpolate(energy.unsqueeze(1), size=tuple(size), mode="area").squeeze(1)
+    return F.normalize(energy.flatten(1), dim=1)
 
 
 def feature_loss(student: Tensor, teacher: Tensor, kind: str, channel_dim: int = -1) -> Tensor:
     """Distance between (adapted) student and teacher features: ``"mse"``, ``"cosine"`` (over ``channel_dim``)
     or ``"attention"`` (attention transfer; conv maps only)."""
     if kind == "attention":
-        return (attention_map(student) - attention_map(teacher)).pow(2).sum(1).mean()
+        target = attention_map(teacher)
+        return (attention_map(student, tuple(teacher.shape[2:])) - target).pow(2).sum(1).mean()
     if student.shape != teacher.shape:
         _fail("features", f"student features shaped like the teacher's {tuple(teacher.shape)} after the adapter",
               tuple(student.shape))
