@@ -1,10 +1,10 @@
 """`CompressionReport`: the model before and after a fit, side by side: size, sparsity, bits, FLOPs, latency, metrics.
 
 The baseline is measured when the fit starts: the model itself, or, for a
-:class:`~litcompress.modules.DistillationModule`, its teacher. The final model is measured when the fit ends. The
-table is printed on rank zero, written as JSON (and PNG charts) to the trainer's log directory, and its headline
-numbers are sent to the loggers as ``compression/...`` scalars. A failure while reporting is a warning: the report
-never crashes a finished fit.
+:class:`~litcompress.modules.DistillationModule`, its teacher. The final model is measured when training ends
+(after the last validation, before the loggers are finalized). The table is printed on rank zero, written as JSON
+(and PNG charts) to the trainer's log directory, and its headline numbers are sent to the loggers as
+``compression/...`` scalars. A failure while reporting is a warning: the report never crashes a finished fit.
 """
 
 from __future__ import annotations
@@ -133,7 +133,8 @@ class CompressionReport(Callback):
                                   "(set Trainer(num_sanity_val_steps=-1) for all)")
 
     @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after the last validation, before Lightning finalizes the loggers
         if not trainer.is_global_zero or self.baseline is None:
             return
         try:

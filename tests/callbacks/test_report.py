@@ -8,6 +8,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 
 from litcompress import CompressionReport, DistillationModule, Pruning, QuantizationAwareTraining
 from litcompress.export import save_compressed
@@ -50,9 +51,12 @@ def test_pruned_and_quantized_fit_reports_measured_numbers(tmp_path):
     assert (tmp_path / "compression_tradeoff.png").stat().st_size > 1000
 
 
-def test_json_schema(tmp_path):
-    fit(tmp_path, [report(metrics=["val/acc"], plots=False)])
-    data = json.loads((tmp_path / "compression_report.json").read_text())
+def test_json_schema_and_csv_logger(tmp_path):
+    fit(tmp_path, [report(metrics=["val/acc"], plots=False)], logger=CSVLogger(tmp_path, name="csv", version=0))
+    logged = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"compression/size_ratio", "compression/sparsity", "compression/latency_ratio_eager"} <= set(logged)
+    assert (tmp_path / "csv" / "version_0" / "compression_report.json").exists()  # next to the logs
+    data = json.loads((tmp_path / "csv" / "version_0" / "compression_report.json").read_text())
     summary_fields = {"parameters": int, "nonzero": int, "bits_per_weight": float, "compact_bytes": int,
                       "fp32_bytes": int, "flops": int, "sparse_flops": int, "batch_size": int, "quantized": bool,
                       "sparsity": float, "layers": list}
@@ -127,7 +131,7 @@ class BreakInput(pl.Callback):
     def __init__(self, rep):
         self.rep = rep
 
-    def on_train_end(self, trainer, pl_module):
+    def on_train_start(self, trainer, pl_module):  # after the baseline was measured
         self.rep.example_input = torch.randn(2, 3)  # the final measurement will fail
 
 
