@@ -8,7 +8,7 @@ With ``top_k``, each output row (a sample's logits, or each position's logits fo
 largest logits, their class indices, and one fill logit for every other class. The fill is chosen so that at the
 distillation temperature the ``k`` kept classes get exactly the teacher's probabilities and the remaining mass is
 spread evenly over the rest: ``fill = T * (logsumexp(rest / T) - log(C - k))``. For a 50k-token vocabulary, ``k=32``
-in float16 keeps 130 bytes per position instead of 200 kB.
+in float16 keeps 194 bytes per position (values, int32 indices, fill) instead of 200 kB.
 
 >>> import torch
 >>> cache = TeacherCache()
