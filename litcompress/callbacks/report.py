@@ -45,7 +45,9 @@ class CompressionReport(Callback):
     Args:
         example_input: one input batch for FLOPs and latency (its first dimension is the batch size), or a batch
             shape such as ``[256, 784]`` (zeros of that shape; handy in YAML); default: the LightningModule's
-            ``example_input_array``.
+            ``example_input_array``. Use real data when latency matters: integer kernels can run faster on zeros
+            (measured: 2.8 ms on zeros, 3.5 ms on real digits for the MNIST pipeline's int8 student in ONNX
+            Runtime).
         metrics: logged metric keys to show (e.g. ``"val/acc"``, ``"val/f1"``, ``"val/loss"``).
         latency: time forward passes (torch eager; also ONNX Runtime when the model is quantized).
         repeats: timed passes per latency figure (the median is reported).

@@ -17,6 +17,8 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +50,11 @@ class LayerSummary:
 
 @dataclass
 class ModelSummary:
-    """The measured cost of one model. ``latency_*`` are median seconds per batch of ``batch_size``, or ``None``."""
+    """The measured cost of one model. ``latency_*`` are median seconds per batch of ``batch_size``, or ``None``.
+
+    ``latency_onnx_fp32`` is the same (quantized) model exported with fake quantization off: it shows whether the
+    integer kernels pay for this model on this machine.
+    """
 
     parameters: int
     nonzero: int
@@ -60,6 +66,7 @@ class ModelSummary:
     batch_size: int
     latency_eager: float | None = None
     latency_onnx: float | None = None
+    latency_onnx_fp32: float | None = None
     quantized: bool = False
     layers: list[LayerSummary] = field(default_factory=list)
 
@@ -137,6 +144,10 @@ def summarize(
             if latency and (is_quantized if onnx is None else onnx):
                 summary.latency_onnx = _onnx_latency(model, example_input, Path(tmp) / "model.onnx", repeats,
                                                      warmup)
+                if is_quantized:
+                    with _fake_quant_off(model):
+                        summary.latency_onnx_fp32 = _onnx_latency(model, example_input, Path(tmp) / "fp32.onnx",
+                                                                  repeats, warmup)
     finally:
         model.train(was_training)
     return summary
@@ -212,6 +223,18 @@ def _onnx_latency(model: nn.Module, example_input: Tensor, path: Path, repeats: 
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: example_input.detach().cpu().numpy()}
     return _time(lambda: session.run(None, feed), repeats, warmup)
+
+
+@contextmanager
+def _fake_quant_off(model: nn.Module) -> Iterator[None]:
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLayer) and m._qat_enabled]
+    for layer in layers:
+        layer._qat_enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._qat_enabled = True
 
 
 def _is_quantized(model: nn.Module) -> bool:

@@ -32,6 +32,7 @@ _ROWS: tuple[tuple[str, str, str], ...] = (
     ("FLOPs skipping zeros", "sparse_flops", "int"),
     ("latency, torch eager (ms)", "latency_eager", "ms"),
     ("latency, ONNX Runtime (ms)", "latency_onnx", "ms"),
+    ("latency, ORT, fp32 export (ms)", "latency_onnx_fp32", "ms"),
 )
 
 

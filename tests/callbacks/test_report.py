@@ -39,6 +39,7 @@ def test_pruned_and_quantized_fit_reports_measured_numbers(tmp_path):
     assert after["compact_bytes"] == save_compressed(module, tmp_path / "m.safetensors").stat().st_size
     assert {layer["bits"] for layer in after["layers"]} == {8} and before["bits_per_weight"] == 32.0
     assert after["quantized"] and after["latency_onnx"] > 0 and before["latency_onnx"] > 0
+    assert after["latency_onnx_fp32"] > 0 and before["latency_onnx_fp32"] is None  # the int8 vs fp32 question
     assert after["sparse_flops"] < after["flops"] == before["flops"]
     # baseline metrics: the full sanity-check validation before training; final: the last validation
     assert data["note"] == "" and data["metrics"]["after"]["val/acc"] == pytest.approx(

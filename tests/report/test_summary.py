@@ -71,8 +71,9 @@ def test_quantized_bits_and_onnx_latency():
     assert s.quantized and s.bits_per_weight == pytest.approx((4 * weights + 32 * biases) / (weights + biases))
     assert {layer.bits for layer in s.layers} == {4}
     assert s.latency_eager > 0 and s.latency_onnx > 0  # ONNX Runtime ran the exported int model
+    assert s.latency_onnx_fp32 > 0 and all(m._qat_enabled for m in layers.values())  # and the float export
     plain = summarize(ZOO["mlp"].build(), torch.randn(8, 16), repeats=3, warmup=1)
-    assert plain.latency_eager > 0 and plain.latency_onnx is None
+    assert plain.latency_eager > 0 and plain.latency_onnx is None and plain.latency_onnx_fp32 is None
 
 
 def test_round_trip_and_table():
