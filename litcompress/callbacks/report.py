@@ -137,14 +137,18 @@ class CompressionReport(Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after the last validation, before Lightning finalizes the loggers
-        if not trainer.is_global_zero or self.baseline is None:
+        if self.baseline is None:
+            return
+        # `trainer.log_dir` broadcasts from rank zero under DDP: every rank must ask for it
+        directory = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir)
+        if not trainer.is_global_zero:
             return
         try:
-            self.report = self._write(trainer, pl_module)
+            self.report = self._write(trainer, pl_module, directory)
         except Exception as err:  # a report must never crash a finished fit
             rank_zero_warn(f"CompressionReport could not be completed: {type(err).__name__}: {err}")
 
-    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, directory: Path) -> dict[str, Any]:
         target = _compression_target(pl_module)
         final = summarize(target, self._input(pl_module), latency=self.latency, repeats=self.repeats,
                           onnx=self.latency and _is_quantized(target))
@@ -167,7 +171,6 @@ class CompressionReport(Callback):
         report = {"schema": _SCHEMA, "baseline_kind": label, "baseline": self.baseline, "final": final.to_dict(),
                   "metrics": {"before": before, "after": after}, "rows": rows, "note": self.baseline_note,
                   "global_step": trainer.global_step}
-        directory = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / self.filename).write_text(json.dumps(report, indent=1))
         _log_metrics(trainer, {f"compression/{k}": v for k, v in _headline(baseline, final).items()})

@@ -126,3 +126,27 @@ def test_distillation_student_identical_on_both_ranks(tmp_path):
         assert torch.equal(r0["state"][name], r1["state"][name]), name
     w = r0["state"]["student.net.0.weight"]
     assert int((w == 0).sum()) == w.numel() // 2
+
+
+def _fit_report_spawned(tmp_path):
+    from litcompress import CompressionReport
+
+    torch.manual_seed(0)
+    module = LitClassifier(ZOO["mlp"].build(), optimizer="adam", lr=1e-2)
+    report = CompressionReport(example_input=[8, 16], metrics=["val/acc"], repeats=2, plots=False)
+    data = DataLoader(classification_data((16,), n=128), batch_size=16)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, strategy="ddp_spawn", devices=2),
+                         callbacks=[Pruning(0.5, schedule="one_shot"), QuantizationAwareTraining(), report])
+    trainer.fit(module, data, data)
+
+
+def test_report_under_ddp_is_written_once_by_rank_zero(tmp_path):
+    import json
+
+    spawn_with_retry(_fit_report_spawned, tmp_path)
+    data = json.loads((tmp_path / "compression_report.json").read_text())
+    weights = sum(layer["parameters"] for layer in data["final"]["layers"])
+    zeros = sum(layer["parameters"] - layer["nonzero"] for layer in data["final"]["layers"])
+    assert zeros == sum(round(0.5 * layer["parameters"]) for layer in data["final"]["layers"]) and weights > 0
+    assert data["final"]["quantized"] and data["final"]["latency_onnx"] > 0  # rank zero measured latency
+    assert data["baseline"]["sparsity"] == 0.0 and data["metrics"]["after"]["val/acc"] is not None
