@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from mnist5k import TeacherCNN, cosine_adamw, mnist_5k
+from mnist5k import Classifier, TeacherCNN, cosine_adamw, mnist_5k
 
 from litcompress import DistillationModule
 from litcompress.data import RandomInputs
@@ -42,22 +42,6 @@ warnings.filterwarnings("ignore")
 
 def student() -> nn.Module:
     return nn.Sequential(nn.Linear(784, 30), nn.ReLU(), nn.Linear(30, 30), nn.ReLU(), nn.Linear(30, 10))
-
-
-class Supervised(pl.LightningModule):
-    def __init__(self, model: nn.Module, lr: float = 1e-3) -> None:
-        super().__init__()
-        self.model, self.lr = model, lr
-
-    def forward(self, x):
-        return self.model(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return cosine_adamw(self, self.lr)
 
 
 class Distilled(DistillationModule):
@@ -117,7 +101,7 @@ def one_seed(seed: int, epochs: int, teacher_epochs: int, teachers: int = 1, shi
     cache = not shift  # shifted inputs are never seen twice: the cache would only warn and switch off
     kd = {"temperature": 4.0, "alpha": 0.9, "cache_teacher": cache}
     mixup = {"transfer": "mixup", "transfer_size": 64, "seed": seed}
-    teacher = fit(Supervised(TeacherCNN()), loader, teacher_epochs).model.eval()
+    teacher = fit(Classifier(TeacherCNN()), loader, teacher_epochs).model.eval()
     out = {"teacher": accuracy(teacher, test)}
 
     def run(key, module, data=loader, clock=None):
@@ -129,7 +113,7 @@ def one_seed(seed: int, epochs: int, teacher_epochs: int, teachers: int = 1, shi
         others = []
         for i in range(1, teachers):
             pl.seed_everything(1000 * (seed + 1) + i, verbose=False)
-            others.append(fit(Supervised(TeacherCNN()), loader, teacher_epochs).model.eval())
+            others.append(fit(Classifier(TeacherCNN()), loader, teacher_epochs).model.eval())
         ensemble = [teacher, *others]
         out["ensemble_teacher"] = accuracy(DistillationModule(student(), ensemble).teacher, test)
         if "ensemble" in rows:
@@ -138,7 +122,7 @@ def one_seed(seed: int, epochs: int, teacher_epochs: int, teachers: int = 1, shi
             run("ensemble_mixup", Distilled(student(), ensemble, **kd, **mixup))
     clock_scratch, clock_kd = Clock(), Clock()
     if "scratch" in rows:
-        run("scratch", Supervised(student()), clock=clock_scratch)
+        run("scratch", Classifier(student()), clock=clock_scratch)
     if "kd" in rows:
         run("kd", Distilled(student(), teacher, **kd), clock=clock_kd)
     if "kd_topk" in rows:  # the cache keeps 3 of 10 logits per digit, in float16 (needs the cache: no shifts)

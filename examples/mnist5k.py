@@ -104,11 +104,12 @@ class Classifier(pl.LightningModule):
     Args:
         model: the network, (B, 784) -> (B, 10).
         lr: AdamW learning rate (cosine decay over the fit).
+        weight_decay: AdamW's decoupled weight decay (0 makes it Adam).
     """
 
-    def __init__(self, model: nn.Module, lr: float = 1e-3) -> None:
+    def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.01) -> None:
         super().__init__()
-        self.model, self.lr = model, lr
+        self.model, self.lr, self.weight_decay = model, lr, weight_decay
         self.example_input_array = torch.zeros(256, 784)
         self.val_metrics = MetricCollection({"acc": MulticlassAccuracy(10, average="micro"),
                                              "f1": MulticlassF1Score(10, average="macro")}, prefix="val/")
@@ -130,4 +131,4 @@ class Classifier(pl.LightningModule):
         self.log("val/loss", F.cross_entropy(logits, y))
 
     def configure_optimizers(self):
-        return cosine_adamw(self, self.lr)
+        return cosine_adamw(self, self.lr, self.weight_decay)

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     compact_path = save_compressed(student.student, args.out / "student.safetensors")
     onnx_acc, onnx_f1 = onnx_accuracy(onnx_path, data)
     teacher_bytes = (args.out / "teacher.pt").stat().st_size
-    rows = report.report["metrics"] if report.report else {"before": {}, "after": {}}
+    rows = report.report["metrics"]
     before, after = report.report["baseline"], report.report["final"]
     result = {
         "teacher_acc": rows["before"]["val/acc"], "student_acc": rows["after"]["val/acc"], "onnx_acc": onnx_acc,

@@ -16,49 +16,28 @@ import time
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
-from mnist5k import mnist_5k
+from mnist5k import Classifier, mnist_5k
 from torch import nn
 from torch.utils.data import DataLoader
-from torchmetrics.classification import MulticlassAccuracy
 
 from litcompress import Pruning
 
 HAN_2015 = {r"net\.0": 0.92, r"net\.2": 0.91, r"net\.4": 0.74}  # kept 8% / 9% / 26% (Han et al. 2015)
 
 
-class LeNet300100(pl.LightningModule):
-    def __init__(self, lr: float = 1e-3) -> None:
+class LeNet300100(nn.Module):
+    def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
-        self.lr = lr
-        self.val_acc = MulticlassAccuracy(num_classes=10, average="micro")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 784) -> (B, 10)
         return self.net(x)
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train/loss", loss)
-        return loss
 
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.val_acc(self(x), y)
-        self.log("val/acc", self.val_acc, prog_bar=True)
-
-    def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
-        total = self.trainer.estimated_stepping_batches
-        return [optimizer], [{"scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total),
-                              "interval": "step"}]
-
-
-def run(args: argparse.Namespace, prune: bool) -> tuple[LeNet300100, float]:
+def run(args: argparse.Namespace, prune: bool) -> tuple[nn.Module, float]:
     pl.seed_everything(args.seed, verbose=False)
     train, test = mnist_5k(args.seed)
-    model = LeNet300100()
+    model = Classifier(LeNet300100(), lr=1e-3, weight_decay=0.0)  # Adam with a cosine decay
     callbacks = []
     if prune:
         # default: Han et al.'s per-layer targets; --sparsity X: one global magnitude threshold instead
@@ -69,7 +48,7 @@ def run(args: argparse.Namespace, prune: bool) -> tuple[LeNet300100, float]:
     trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_model_summary=False, enable_progress_bar=not args.quiet, callbacks=callbacks)
     trainer.fit(model, DataLoader(train, batch_size=64, shuffle=True), DataLoader(test, batch_size=500))
-    return model, float(trainer.callback_metrics["val/acc"])
+    return model.model, float(trainer.callback_metrics["val/acc"])
 
 
 def summary(model: nn.Module) -> tuple[int, int]:
