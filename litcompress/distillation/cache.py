@@ -144,6 +144,7 @@ def topk_compress(logits: Tensor, k: int, temperature: float = 1.0,
     >>> topk_expand(values, indices, fill, classes=4).softmax(-1)  # the top class keeps its probability
     tensor([[0.8098, 0.0634, 0.0634, 0.0634]])
     """
+    _check_int("k", k, minimum=1)
     classes = logits.shape[-1]
     k = min(k, classes)
     values, indices = logits.topk(k, dim=-1)

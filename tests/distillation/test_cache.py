@@ -112,4 +112,6 @@ def test_topk_misconfiguration():
         DistillationModule(student, teacher, cache_teacher=True, cache_top_k=0)
     with pytest.raises(TypeError, match=r"`cache_dtype` to be a floating-point torch.dtype"):
         DistillationModule(student, teacher, cache_teacher=True, cache_dtype=torch.int8)
-    assert math.isfinite(float(topk_compress(torch.zeros(1, 3), 1)[2]))  # ties and equal logits are fine
+    assert math.isfinite(float(topk_compress(torch.zeros(1, 3), 1)[2]))
+    with pytest.raises(ValueError, match=r"`k` to be an int >= 1"):
+        topk_compress(torch.zeros(1, 3), 0)  # ties and equal logits are fine
