@@ -1,41 +1,67 @@
-"""Argument checks shared by every public entry point.
+"""Error messages shared by every public entry point (a private module; its names are for the package's own use).
 
-Every message has the same shape: "Expected argument `x` to be ..., but got ...", followed by a HINT when a
-fix is not obvious.
+Two forms, so a message says what kind of mistake it is:
+
+- an argument is wrong (raised at construction or at ``setup``, before any training step)::
+
+      Expected argument `x` to be <what is accepted>, but got <value>. HINT: <fix>
+
+- a component is in the wrong state at run time (a layer used before it has what it needs)::
+
+      <what happened> in `<where>`. To fix: <what to do>
+
+>>> try:
+...     fail("sparsity", "a float in the [0, 1) range", 1.5)
+... except ValueError as err:
+...     print(err)
+Expected argument `sparsity` to be a float in the [0, 1) range, but got 1.5.
+>>> try:
+...     fail_state("no activation range has been observed", "net.0:input", "run a training step first")
+... except RuntimeError as err:
+...     print(err)
+no activation range has been observed in `net.0:input`. To fix: run a training step first.
 """
 
 from __future__ import annotations
 
 import numbers
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NoReturn
+
+__all__ = ["check_choice", "check_fraction", "check_int", "fail", "fail_state"]
 
 
-def _fail(name: str, expected: str, value: Any, hint: str = "", exc: type[Exception] = ValueError) -> None:
+def fail(name: str, expected: str, value: Any, hint: str = "", exc: type[Exception] = ValueError) -> NoReturn:
+    """Raise ``exc`` saying that argument ``name`` should be ``expected`` but is ``value``."""
     message = f"Expected argument `{name}` to be {expected}, but got {value!r}."
     if hint:
         message += f" HINT: {hint}"
     raise exc(message)
 
 
-def _check_int(name: str, value: Any, minimum: int | None = None, allow_none: bool = False) -> None:
+def fail_state(what: str, where: str, fix: str, exc: type[Exception] = RuntimeError) -> NoReturn:
+    """Raise ``exc`` for a run-time state error: what happened, in which component, and what to do."""
+    raise exc(f"{what} in `{where}`. To fix: {fix.rstrip('.')}.")
+
+
+def check_int(name: str, value: Any, minimum: int | None = None, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        _fail(name, "an int" + (" or None" if allow_none else ""), value, exc=TypeError)
+        fail(name, "an int" + (" or None" if allow_none else ""), value, exc=TypeError)
     if minimum is not None and value < minimum:
-        _fail(name, f"an int >= {minimum}", value)
+        fail(name, f"an int >= {minimum}", value)
 
 
-def _check_fraction(name: str, value: Any, closed_right: bool = False) -> None:
+def check_fraction(name: str, value: Any, closed_right: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        _fail(name, "a float", value, exc=TypeError)
+        fail(name, "a float", value, exc=TypeError)
     upper_ok = value <= 1 if closed_right else value < 1
     if not (value >= 0 and upper_ok):
-        _fail(name, f"a float in the [0, 1{']' if closed_right else ')'} range", value)
+        fail(name, f"a float in the [0, 1{']' if closed_right else ')'} range", value)
 
 
-def _check_choice(name: str, value: Any, choices: Iterable[str], hint: str = "") -> None:
+def check_choice(name: str, value: Any, choices: Iterable[str], hint: str = "") -> None:
     choices = tuple(choices)
     if value not in choices:
-        _fail(name, "one of " + ", ".join(repr(c) for c in choices), value, hint=hint)
+        fail(name, "one of " + ", ".join(repr(c) for c in choices), value, hint=hint)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from litcompress._validation import _check_choice, _check_int, _fail
+from litcompress._validation import check_choice, check_int, fail
 
 __all__ = ["RandomInputs"]
 
@@ -57,23 +57,23 @@ class RandomInputs(Dataset[Tensor]):
         seed: int = 0,
     ) -> None:
         if isinstance(shape, int) or not all(isinstance(d, int) and d > 0 for d in shape):
-            _fail("shape", "a sequence of positive ints (one input, no batch dimension)", shape, exc=TypeError)
-        _check_int("size", size, minimum=1)
-        _check_choice("distribution", distribution, ("gaussian", "uniform", "matched", "tokens"))
-        _check_int("seed", seed)
+            fail("shape", "a sequence of positive ints (one input, no batch dimension)", shape, exc=TypeError)
+        check_int("size", size, minimum=1)
+        check_choice("distribution", distribution, ("gaussian", "uniform", "matched", "tokens"))
+        check_int("seed", seed)
         self.shape, self.size, self.distribution, self.seed = tuple(shape), size, distribution, seed
         if distribution == "matched":
             if not isinstance(reference, Tensor) or tuple(reference.shape[1:]) != self.shape or len(reference) < 2:
                 got = tuple(reference.shape) if isinstance(reference, Tensor) else reference
-                _fail("reference", f"a tensor of real inputs shaped (N >= 2, {', '.join(map(str, self.shape))})", got)
+                fail("reference", f"a tensor of real inputs shaped (N >= 2, {', '.join(map(str, self.shape))})", got)
             ref = reference.detach().float()
             self.mean, self.std = ref.mean(0), ref.std(0)
         else:
             self.mean, self.std = torch.tensor(float(mean)), torch.tensor(float(std))
         if distribution == "uniform" and not high > low:
-            _fail("high", f"greater than `low` ({low})", high)
+            fail("high", f"greater than `low` ({low})", high)
         if distribution == "tokens":
-            _check_int("vocab_size", vocab_size, minimum=1)
+            check_int("vocab_size", vocab_size, minimum=1)
         self.low, self.high, self.vocab_size = float(low), float(high), vocab_size
 
     def __len__(self) -> int:

@@ -19,7 +19,7 @@ import torch
 import torch.ao.quantization.fx._decomposed  # registers the Q/DQ ops before any export begins
 from torch import Tensor, nn
 
-from litcompress._validation import _fail
+from litcompress._validation import fail
 from litcompress.quantization.compact import load_compressed, save_compressed
 from litcompress.quantization.modules import QuantizedLayer
 
@@ -65,9 +65,9 @@ def export_onnx(
         The path written.
     """
     if not isinstance(model, nn.Module):
-        _fail("model", "a torch.nn.Module", type(model).__name__, exc=TypeError)
+        fail("model", "a torch.nn.Module", type(model).__name__, exc=TypeError)
     if not isinstance(example_input, Tensor):
-        _fail("example_input", "a torch.Tensor", type(example_input).__name__, exc=TypeError)
+        fail("example_input", "a torch.Tensor", type(example_input).__name__, exc=TypeError)
     path = Path(path)
     was_training = model.training
     model.eval()

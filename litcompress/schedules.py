@@ -17,7 +17,7 @@ import itertools
 import math
 from collections.abc import Callable
 
-from litcompress._validation import _fail
+from litcompress._validation import fail
 
 Schedule = Callable[[float], float]
 
@@ -70,7 +70,7 @@ def exponential(progress: float, rate: float = 5.0) -> float:
     0.9241
     """
     if rate <= 0:
-        _fail("rate", "a float > 0", rate)
+        fail("rate", "a float > 0", rate)
     return (1.0 - math.exp(-rate * float(progress))) / (1.0 - math.exp(-rate))
 
 
@@ -119,19 +119,19 @@ def get_schedule(schedule: str | Schedule, name: str = "schedule") -> Schedule:
     """
     if isinstance(schedule, str):
         if schedule not in SCHEDULES:
-            _fail(name, "one of " + ", ".join(map(repr, SCHEDULES)) + " or a callable progress -> fraction", schedule)
+            fail(name, "one of " + ", ".join(map(repr, SCHEDULES)) + " or a callable progress -> fraction", schedule)
         return SCHEDULES[schedule]
     if not callable(schedule):
-        _fail(name, "a schedule name or a callable progress -> fraction", schedule, exc=TypeError)
+        fail(name, "a schedule name or a callable progress -> fraction", schedule, exc=TypeError)
     grid = [i / 64 for i in range(65)]
     try:
         values = [float(schedule(p)) for p in grid]
     except Exception as err:  # the user's function failed on a plain float: say which argument it was
         raise TypeError(f"Argument `{name}` failed when called with a float progress: {err!r}") from err
     if any(not (0.0 <= v <= 1.0) for v in values):
-        _fail(name, "a callable returning values in [0, 1]", schedule, hint=f"it returned {values!r}")
+        fail(name, "a callable returning values in [0, 1]", schedule, hint=f"it returned {values!r}")
     if any(b < a for a, b in itertools.pairwise(values)):
-        _fail(name, "a non-decreasing callable", schedule, hint="a mask can only grow sparser over time")
+        fail(name, "a non-decreasing callable", schedule, hint="a mask can only grow sparser over time")
     if values[-1] != 1.0:
-        _fail(name, "a callable returning exactly 1.0 at progress 1.0", schedule, hint=f"it returned {values[-1]}")
+        fail(name, "a callable returning exactly 1.0 at progress 1.0", schedule, hint=f"it returned {values[-1]}")
     return schedule

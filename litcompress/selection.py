@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from litcompress._validation import _fail
+from litcompress._validation import fail
 
 __all__ = ["FIRST", "LAST", "PRUNABLE_KINDS", "ParameterRef", "select_parameters", "weight_attributes"]
 
@@ -83,19 +83,19 @@ def _patterns(name: str, value: str | Sequence[str]) -> list[str]:
     items = [value] if isinstance(value, str) else list(value)
     for item in items:
         if not isinstance(item, str):
-            _fail(name, "a regex string or a sequence of them", value, exc=TypeError)
+            fail(name, "a regex string or a sequence of them", value, exc=TypeError)
         if item in (FIRST, LAST):
             continue
         try:
             re.compile(item)
         except re.error as err:
-            _fail(name, "valid regular expressions", item, hint=f"{err}")
+            fail(name, "valid regular expressions", item, hint=f"{err}")
     return items
 
 
 def _unmatched(name: str, pattern: str, names: Sequence[str]) -> None:
     shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
-    _fail(name, "patterns that each match at least one parameter name", pattern, hint=f"the candidates are: {shown}")
+    fail(name, "patterns that each match at least one parameter name", pattern, hint=f"the candidates are: {shown}")
 
 
 def select_parameters(
@@ -119,7 +119,7 @@ def select_parameters(
         ValueError: a pattern matches nothing (the message lists the candidates), or nothing is selected.
     """
     if not isinstance(model, nn.Module):
-        _fail("model", "a torch.nn.Module", type(model).__name__, exc=TypeError)
+        fail("model", "a torch.nn.Module", type(model).__name__, exc=TypeError)
     canonical = {id(p): n for n, p in model.named_parameters()}
     candidates: list[ParameterRef] = []
     seen: set[int] = set()
@@ -164,7 +164,7 @@ def select_parameters(
 
     if not candidates:
         kinds_text = ", ".join(k.__name__ for k in kinds)
-        _fail(
+        fail(
             "model",
             f"a model with at least one selectable weight ({kinds_text} by default)",
             type(model).__name__,

@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from litcompress._validation import _check_choice, _check_int, _fail
+from litcompress._validation import check_choice, check_int, fail
 from litcompress.schedules import Schedule, progress
 
 __all__: list[str] = []
@@ -69,7 +69,7 @@ class _CompressionCallback(Callback):
     """Base of the litcompress callbacks (private: the public API is the subclasses)."""
 
     def __init__(self, interval: str) -> None:
-        _check_choice("interval", interval, ("step", "epoch"))
+        check_choice("interval", interval, ("step", "epoch"))
         self.interval = interval
         self._hook_handles: list[Any] = []
         self._pending_state: dict[str, Any] | None = None
@@ -107,18 +107,18 @@ class _CompressionCallback(Callback):
 
     @staticmethod
     def _check_window(start: Any, end: Any, frequency: Any) -> None:
-        _check_int("start", start, minimum=0)
-        _check_int("end", end, minimum=1, allow_none=True)
-        _check_int("frequency", frequency, minimum=1, allow_none=True)
+        check_int("start", start, minimum=0)
+        check_int("end", end, minimum=1, allow_none=True)
+        check_int("frequency", frequency, minimum=1, allow_none=True)
         if end is not None and end <= start:
-            _fail("end", f"greater than `start` ({start}) or None (the last optimizer step of the fit)", end)
+            fail("end", f"greater than `start` ({start}) or None (the last optimizer step of the fit)", end)
 
     def _steps_per_interval(self, trainer: pl.Trainer) -> int:
         if self.interval == "step":
             return 1
         batches = trainer.num_training_batches
         if batches == float("inf"):
-            _fail("interval", "'step' for a train dataloader without a length", self.interval,
+            fail("interval", "'step' for a train dataloader without a length", self.interval,
                   hint="an epoch has no known number of optimizer steps here; give start/end in steps")
         return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
 
@@ -132,11 +132,11 @@ class _CompressionCallback(Callback):
         if end is None:
             total = trainer.estimated_stepping_batches
             if total == float("inf"):
-                _fail("end", "an int when training has no known length", end,
+                fail("end", "an int when training has no known length", end,
                       hint="set `max_steps` or `max_epochs` on the Trainer, or pass `end`")
             end_step = int(total)
             if end_step <= start * per:
-                _fail("start", f"before the last optimizer step of the fit ({end_step})", start,
+                fail("start", f"before the last optimizer step of the fit ({end_step})", start,
                       hint="lower `start` or train longer")
         else:
             end_step = end * per

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from litcompress._validation import _check_choice, _check_fraction, _check_int, _fail
+from litcompress._validation import check_choice, check_fraction, check_int, fail
 from litcompress.callbacks._base import _compression_target, _CompressionCallback, _Window
 from litcompress.schedules import Schedule, get_schedule
 from litcompress.selection import ParameterFilter, _patterns, select_parameters
@@ -95,49 +95,49 @@ class Pruning(_CompressionCallback):
         super().__init__(interval)
         self._check_window(start, end, frequency)
         self.schedule = get_schedule(schedule)
-        _check_choice("scope", scope, ("layer", "global"))
+        check_choice("scope", scope, ("layer", "global"))
         nm = None if pattern == "unstructured" else parse_nm(pattern)
         if nm is not None:
             nm_sparsity = 1 - nm[0] / nm[1]
             if isinstance(sparsity, Mapping) or (sparsity is not None and abs(float(sparsity) - nm_sparsity) > 1e-9):
-                _fail("sparsity", f"None or {nm_sparsity} with pattern {pattern!r}", sparsity,
+                fail("sparsity", f"None or {nm_sparsity} with pattern {pattern!r}", sparsity,
                       hint="an N:M pattern fixes the sparsity at 1 - N/M")
             if scope == "global":
-                _fail("scope", "'layer' with an N:M pattern", scope, hint="N:M prunes every tensor to 1 - N/M")
+                fail("scope", "'layer' with an N:M pattern", scope, hint="N:M prunes every tensor to 1 - N/M")
             sparsity = nm_sparsity
         elif sparsity is None:
-            _fail("sparsity", "a float in the [0, 1) range or a mapping of name patterns to floats", sparsity,
+            fail("sparsity", "a float in the [0, 1) range or a mapping of name patterns to floats", sparsity,
                   exc=TypeError)
         elif isinstance(sparsity, Mapping):
             if not sparsity:
-                _fail("sparsity", "a non-empty mapping", sparsity)
+                fail("sparsity", "a non-empty mapping", sparsity)
             if scope == "global":
-                _fail("scope", "'layer' when `sparsity` is a per-tensor mapping", scope,
+                fail("scope", "'layer' when `sparsity` is a per-tensor mapping", scope,
                       hint="a global threshold takes one float sparsity")
             for key, value in sparsity.items():
                 _patterns("sparsity", key)
-                _check_fraction(f"sparsity[{key!r}]", value)
+                check_fraction(f"sparsity[{key!r}]", value)
         else:
-            _check_fraction("sparsity", sparsity)
+            check_fraction("sparsity", sparsity)
         if callable(importance):
             pass
         else:
-            _check_choice("importance", importance, IMPORTANCES, hint="or pass a callable fn(name, weight)")
+            check_choice("importance", importance, IMPORTANCES, hint="or pass a callable fn(name, weight)")
             if importance in DATA_DEPENDENT and start == 0 and self.schedule(0.0) > 0:
-                _fail("start", f"an int >= 1 with importance={importance!r} and a schedule that prunes at start",
+                fail("start", f"an int >= 1 with importance={importance!r} and a schedule that prunes at start",
                       start, hint="gradient-based scores need at least one optimizer step before the first prune")
         if parameters is not None and not callable(parameters):
             _patterns("parameters", parameters)
         _patterns("exclude", exclude)
         if not isinstance(rewind, bool):
-            _fail("rewind", "a bool", rewind, exc=TypeError)
+            fail("rewind", "a bool", rewind, exc=TypeError)
         if rewind and self.schedule(0.0) >= 1.0:
-            _fail("rewind", "False with a schedule that reaches its final value at `start`", rewind,
+            fail("rewind", "False with a schedule that reaches its final value at `start`", rewind,
                   hint="rewinding to the weights at `start` right after pruning there changes nothing; "
                   "use a gradual schedule (linear, cubic, exponential)")
-        _check_int("seed", seed)
+        check_int("seed", seed)
         if not isinstance(log_prefix, str) or not log_prefix:
-            _fail("log_prefix", "a non-empty str", log_prefix)
+            fail("log_prefix", "a non-empty str", log_prefix)
 
         self.sparsity = sparsity
         self.start, self.end = start, end
@@ -181,7 +181,7 @@ class Pruning(_CompressionCallback):
                 continue
             shared = [r.name for r in other.pruner.refs if id(r.tensor) in mine]
             if shared:
-                _fail("parameters", "disjoint selections for two Pruning callbacks", shared,
+                fail("parameters", "disjoint selections for two Pruning callbacks", shared,
                       hint="use `exclude` so each tensor is pruned by one callback")
         self._apply_pending_state()
 

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from litcompress._validation import _check_int, _fail
+from litcompress._validation import check_int, fail
 from litcompress.callbacks._base import _compression_target, _CompressionCallback
 from litcompress.quantization.modules import QUANTIZABLE_KINDS, QuantizedLayer, convert_
 from litcompress.quantization.quantizers import ActivationQuantizer, QuantConfig, WeightQuantizer
@@ -71,15 +71,15 @@ class QuantizationAwareTraining(_CompressionCallback):
     ) -> None:
         super().__init__(interval)
         self.config = QuantConfig(weight_bits, weight_granularity, activation_bits, scale, momentum)
-        _check_int("start", start, minimum=0)
-        _check_int("freeze_observers", freeze_observers, minimum=0, allow_none=True)
-        _check_int("freeze_bn", freeze_bn, minimum=0, allow_none=True)
+        check_int("start", start, minimum=0)
+        check_int("freeze_observers", freeze_observers, minimum=0, allow_none=True)
+        check_int("freeze_bn", freeze_bn, minimum=0, allow_none=True)
         if freeze_observers is not None and freeze_observers <= start:
-            _fail("freeze_observers", f"None or > `start` ({start})", freeze_observers,
+            fail("freeze_observers", f"None or > `start` ({start})", freeze_observers,
                   hint="ranges must be observed for a while after quantization starts before they freeze")
         if scale_lr is not None and (isinstance(scale_lr, bool) or not isinstance(scale_lr, (int, float))
                                      or not scale_lr > 0):
-            _fail("scale_lr", "None or a float > 0", scale_lr)
+            fail("scale_lr", "None or a float > 0", scale_lr)
         if parameters is not None and not callable(parameters):
             _patterns("parameters", parameters)
         _patterns("exclude", exclude)
@@ -122,7 +122,7 @@ class QuantizationAwareTraining(_CompressionCallback):
             if owner.endswith("out_proj") and (parent in attention):
                 owner, attr = parent, "out_proj.weight"  # attention runs its output projection itself
             if not isinstance(modules[owner], QUANTIZABLE_KINDS):
-                _fail("parameters", "weights of " + ", ".join(k.__name__ for k in QUANTIZABLE_KINDS), ref.name,
+                fail("parameters", "weights of " + ", ".join(k.__name__ for k in QUANTIZABLE_KINDS), ref.name,
                       hint="quantization-aware training converts whole layers of these kinds")
             layers.setdefault(owner, []).append(attr)
         fresh = {n: a for n, a in layers.items() if not isinstance(modules[n], QuantizedLayer)}
@@ -229,7 +229,7 @@ class QuantizationAwareTraining(_CompressionCallback):
             checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
         states = checkpoint.get("callbacks", {})
         if self.state_key not in states:
-            _fail("checkpoint", f"a checkpoint holding this callback's state ({self.state_key})", sorted(states),
+            fail("checkpoint", f"a checkpoint holding this callback's state ({self.state_key})", sorted(states),
                   hint="construct the callback with the same arguments as during training")
         self.layers = {}
         self._pending_state = dict(states[self.state_key])
@@ -251,7 +251,7 @@ class QuantizationAwareTraining(_CompressionCallback):
     def _load(self, state: dict[str, Any]) -> None:
         saved = state.get("layers", {})
         if set(saved) != set(self.layers):
-            _fail("state_dict", f"quantizer states for the layers {sorted(self.layers)}", sorted(saved),
+            fail("state_dict", f"quantizer states for the layers {sorted(self.layers)}", sorted(saved),
                   hint="the checkpoint was written for a different model or a different selection")
         for name, module in self.layers.items():
             for a, q in module._qat_weights.items():

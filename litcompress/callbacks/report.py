@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from litcompress._validation import _check_int, _fail
+from litcompress._validation import check_int, fail
 from litcompress.callbacks._base import _compression_target, _log_metrics
 from litcompress.report.summary import ModelSummary, _is_quantized, summarize
 from litcompress.report.table import compare, format_table
@@ -74,22 +74,22 @@ class CompressionReport(Callback):
         if isinstance(example_input, (list, tuple)):
             if not example_input or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
                                             for d in example_input):
-                _fail("example_input", "a batch shape of positive ints such as [256, 784]", example_input,
+                fail("example_input", "a batch shape of positive ints such as [256, 784]", example_input,
                       exc=TypeError)
             example_input = torch.zeros(*example_input)
         if example_input is not None and (not isinstance(example_input, Tensor) or example_input.dim() == 0):
-            _fail("example_input", "a tensor whose first dimension is the batch, a batch shape, or None",
+            fail("example_input", "a tensor whose first dimension is the batch, a batch shape, or None",
                   type(example_input).__name__, exc=TypeError)
         if isinstance(metrics, str) or not all(isinstance(m, str) for m in metrics):
-            _fail("metrics", "a list of logged metric names such as ['val/acc']", metrics, exc=TypeError)
+            fail("metrics", "a list of logged metric names such as ['val/acc']", metrics, exc=TypeError)
         for name, value in (("latency", latency), ("plots", plots)):
             if not isinstance(value, bool):
-                _fail(name, "a bool", value, exc=TypeError)
-        _check_int("repeats", repeats, minimum=1)
+                fail(name, "a bool", value, exc=TypeError)
+        check_int("repeats", repeats, minimum=1)
         if dirpath is not None and not isinstance(dirpath, (str, Path)):
-            _fail("dirpath", "a directory path or None", dirpath, exc=TypeError)
+            fail("dirpath", "a directory path or None", dirpath, exc=TypeError)
         if not isinstance(filename, str) or not filename.endswith(".json"):
-            _fail("filename", "a file name ending in .json", filename)
+            fail("filename", "a file name ending in .json", filename)
         self.example_input, self.metrics = example_input, list(metrics)
         self.latency, self.repeats, self.plots = latency, repeats, plots
         self.dirpath, self.filename = dirpath, filename
@@ -101,7 +101,7 @@ class CompressionReport(Callback):
     def _input(self, pl_module: pl.LightningModule) -> Tensor:
         x = self.example_input if self.example_input is not None else pl_module.example_input_array
         if not isinstance(x, Tensor):
-            _fail("example_input", "a tensor", type(x).__name__, exc=TypeError,
+            fail("example_input", "a tensor", type(x).__name__, exc=TypeError,
                   hint="pass CompressionReport(example_input=batch) or set `self.example_input_array` in your "
                        "LightningModule")
         return x.to(pl_module.device)

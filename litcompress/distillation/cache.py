@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from litcompress._validation import _check_fraction, _check_int, _fail
+from litcompress._validation import check_fraction, check_int, fail
 
 __all__ = ["TeacherCache", "topk_compress", "topk_expand"]
 
@@ -51,11 +51,11 @@ class TeacherCache:
 
     def __init__(self, max_bytes: int = 1 << 30, dtype: torch.dtype = torch.float32, min_hit_rate: float = 0.5,
                  top_k: int | None = None, temperature: float = 1.0):
-        _check_int("cache_max_bytes", max_bytes, minimum=1)
-        _check_fraction("min_hit_rate", min_hit_rate, closed_right=True)
-        _check_int("cache_top_k", top_k, minimum=1, allow_none=True)
+        check_int("cache_max_bytes", max_bytes, minimum=1)
+        check_fraction("min_hit_rate", min_hit_rate, closed_right=True)
+        check_int("cache_top_k", top_k, minimum=1, allow_none=True)
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            _fail("cache_dtype", "a floating-point torch.dtype", dtype, exc=TypeError,
+            fail("cache_dtype", "a floating-point torch.dtype", dtype, exc=TypeError,
                   hint="use torch.float16, torch.bfloat16 or torch.float32")
         self.max_bytes, self.dtype, self.min_hit_rate = max_bytes, dtype, min_hit_rate
         self.top_k, self.temperature = top_k, float(temperature)
@@ -122,7 +122,7 @@ class TeacherCache:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("top_k") != self.top_k:
-            _fail("cache_top_k", f"{state.get('top_k')}, as in the checkpoint being resumed", self.top_k,
+            fail("cache_top_k", f"{state.get('top_k')}, as in the checkpoint being resumed", self.top_k,
                   hint="a checkpoint's cache keeps the layout it was saved with")
         self.store, self.bytes = {}, 0
         self.enabled = bool(state.get("enabled", True))
@@ -144,7 +144,7 @@ def topk_compress(logits: Tensor, k: int, temperature: float = 1.0,
     >>> topk_expand(values, indices, fill, classes=4).softmax(-1)  # the top class keeps its probability
     tensor([[0.8098, 0.0634, 0.0634, 0.0634]])
     """
-    _check_int("k", k, minimum=1)
+    check_int("k", k, minimum=1)
     classes = logits.shape[-1]
     k = min(k, classes)
     values, indices = logits.topk(k, dim=-1)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from litcompress._validation import _check_choice, _fail
+from litcompress._validation import check_choice, fail
 
 __all__ = ["TeacherEnsemble"]
 
@@ -40,8 +40,8 @@ class TeacherEnsemble(nn.Module):
         super().__init__()
         if not isinstance(teachers, (list, tuple)) or len(teachers) < 2 or not all(
                 isinstance(t, nn.Module) for t in teachers):
-            _fail("teacher", "a module or a list of two or more modules", teachers, exc=TypeError)
-        _check_choice("average", average, ("probabilities", "outputs"))
+            fail("teacher", "a module or a list of two or more modules", teachers, exc=TypeError)
+        check_choice("average", average, ("probabilities", "outputs"))
         self.members = nn.ModuleList(teachers)
         self.temperature, self.average = float(temperature), average
 
@@ -49,7 +49,7 @@ class TeacherEnsemble(nn.Module):
         outputs = [m(*args, **kwargs) for m in self.members]
         shapes = {tuple(o.shape) for o in outputs}
         if len(shapes) > 1:
-            _fail("teacher", "ensemble members with outputs of one shape", sorted(shapes))
+            fail("teacher", "ensemble members with outputs of one shape", sorted(shapes))
         if self.average == "outputs":
             return torch.stack(outputs).mean(0)
         t = self.temperature

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from litcompress._validation import _fail
+from litcompress._validation import fail
 
 __all__ = ["FEATURE_LOSSES", "attention_map", "capture", "feature_loss", "make_adapter", "output_width"]
 
@@ -43,7 +43,7 @@ def capture(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, Tensor
     missing = [n for n in names if n not in modules]
     if missing:
         valid = ", ".join(n for n in modules if n)[:800]
-        _fail("features", "names of existing layers", missing, hint=f"valid names are: {valid}")
+        fail("features", "names of existing layers", missing, hint=f"valid names are: {valid}")
     found: dict[str, Tensor] = {}
     handles = [
         modules[n].register_forward_hook(lambda _m, _i, out, n=n: found.__setitem__(n, _first_tensor(out)))
@@ -84,7 +84,7 @@ class _ChannelAdapter(nn.Module):
 def make_adapter(width_in: int | None, width_out: int | None, channels_first: bool = False) -> nn.Module:
     """A learnable map from the student's feature width to the teacher's (identity when they match)."""
     if width_in is None or width_out is None:
-        _fail("features", "layers whose output width is known (Linear, Conv, RNN, attention, norms)",
+        fail("features", "layers whose output width is known (Linear, Conv, RNN, attention, norms)",
               (width_in, width_out), hint="distil features of such layers, or use feature_loss='attention'")
     if width_in == width_out:
         return nn.Identity()
@@ -98,11 +98,11 @@ def attention_map(feature: Tensor, size: tuple[int, ...] | None = None) -> Tenso
     student map can be compared with a teacher map of another resolution.
     """
     if feature.dim() < 3:
-        _fail("features", "conv feature maps (B, C, H, W) for attention transfer", tuple(feature.shape))
+        fail("features", "conv feature maps (B, C, H, W) for attention transfer", tuple(feature.shape))
     energy = feature.float().pow(2).mean(1)
     if size is not None and tuple(energy.shape[1:]) != tuple(size):
         if len(size) != energy.dim() - 1:
-            _fail("features", f"feature maps with {len(size)} spatial dimensions, like the teacher's",
+            fail("features", f"feature maps with {len(size)} spatial dimensions, like the teacher's",
                   tuple(feature.shape))
         energy = F.interpolate(energy.unsqueeze(1), size=tuple(size), mode="area").squeeze(1)
     return F.normalize(energy.flatten(1), dim=1)
@@ -115,7 +115,7 @@ def feature_loss(student: Tensor, teacher: Tensor, kind: str, channel_dim: int =
         target = attention_map(teacher)
         return (attention_map(student, tuple(teacher.shape[2:])) - target).pow(2).sum(1).mean()
     if student.shape != teacher.shape:
-        _fail("features", f"student features shaped like the teacher's {tuple(teacher.shape)} after the adapter",
+        fail("features", f"student features shaped like the teacher's {tuple(teacher.shape)} after the adapter",
               tuple(student.shape))
     if kind == "cosine":
         return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=channel_dim)).mean()

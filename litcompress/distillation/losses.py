@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from litcompress._validation import _fail
+from litcompress._validation import fail
 
 __all__ = ["kd_loss", "mse_distillation_loss"]
 
@@ -28,7 +28,7 @@ def kd_loss(student: Tensor, teacher: Tensor, temperature: float = 4.0, mask: Te
         mask: optional bool ``(B,)`` or ``(B, T)``: positions that count (padding excluded).
     """
     if student.shape != teacher.shape:
-        _fail("teacher", f"outputs shaped like the student's {tuple(student.shape)}", tuple(teacher.shape),
+        fail("teacher", f"outputs shaped like the student's {tuple(student.shape)}", tuple(teacher.shape),
               hint="teacher and student must predict over the same classes / vocabulary")
     s = F.log_softmax(student.float() / temperature, dim=-1)
     t = F.log_softmax(teacher.float() / temperature, dim=-1)
@@ -48,5 +48,5 @@ def mse_distillation_loss(student: Tensor, teacher: Tensor) -> Tensor:
     1.0
     """
     if student.shape != teacher.shape:
-        _fail("teacher", f"outputs shaped like the student's {tuple(student.shape)}", tuple(teacher.shape))
+        fail("teacher", f"outputs shaped like the student's {tuple(student.shape)}", tuple(teacher.shape))
     return F.mse_loss(student.float(), teacher.float())

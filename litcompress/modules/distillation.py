@@ -14,7 +14,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from typing_extensions import override
 
-from litcompress._validation import _check_choice, _check_fraction, _check_int, _fail
+from litcompress._validation import check_choice, check_fraction, check_int, fail
 from litcompress.distillation.cache import TeacherCache
 from litcompress.distillation.ensemble import TeacherEnsemble
 from litcompress.distillation.features import FEATURE_LOSSES, capture, feature_loss, make_adapter, output_width
@@ -111,29 +111,29 @@ class DistillationModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         if not isinstance(student, nn.Module):
-            _fail("student", "a torch.nn.Module", type(student).__name__, exc=TypeError)
+            fail("student", "a torch.nn.Module", type(student).__name__, exc=TypeError)
         if isinstance(teacher, (list, tuple)):
             if any(t is student for t in teacher):
-                _fail("teacher", "models other than the student", "a list holding the student")
+                fail("teacher", "models other than the student", "a list holding the student")
             teacher = TeacherEnsemble(teacher, temperature if isinstance(temperature, (int, float)) else 1.0,
                                       "outputs" if task_loss == "mse" else "probabilities")
         if teacher is not None and not isinstance(teacher, nn.Module):
-            _fail("teacher", "a torch.nn.Module, a list of them, or None", type(teacher).__name__, exc=TypeError)
+            fail("teacher", "a torch.nn.Module, a list of them, or None", type(teacher).__name__, exc=TypeError)
         if teacher is student:
-            _fail("teacher", "a model other than the student", "the student itself")
+            fail("teacher", "a model other than the student", "the student itself")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            _fail("temperature", "a float > 0", temperature)
-        _check_fraction("alpha", alpha, closed_right=True)
+            fail("temperature", "a float > 0", temperature)
+        check_fraction("alpha", alpha, closed_right=True)
         if task_loss is None and alpha < 1:
-            _fail("alpha", "1.0 when `task_loss` is None (label-free distillation has no task term)", alpha)
+            fail("alpha", "1.0 when `task_loss` is None (label-free distillation has no task term)", alpha)
         if task_loss is not None and not callable(task_loss) and task_loss not in ("cross_entropy", "mse"):
-            _fail("task_loss", "'cross_entropy', 'mse', a callable fn(output, target) or None", task_loss)
+            fail("task_loss", "'cross_entropy', 'mse', a callable fn(output, target) or None", task_loss)
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            _fail("lr", "a float > 0", lr)
+            fail("lr", "a float > 0", lr)
         if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
-            _fail("weight_decay", "a float >= 0", weight_decay)
-        _check_int("ignore_index", ignore_index)
-        _check_int("num_classes", num_classes, minimum=2, allow_none=True)
+            fail("weight_decay", "a float >= 0", weight_decay)
+        check_int("ignore_index", ignore_index)
+        check_int("num_classes", num_classes, minimum=2, allow_none=True)
         self.student = student
         object.__setattr__(self, "_teacher", None)  # outside the module tree: no state_dict keys, no DDP, no optim
         self.teacher = teacher
@@ -150,24 +150,24 @@ class DistillationModule(pl.LightningModule):
                 self.adapters[_key(s_name)] = make_adapter(
                     output_width(s_modules[s_name]), output_width(t_modules[t_name]), channels_first=conv)
         if not isinstance(cache_teacher, bool):
-            _fail("cache_teacher", "a bool", cache_teacher, exc=TypeError)
+            fail("cache_teacher", "a bool", cache_teacher, exc=TypeError)
         if cache_teacher and self.features:
-            _fail("cache_teacher", "False with `features`", cache_teacher,
+            fail("cache_teacher", "False with `features`", cache_teacher,
                   hint="intermediate teacher features are not cached; drop one of the two")
         if isinstance(cache_dtype, str):
-            _check_choice("cache_dtype", cache_dtype, ("float32", "float16", "bfloat16"))
+            check_choice("cache_dtype", cache_dtype, ("float32", "float16", "bfloat16"))
             cache_dtype = getattr(torch, cache_dtype)
         if cache_top_k is not None and not cache_teacher:
-            _fail("cache_top_k", "None unless `cache_teacher=True`", cache_top_k, hint="set cache_teacher=True")
+            fail("cache_top_k", "None unless `cache_teacher=True`", cache_top_k, hint="set cache_teacher=True")
         if cache_top_k is not None and task_loss == "mse":
-            _fail("cache_top_k", "None with task_loss='mse'", cache_top_k,
+            fail("cache_top_k", "None with task_loss='mse'", cache_top_k,
                   hint="regression outputs are not logits; cache them in full")
         self.teacher_cache = (TeacherCache(cache_max_bytes, cache_dtype, top_k=cache_top_k,
                                            temperature=self.temperature) if cache_teacher else None)
         if transfer is not None:
-            _check_choice("transfer", transfer, ("mixup",))
-        _check_int("transfer_size", transfer_size, minimum=1)
-        _check_int("seed", seed)
+            check_choice("transfer", transfer, ("mixup",))
+        check_int("transfer_size", transfer_size, minimum=1)
+        check_int("seed", seed)
         self.transfer, self.transfer_size, self.seed = transfer, transfer_size, seed
         self.val_metrics: MetricCollection | None = None  # built at the first validation batch (class count)
         self.teacher_val_metrics: MetricCollection | None = None
@@ -178,10 +178,10 @@ class DistillationModule(pl.LightningModule):
             return {}
         if not isinstance(features, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
                                                           for k, v in features.items()):
-            _fail("features", "a mapping from student layer names to teacher layer names", features, exc=TypeError)
-        _check_choice("feature_loss", kind, FEATURE_LOSSES)
+            fail("features", "a mapping from student layer names to teacher layer names", features, exc=TypeError)
+        check_choice("feature_loss", kind, FEATURE_LOSSES)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-            _fail("feature_weight", "a float >= 0", weight)
+            fail("feature_weight", "a float >= 0", weight)
         pairs = {k.removeprefix("student."): v.removeprefix("teacher.") for k, v in features.items()}
         for side, model, names in (("student", self.student, pairs), ("teacher", self._teacher, pairs.values())):
             if model is None:
@@ -190,7 +190,7 @@ class DistillationModule(pl.LightningModule):
             for name in names:
                 if name not in valid:
                     listed = ", ".join(n for n in valid if n)[:600]
-                    _fail("features", f"names of {side} layers", name, hint=f"the {side}'s layers are: {listed}")
+                    fail("features", f"names of {side} layers", name, hint=f"the {side}'s layers are: {listed}")
         return pairs
 
     # ------------------------------------------------------------------ the teacher
@@ -227,7 +227,7 @@ class DistillationModule(pl.LightningModule):
     @override
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.teacher is None:
-            _fail("teacher", "a teacher model for training", None,
+            fail("teacher", "a teacher model for training", None,
                   hint="pass `teacher=` (a teacher is only optional for inference from a checkpoint)")
 
     @override
@@ -303,7 +303,7 @@ class DistillationModule(pl.LightningModule):
             loss = loss + self.alpha * parts["transfer_loss"]
         if self.alpha < 1:
             if targets is None:
-                _fail("batch", "(inputs, targets) when alpha < 1", "a batch without targets",
+                fail("batch", "(inputs, targets) when alpha < 1", "a batch without targets",
                       hint="set alpha=1.0 and task_loss=None for label-free distillation")
             parts["task_loss"] = self.task_loss(student_out, targets)
             loss = loss + (1 - self.alpha) * parts["task_loss"]
@@ -313,7 +313,7 @@ class DistillationModule(pl.LightningModule):
     def mixup_inputs(self, inputs: Tensor) -> Tensor:
         """``transfer_size`` convex mixes of two random inputs of the batch (seeded by ``seed`` and the step)."""
         if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
-            _fail("transfer", "None for inputs that are not floating-point tensors", self.transfer,
+            fail("transfer", "None for inputs that are not floating-point tensors", self.transfer,
                   hint="mixup mixes inputs; token ids or structured batches cannot be mixed")
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step)
         n, k = inputs.shape[0], self.transfer_size

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from litcompress._validation import _fail
+from litcompress._validation import fail
 from litcompress.quantization.modules import QuantizedLayer
 
 __all__ = ["load_compressed", "save_compressed"]
@@ -79,7 +79,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> Path:
     from safetensors.torch import save_file
 
     if not isinstance(model, nn.Module):
-        _fail("model", "a torch.nn.Module", type(model).__name__, exc=TypeError)
+        fail("model", "a torch.nn.Module", type(model).__name__, exc=TypeError)
     quantized = _quantized(model)
     tensors: dict[str, Tensor] = {}
     layout: dict[str, dict[str, Any]] = {}
@@ -127,22 +127,22 @@ def load_compressed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
             metadata = f.metadata() or {}
             stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is not a Mapping)
     except Exception as err:  # safetensors raises its own error types for truncated or foreign files
-        _fail("path", "a complete safetensors file written by save_compressed", str(path),
+        fail("path", "a complete safetensors file written by save_compressed", str(path),
               hint=f"reading it failed: {err}")
     if metadata.get("format") != _FORMAT:
-        _fail("path", f"a file written by save_compressed (format {_FORMAT!r})", str(path),
+        fail("path", f"a file written by save_compressed (format {_FORMAT!r})", str(path),
               hint=f"its metadata says format={metadata.get('format')!r}")
     layout = json.loads(metadata["layout"])
     state = model.state_dict()
     if set(layout) != set(state):
         missing, extra = sorted(set(state) - set(layout)), sorted(set(layout) - set(state))
-        _fail("model", "a model with the tensors stored in the file", type(model).__name__,
+        fail("model", "a model with the tensors stored in the file", type(model).__name__,
               hint=f"missing from the file: {missing[:5]}; not in the model: {extra[:5]}")
     restored = {}
     for name, entry in layout.items():
         shape = torch.Size(entry["shape"])
         if shape != state[name].shape:
-            _fail("model", f"`{name}` of shape {tuple(shape)}", tuple(state[name].shape))
+            fail("model", f"`{name}` of shape {tuple(shape)}", tuple(state[name].shape))
         values = stored[f"{name}:values"]
         n = shape.numel()
         if "count" in entry:

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from litcompress._validation import _fail
+from litcompress._validation import fail
 
 __all__ = [
     "affine_qparams",
@@ -39,7 +39,7 @@ __all__ = [
 def signed_range(bits: int) -> tuple[int, int]:
     """Symmetric signed integer range ``[-(2^(b-1) - 1), 2^(b-1) - 1]``: zero is exact and the grid is symmetric."""
     if not 2 <= bits <= 8:
-        _fail("weight_bits", "an int in [2, 8]", bits)
+        fail("weight_bits", "an int in [2, 8]", bits)
     top = 2 ** (bits - 1) - 1
     return -top, top
 
@@ -47,7 +47,7 @@ def signed_range(bits: int) -> tuple[int, int]:
 def unsigned_range(bits: int) -> tuple[int, int]:
     """Unsigned activation range ``[0, 2^b - 1]``."""
     if not 2 <= bits <= 8:
-        _fail("activation_bits", "an int in [2, 8] or None", bits)
+        fail("activation_bits", "an int in [2, 8] or None", bits)
     return 0, 2**bits - 1
 
 

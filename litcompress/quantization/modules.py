@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from litcompress._validation import _fail
+from litcompress._validation import fail
 from litcompress.quantization.quantizers import ActivationQuantizer, QuantConfig, WeightQuantizer
 
 __all__ = [
@@ -270,11 +270,11 @@ def convert_(
             original = type(module)
             target = _CLASSES.get(original)
             if target is None:
-                _fail("parameters", "layers of the kinds " + ", ".join(k.__name__ for k in QUANTIZABLE_KINDS),
+                fail("parameters", "layers of the kinds " + ", ".join(k.__name__ for k in QUANTIZABLE_KINDS),
                       f"{name} ({original.__name__})",
                       hint="a subclass with its own forward cannot be converted safely; add it to `exclude`")
             if isinstance(module, nn.MultiheadAttention) and (module.bias_k is not None or module.add_zero_attn):
-                _fail("parameters", "attention layers without bias_k / bias_v / add_zero_attn", name,
+                fail("parameters", "attention layers without bias_k / bias_v / add_zero_attn", name,
                       hint="add this layer to `exclude`")
             module.__class__ = target
             module._qat_original = original

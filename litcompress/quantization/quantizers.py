@@ -12,7 +12,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from litcompress._validation import _check_choice, _check_fraction, _check_int, _fail
+from litcompress._validation import check_choice, check_fraction, check_int, fail, fail_state
 from litcompress.quantization.fake_quant import (
     affine_qparams,
     fake_quantize,
@@ -46,16 +46,16 @@ class QuantConfig:
     momentum: float = 0.01
 
     def __post_init__(self) -> None:
-        _check_int("weight_bits", self.weight_bits)
+        check_int("weight_bits", self.weight_bits)
         signed_range(self.weight_bits)
-        _check_choice("weight_granularity", self.weight_granularity, ("per_channel", "per_tensor"))
+        check_choice("weight_granularity", self.weight_granularity, ("per_channel", "per_tensor"))
         if self.activation_bits is not None:
-            _check_int("activation_bits", self.activation_bits)
+            check_int("activation_bits", self.activation_bits)
             unsigned_range(self.activation_bits)
-        _check_choice("scale", self.scale, ("minmax", "power_of_two", "learned"))
-        _check_fraction("momentum", self.momentum, closed_right=True)
+        check_choice("scale", self.scale, ("minmax", "power_of_two", "learned"))
+        check_fraction("momentum", self.momentum, closed_right=True)
         if self.momentum == 0:
-            _fail("momentum", "a float in (0, 1]", self.momentum)
+            fail("momentum", "a float in (0, 1]", self.momentum)
 
 
 class WeightQuantizer:
@@ -165,8 +165,8 @@ class ActivationQuantizer:
             else:  # several forwards before a commit (gradient accumulation): widen
                 self._batch = (torch.minimum(self._batch[0], lo.float()), torch.maximum(self._batch[1], hi.float()))
         if self.lo is None and self._batch is None:
-            _fail("input", f"a batch seen in training before `{self.name}` is used in evaluation", "no range yet",
-                  hint="run at least one training step after QAT starts, or restore the callback's state")
+            fail_state("used in evaluation before any training batch set its activation range", self.name,
+                       "run at least one training step after quantization starts, or restore the callback's state")
         if self.learning:
             return lsq_fake_quantize(x, self.scale, self.qmin, self.qmax,
                                      zero_point=self.zero_point.to(x.device), n=x[0].numel() if x.dim() else 1)
@@ -186,8 +186,8 @@ class ActivationQuantizer:
         hi = self._batch[1] if hi is None else hi
         self._batch = None
         if not (torch.isfinite(lo) and torch.isfinite(hi)):
-            _fail("input", f"finite values at the input of `{self.name}`", f"range [{float(lo)}, {float(hi)}]",
-                  hint="the layer received inf/NaN; check the data, the learning rate or the loss scale")
+            fail_state(f"non-finite activations (range [{float(lo)}, {float(hi)}]) reached", self.name,
+                       "check the data, the learning rate or the loss scale: the layer received inf/NaN")
         if self.lo is None:
             self.lo, self.hi = lo.clone(), hi.clone()
         else:

@@ -10,7 +10,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from litcompress._validation import _fail
+from litcompress._validation import fail
 from litcompress.report.summary import ModelSummary
 
 __all__ = ["plot_layers", "plot_tradeoff"]
@@ -31,7 +31,7 @@ def _pyplot():  # type: ignore[no-untyped-def]
 def plot_layers(summary: ModelSummary, path: str | os.PathLike, title: str = "Per-layer sparsity and bits") -> Path:
     """Bar chart of each weight tensor's sparsity (left axis) and storage bits (right axis)."""
     if not summary.layers:
-        _fail("summary", "a summary with at least one weight tensor", "none", hint="the model has no weights")
+        fail("summary", "a summary with at least one weight tensor", "none", hint="the model has no weights")
     plt = _pyplot()
     names = [layer.name for layer in summary.layers]
     x = range(len(names))
@@ -59,7 +59,7 @@ def plot_tradeoff(points: Sequence[tuple[str, float, float]], path: str | os.Pat
                   title: str = "Accuracy vs size") -> Path:
     """Scatter of ``(label, size in bytes, metric)`` points, size on a log axis."""
     if not points or not all(len(p) == 3 for p in points):
-        _fail("points", "a non-empty list of (label, size_bytes, metric) tuples", points)
+        fail("points", "a non-empty list of (label, size_bytes, metric) tuples", points)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for label, size, value in points:

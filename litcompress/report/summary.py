@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from litcompress._validation import _check_int, _fail
+from litcompress._validation import check_int, fail
 from litcompress.quantization.compact import _quantized, save_compressed
 from litcompress.quantization.modules import QuantizedLayer
 
@@ -115,12 +115,12 @@ def summarize(
         ValueError: the model cannot run on ``example_input`` (the message carries the model's error).
     """
     if not isinstance(model, nn.Module):
-        _fail("model", "a torch.nn.Module", type(model).__name__, exc=TypeError)
+        fail("model", "a torch.nn.Module", type(model).__name__, exc=TypeError)
     if not isinstance(example_input, Tensor) or example_input.dim() == 0:
-        _fail("example_input", "a tensor whose first dimension is the batch", type(example_input).__name__,
+        fail("example_input", "a tensor whose first dimension is the batch", type(example_input).__name__,
               exc=TypeError)
-    _check_int("repeats", repeats, minimum=1)
-    _check_int("warmup", warmup, minimum=0)
+    check_int("repeats", repeats, minimum=1)
+    check_int("warmup", warmup, minimum=0)
     quantized = _quantized(model)
     is_quantized = bool(quantized)
     weights = dict(model.named_parameters())  # tied weights once
@@ -177,7 +177,7 @@ def _flops(model: nn.Module, example_input: Tensor) -> tuple[int, int]:
         with counter:
             model(example_input)
     except Exception as err:
-        _fail("example_input", "an input the model accepts", f"a tensor of shape {tuple(example_input.shape)} "
+        fail("example_input", "an input the model accepts", f"a tensor of shape {tuple(example_input.shape)} "
               f"and dtype {example_input.dtype}", hint=f"the forward pass failed with: {err}")
     finally:
         for handle in handles:

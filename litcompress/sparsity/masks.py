@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from litcompress._validation import _check_fraction, _fail
+from litcompress._validation import check_fraction, fail
 
 __all__ = ["check_nm", "global_masks", "nm_mask", "parse_nm", "unstructured_mask"]
 
@@ -44,7 +44,7 @@ def parse_nm(pattern: str) -> tuple[int, int]:
     match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern) if isinstance(pattern, str) else None
     n, m = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
     if not match or not 0 < n < m:
-        _fail("pattern", "'unstructured' or 'N:M' with 0 < N < M (such as '2:4')", pattern)
+        fail("pattern", "'unstructured' or 'N:M' with 0 < N < M (such as '2:4')", pattern)
     return n, m
 
 
@@ -66,7 +66,7 @@ def _prune_lowest(scores: Tensor, k: int) -> Tensor:
 def _prepared(scores: Tensor, mask: Tensor | None, name: str) -> Tensor:
     scores = scores.detach().float().reshape(-1)
     if not torch.isfinite(scores).all():
-        _fail(name, "finite importance scores", "NaN or inf scores", hint="check the importance function")
+        fail(name, "finite importance scores", "NaN or inf scores", hint="check the importance function")
     if mask is not None:
         scores = scores.masked_fill(~mask.reshape(-1).to(scores.device), float("-inf"))
     return scores
@@ -85,7 +85,7 @@ def unstructured_mask(scores: Tensor, sparsity: float, mask: Tensor | None = Non
         sparsity: fraction to prune, in ``[0, 1]``.
         mask: an earlier keep-mask; its pruned entries stay pruned.
     """
-    _check_fraction("sparsity", sparsity, closed_right=True)
+    check_fraction("sparsity", sparsity, closed_right=True)
     flat = _prepared(scores, mask, "scores")
     return ~_prune_lowest(flat, _count(sparsity, flat.numel(), mask)).reshape(scores.shape)
 
@@ -99,7 +99,7 @@ def global_masks(
     >>> [m.tolist() for m in global_masks([a, b], 0.5)]
     [[False, False, True, True], [False, True]]
     """
-    _check_fraction("sparsity", sparsity, closed_right=True)
+    check_fraction("sparsity", sparsity, closed_right=True)
     masks = list(masks) if masks is not None else [None] * len(scores)
     flats = [_prepared(s, m, "scores") for s, m in zip(scores, masks)]
     total = sum(f.numel() for f in flats)
@@ -133,9 +133,9 @@ def nm_mask(
     group's ``n`` best entries are never pruned. At ``fraction=1`` every group holds exactly ``n``.
     """
     if scores.dim() < 2 or scores.shape[dim] % m:
-        _fail("pattern", f"an N:M group size M dividing the input size (dim {dim})", f"{n}:{m}",
+        fail("pattern", f"an N:M group size M dividing the input size (dim {dim})", f"{n}:{m}",
               hint=f"the tensor has shape {tuple(scores.shape)}; exclude it or pick another M")
-    _check_fraction("fraction", fraction, closed_right=True)
+    check_fraction("fraction", fraction, closed_right=True)
     flat = _prepared(scores, mask, "scores").reshape(scores.shape)
     grouped = _groups(flat, m, dim)
     best = grouped.argsort(dim=1, descending=True, stable=True)[:, :n]  # ties: the lower index is kept

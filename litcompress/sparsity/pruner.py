@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from litcompress._validation import _check_choice, _check_fraction, _fail
+from litcompress._validation import check_choice, check_fraction, fail
 from litcompress.selection import ParameterRef
 from litcompress.sparsity.importance import DATA_DEPENDENT, IMPORTANCES, ImportanceFn, accumulate_
 from litcompress.sparsity.importance import magnitude as _magnitude
@@ -44,15 +44,15 @@ def _resolve_targets(refs: Sequence[ParameterRef], sparsity: float | Mapping[str
         names = [r.name for r in refs]
         for pattern, value in sparsity.items():
             if not isinstance(pattern, str):
-                _fail("sparsity", "a mapping from name regexes to floats", sparsity, exc=TypeError)
-            _check_fraction(f"sparsity[{pattern!r}]", value)
+                fail("sparsity", "a mapping from name regexes to floats", sparsity, exc=TypeError)
+            check_fraction(f"sparsity[{pattern!r}]", value)
             hits = [n for n in names if re.search(pattern, n) and n not in targets]
             if not any(re.search(pattern, n) for n in names):
-                _fail("sparsity", "patterns that each match at least one selected parameter", pattern,
+                fail("sparsity", "patterns that each match at least one selected parameter", pattern,
                       hint="the selected parameters are: " + ", ".join(names))
             targets.update({n: float(value) for n in hits})
         return targets
-    _check_fraction("sparsity", sparsity)
+    check_fraction("sparsity", sparsity)
     return {r.name: float(sparsity) for r in refs}
 
 
@@ -79,9 +79,9 @@ class Pruner:
         importance: str | ImportanceFn = "magnitude",
         seed: int = 0,
     ) -> None:
-        _check_choice("scope", scope, ("layer", "global"))
+        check_choice("scope", scope, ("layer", "global"))
         if not callable(importance):
-            _check_choice("importance", importance, IMPORTANCES, hint="or pass a callable fn(name, weight)")
+            check_choice("importance", importance, IMPORTANCES, hint="or pass a callable fn(name, weight)")
         self.nm = None if pattern == "unstructured" else parse_nm(pattern)
         if self.nm is not None:
             n, m = self.nm
@@ -89,7 +89,7 @@ class Pruner:
             for r in refs:
                 t = r.tensor
                 if t.shape[r.input_dim] % m:
-                    _fail("pattern", "an N:M whose M divides the input size of every pruned tensor", pattern,
+                    fail("pattern", "an N:M whose M divides the input size of every pruned tensor", pattern,
                           hint=f"`{r.name}` has {t.shape[r.input_dim]} inputs (shape {tuple(t.shape)}); "
                           "exclude it or choose another M")
         else:
@@ -154,7 +154,7 @@ class Pruner:
                 s = self.importance(r.name, r.tensor.detach())
                 if not isinstance(s, Tensor) or s.shape != r.tensor.shape:
                     got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
-                    _fail("importance", f"a callable returning a tensor of shape {tuple(r.tensor.shape)} "
+                    fail("importance", f"a callable returning a tensor of shape {tuple(r.tensor.shape)} "
                           f"for `{r.name}`", got)
                 out[r.name] = s
             return out
@@ -178,7 +178,7 @@ class Pruner:
         Returns:
             The sparsity of every pruned tensor after the update.
         """
-        _check_fraction("fraction", fraction, closed_right=True)
+        check_fraction("fraction", fraction, closed_right=True)
         scores = self._importance(reduce)
         if self.importance == "taylor":  # Taylor evidence counts since the last update only
             self.scores.clear()
@@ -268,7 +268,7 @@ class Pruner:
         for key in ("masks", "scores", "snapshot"):
             for name, value in state.get(key, {}).items():
                 if name not in shapes or value.shape != shapes[name]:
-                    _fail("state_dict", f"{key} for the pruned tensors {sorted(shapes)}", name,
+                    fail("state_dict", f"{key} for the pruned tensors {sorted(shapes)}", name,
                           hint="the checkpoint was written for a different model or a different selection")
         self.masks = dict(state.get("masks", {}))
         self.scores = dict(state.get("scores", {}))

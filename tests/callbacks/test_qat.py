@@ -137,7 +137,7 @@ class NanModule(LitClassifier):
 
 
 def test_non_finite_input_names_the_layer(tmp_path):
-    with pytest.raises(ValueError, match=r"finite values at the input of `model\.net\.0:input`"):
+    with pytest.raises(RuntimeError, match=r"non-finite activations .* in `model\.net\.0:input`\. To fix"):
         fit(tmp_path, [QuantizationAwareTraining(verbose=False)], module=NanModule(ZOO["mlp"].build()), max_epochs=1)
 
 
