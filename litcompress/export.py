@@ -10,40 +10,18 @@ True
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.ao.quantization.fx._decomposed  # registers the Q/DQ ops before any export begins
 from torch import Tensor, nn
 
+from litcompress._compat import qdq_ops
 from litcompress._validation import fail
+from litcompress.quantization.access import export_mode
 from litcompress.quantization.compact import load_compressed, save_compressed
-from litcompress.quantization.modules import QuantizedLayer
 
 __all__ = ["export_onnx", "load_compressed", "save_compressed"]
-
-
-@contextlib.contextmanager
-def _export_mode(model: nn.Module) -> Iterator[int]:
-    """Freeze every active quantizer's parameters into constants, so the graph holds Q/DQ ops on them."""
-    layers = [m for m in model.modules() if isinstance(m, QuantizedLayer) and m._qat_enabled]
-    try:
-        for layer in layers:
-            for attr, q in layer._qat_weights.items():
-                ints, scale = q.integers(layer._qat_tensor(attr))
-                q.export = (ints, scale, torch.zeros_like(scale, dtype=torch.int64))
-            for q in layer._qat_inputs.values():
-                if q.lo is not None or q.learning:
-                    scale, zero_point = q.qparams()
-                    q.export = (float(scale), int(zero_point))
-        yield len(layers)
-    finally:
-        for layer in layers:
-            for q in [*layer._qat_weights.values(), *layer._qat_inputs.values()]:
-                q.export = None
 
 
 def export_onnx(
@@ -75,7 +53,8 @@ def export_onnx(
         with torch.no_grad():
             model(example_input)  # fail here, with the model's own message, if the input does not fit
         dynamic = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
-        with _export_mode(model), torch.no_grad():
+        qdq_ops()  # registered before tracing begins
+        with export_mode(model), torch.no_grad():
             torch.onnx.export(model, (example_input,), str(path), dynamo=True, external_data=False,
                               dynamic_shapes=dynamic, verbose=False)
     finally:

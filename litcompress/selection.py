@@ -71,7 +71,7 @@ def weight_attributes(module: nn.Module) -> list[tuple[str, int]]:
     if isinstance(module, _CONV_T):
         return [("weight", 0)]
     if isinstance(module, nn.RNNBase):
-        return [(n, 1) for n in module._flat_weights_names if n.startswith("weight")]
+        return [(n, 1) for n, _ in module.named_parameters(recurse=False) if n.startswith("weight")]
     if isinstance(module, nn.MultiheadAttention):
         if module.in_proj_weight is not None:
             return [("in_proj_weight", 1)]

@@ -94,13 +94,13 @@ def test_compressed_round_trip_restores_fake_quantized_weights(tmp_path, bits, p
     qat = callbacks[-1]
     expected = {name: p.detach().clone() for name, p in module.named_parameters()}
     for layer in qat.layers.values():
-        for attr, q in layer._qat_weights.items():
-            w = layer._qat_tensor(attr)
+        for attr, q in layer.weight_quantizers.items():
+            w = layer.weight_tensor(attr)
             name = next(n for n, p in module.named_parameters() if p is w)
             expected[name] = q(w).detach()  # what training saw: the fake-quantized weight
     path = save_compressed(module, tmp_path / "model.safetensors")
     fresh = LitFresh()
-    load_compressed(path, fresh)
+    load_compressed(fresh, path)
     for name, p in fresh.named_parameters():
         torch.testing.assert_close(p, expected[name], atol=0, rtol=0, msg=name)
 
@@ -138,17 +138,21 @@ def test_compressed_file_errors(tmp_path):
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ValueError, match="a complete safetensors file"):
-        load_compressed(truncated, ZOO["mlp"].build())
+        load_compressed(ZOO["mlp"].build(), truncated)
     foreign = tmp_path / "foreign.safetensors"
     save_file({"w": torch.zeros(2)}, str(foreign))
     with pytest.raises(ValueError, match="a file written by save_compressed"):
-        load_compressed(foreign, ZOO["mlp"].build())
+        load_compressed(ZOO["mlp"].build(), foreign)
     with pytest.raises(ValueError, match="a model with the tensors stored in the file"):
-        load_compressed(path, ZOO["cnn"].build())
+        load_compressed(ZOO["cnn"].build(), path)
     pickle_file = tmp_path / "model.pt"
     torch.save(model.state_dict(), pickle_file)
     with pytest.raises(ValueError, match="a complete safetensors file"):
-        load_compressed(pickle_file, ZOO["mlp"].build())
+        load_compressed(ZOO["mlp"].build(), pickle_file)
+    with pytest.raises(TypeError, match=r"the model comes first.*load_compressed\(model, path\)"):
+        load_compressed(path, ZOO["mlp"].build())  # the order of earlier releases
+    with pytest.raises(TypeError, match=r"Expected argument `model` to be a torch\.nn\.Module"):
+        load_compressed(None, path)
 
 
 FRESH_PROCESS = """

@@ -86,7 +86,7 @@ class QuantizationAwareTraining(_CompressionCallback):
         self.start, self.freeze_observers, self.freeze_bn = start, freeze_observers, freeze_bn
         self.parameters, self.exclude, self.scale_lr, self.verbose = parameters, exclude, scale_lr, verbose
 
-        self.layers: dict[str, nn.Module] = {}
+        self.layers: dict[str, QuantizedLayer] = {}
         self._bn: list[nn.Module] = []
         self._flags = {"enabled": False, "observers_frozen": False, "bn_frozen": False}
 
@@ -98,10 +98,10 @@ class QuantizationAwareTraining(_CompressionCallback):
 
     # ------------------------------------------------------------------ quantizers
     def _weight_quantizers(self) -> list[tuple[nn.Module, str, WeightQuantizer]]:
-        return [(m, a, q) for m in self.layers.values() for a, q in m._qat_weights.items()]
+        return [(m, a, q) for m in self.layers.values() for a, q in m.weight_quantizers.items()]
 
     def _input_quantizers(self) -> list[ActivationQuantizer]:
-        return [q for m in self.layers.values() for q in m._qat_inputs.values()]
+        return [q for m in self.layers.values() for q in m.input_quantizers.values()]
 
     # ------------------------------------------------------------------ setup
     @override
@@ -138,11 +138,12 @@ class QuantizationAwareTraining(_CompressionCallback):
         if self.config.scale != "learned":
             return
         # step sizes join the optimizer now, idle until `start`, so a resumed optimizer state lines up
-        scales = [q.scale if q.scale is not None else q.placeholder(m._qat_tensor(a))
+        scales = [q.scale if q.scale is not None else q.placeholder(m.weight_tensor(a))
                   for m, a, q in self._weight_quantizers()]
         for module in self.layers.values():
             device = next(module.parameters()).device
-            scales += [q.scale if q.scale is not None else q.placeholder(device) for q in module._qat_inputs.values()]
+            scales += [q.scale if q.scale is not None else q.placeholder(device)
+                       for q in module.input_quantizers.values()]
         optimizer = trainer.optimizers[0]
         if not any(any(p is scales[0] for p in g["params"]) for g in optimizer.param_groups):
             lr = self.scale_lr if self.scale_lr is not None else optimizer.param_groups[0]["lr"]
@@ -159,7 +160,7 @@ class QuantizationAwareTraining(_CompressionCallback):
             self._set_enabled(True)
             if self.config.scale == "learned":
                 for module, attr, q in self._weight_quantizers():
-                    q.start_learning(module._qat_tensor(attr))
+                    q.start_learning(module.weight_tensor(attr))
             self._say(trainer, "fake quantization on")
         if (self.freeze_observers is not None and not self._flags["observers_frozen"]
                 and step >= self._to_steps(trainer, self.freeze_observers)):
@@ -195,12 +196,12 @@ class QuantizationAwareTraining(_CompressionCallback):
     def _set_enabled(self, value: bool) -> None:
         self._flags["enabled"] = value
         for module in self.layers.values():
-            module._qat_enabled = value
+            module.fake_quant_enabled = value
 
     def _freeze_observers(self) -> None:
         self._flags["observers_frozen"] = True
         for module, attr, q in self._weight_quantizers():
-            q.freeze(module._qat_tensor(attr))
+            q.freeze(module.weight_tensor(attr))
         for q in self._input_quantizers():
             q.observing = False
 
@@ -242,8 +243,8 @@ class QuantizationAwareTraining(_CompressionCallback):
         return {
             "flags": dict(self._flags),
             "layers": {
-                name: {"weights": {a: q.state_dict() for a, q in m._qat_weights.items()},
-                       "inputs": {k: q.state_dict() for k, q in m._qat_inputs.items()}}
+                name: {"weights": {a: q.state_dict() for a, q in m.weight_quantizers.items()},
+                       "inputs": {k: q.state_dict() for k, q in m.input_quantizers.items()}}
                 for name, m in self.layers.items()
             },
         }
@@ -254,9 +255,9 @@ class QuantizationAwareTraining(_CompressionCallback):
             fail("state_dict", f"quantizer states for the layers {sorted(self.layers)}", sorted(saved),
                   hint="the checkpoint was written for a different model or a different selection")
         for name, module in self.layers.items():
-            for a, q in module._qat_weights.items():
+            for a, q in module.weight_quantizers.items():
                 q.load_state_dict(saved[name]["weights"].get(a, {}))
-            for k, q in module._qat_inputs.items():
+            for k, q in module.input_quantizers.items():
                 q.load_state_dict(saved[name]["inputs"].get(k, {}))
         self._flags.update(state.get("flags", {}))
         self._set_enabled(self._flags["enabled"])

@@ -24,7 +24,8 @@ from typing_extensions import override
 
 from litcompress._validation import check_int, fail
 from litcompress.callbacks._base import _compression_target, _log_metrics
-from litcompress.report.summary import ModelSummary, _is_quantized, summarize
+from litcompress.quantization.access import quantized_layers
+from litcompress.report.summary import ModelSummary, summarize
 from litcompress.report.table import compare, format_table
 
 __all__ = ["CompressionReport"]
@@ -119,7 +120,7 @@ class CompressionReport(Callback):
         if self.baseline is not None:  # restored from a checkpoint: the original model's figures
             return
         model, _ = self._baseline_model(pl_module)
-        onnx = self.latency and _is_quantized(_compression_target(pl_module))  # int8 ORT will be compared
+        onnx = self.latency and bool(quantized_layers(_compression_target(pl_module)))  # int8 ORT will be compared
         self.baseline = summarize(model, x, latency=self.latency and trainer.is_global_zero, onnx=onnx,
                                   repeats=self.repeats).to_dict()
 
@@ -151,7 +152,7 @@ class CompressionReport(Callback):
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, directory: Path) -> dict[str, Any]:
         target = _compression_target(pl_module)
         final = summarize(target, self._input(pl_module), latency=self.latency, repeats=self.repeats,
-                          onnx=self.latency and _is_quantized(target))
+                          onnx=self.latency and bool(quantized_layers(target)))
         baseline = ModelSummary.from_dict(self.baseline)  # type: ignore[arg-type]
         _, label = self._baseline_model(pl_module)
         logged = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, (Tensor, float, int))}

@@ -1,6 +1,11 @@
-"""Quantization in pure torch: fake-quant math, quantizers, and layers converted in place for QAT."""
+"""Quantization in pure torch: fake-quant math, quantizers, layers converted in place for QAT, compact files.
 
-from litcompress.quantization.fake_quant import fake_quantize, lsq_fake_quantize
+The public door into a converted model is :func:`quantized_layers`, :func:`quantized_weights`, :func:`fake_quant`
+and :func:`export_mode`, plus the attributes of :class:`QuantizedLayer`.
+"""
+
+from litcompress.quantization.access import export_mode, fake_quant, quantized_layers, quantized_weights
+from litcompress.quantization.functional import fake_quantize, lsq_fake_quantize
 from litcompress.quantization.modules import QUANTIZABLE_KINDS, QuantizedLayer, convert_, revert_
 from litcompress.quantization.quantizers import ActivationQuantizer, QuantConfig, WeightQuantizer
 
@@ -11,7 +16,11 @@ __all__ = [
     "QuantizedLayer",
     "WeightQuantizer",
     "convert_",
+    "export_mode",
+    "fake_quant",
     "fake_quantize",
     "lsq_fake_quantize",
+    "quantized_layers",
+    "quantized_weights",
     "revert_",
 ]

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from litcompress._validation import fail
-from litcompress.quantization.modules import QuantizedLayer
+from litcompress.quantization.access import quantized_weights
 
 __all__ = ["load_compressed", "save_compressed"]
 
@@ -49,18 +49,6 @@ def _unpack_int4(packed: Tensor, n: int) -> Tensor:
     return out.to(torch.int16).sub(8).to(torch.int8)
 
 
-def _quantized(model: nn.Module) -> dict[str, tuple[Any, Tensor]]:
-    """Canonical parameter name -> (weight quantizer, weight) for every active quantized weight."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    found = {}
-    for layer in model.modules():
-        if isinstance(layer, QuantizedLayer) and layer._qat_enabled:
-            for attr, q in layer._qat_weights.items():
-                w = layer._qat_tensor(attr)
-                found[names[id(w)]] = (q, w)
-    return found
-
-
 def save_compressed(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``model``'s weights in compact form (see the module docstring); returns the path.
 
@@ -72,7 +60,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> Path:
     >>> path = save_compressed(model, "doctest.safetensors")
     >>> path.stat().st_size < 256 * 256 * 4 / 4  # under a quarter of the fp32 weights
     True
-    >>> torch.equal(load_compressed(path, nn.Linear(256, 256)).weight, model.weight)
+    >>> torch.equal(load_compressed(nn.Linear(256, 256), path).weight, model.weight)
     True
     >>> path.unlink()
     """
@@ -80,7 +68,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> Path:
 
     if not isinstance(model, nn.Module):
         fail("model", "a torch.nn.Module", type(model).__name__, exc=TypeError)
-    quantized = _quantized(model)
+    quantized = quantized_weights(model)
     tensors: dict[str, Tensor] = {}
     layout: dict[str, dict[str, Any]] = {}
     for name, value in model.state_dict().items():
@@ -110,8 +98,10 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_compressed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
+def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a :func:`save_compressed` file into ``model`` (in place; also returned).
+
+    The model comes first, as in :func:`save_compressed` and safetensors' own ``load_model(model, filename)``.
 
     Quantized weights come back as ``integers * scale``: exactly the fake-quantized weights that were trained.
 
@@ -121,6 +111,11 @@ def load_compressed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     """
     from safetensors import safe_open
 
+    if isinstance(model, (str, os.PathLike)) and isinstance(path, nn.Module):
+        fail("model", "a torch.nn.Module (the model comes first)", str(model), exc=TypeError,
+             hint="call load_compressed(model, path), as save_compressed(model, path)")
+    if not isinstance(model, nn.Module):
+        fail("model", "a torch.nn.Module", type(model).__name__, exc=TypeError)
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:

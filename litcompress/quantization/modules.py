@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from litcompress._compat import ATTENTION_OUT_PROJ, conv_forward, rnn_forward
 from litcompress._validation import fail
 from litcompress.quantization.quantizers import ActivationQuantizer, QuantConfig, WeightQuantizer
 
@@ -47,28 +48,38 @@ __all__ = [
 
 
 class QuantizedLayer:
-    """Mixin of the converted classes: quantizers and the on/off switch."""
+    """Mixin of the converted classes: what a converted layer offers besides its original interface.
 
-    _qat_weights: dict[str, WeightQuantizer]
-    _qat_inputs: dict[str, ActivationQuantizer]
-    _qat_enabled: bool
-    _qat_original: type
+    Attributes:
+        weight_quantizers: quantizer per weight it fake-quantizes, keyed by attribute (``"weight"``,
+            ``"weight_hh_l0"``, ``"out_proj.weight"`` for an attention layer's output projection).
+        input_quantizers: quantizer per activation it fake-quantizes (``"input"``; ``"output"`` for convolutions;
+            ``"query"``, ``"key"``, ``"value"``, ``"out_proj"`` for attention); empty when weight-only.
+        fake_quant_enabled: whether ``forward`` fake-quantizes (off: the original layer's forward, bit for bit).
+        original_class: the class the layer had before conversion (what :func:`revert_` restores).
+    """
 
-    def _qat_input(self, key: str, x: Tensor) -> Tensor:
-        quantizer = self._qat_inputs.get(key)
+    weight_quantizers: dict[str, WeightQuantizer]
+    input_quantizers: dict[str, ActivationQuantizer]
+    fake_quant_enabled: bool
+    original_class: type[nn.Module]
+
+    def weight_tensor(self, key: str) -> Tensor:
+        """The float weight that ``weight_quantizers[key]`` quantizes (the live ``Parameter``)."""
+        owner, _, leaf = key.rpartition(".")
+        module = self.get_submodule(owner) if owner else self  # type: ignore[attr-defined]
+        return getattr(module, leaf)
+
+    def _quantize_input(self, key: str, x: Tensor) -> Tensor:
+        quantizer = self.input_quantizers.get(key)
         return x if quantizer is None else quantizer(x, self.training)  # type: ignore[attr-defined]
 
-    def _qat_weight(self, attr: str, w: Tensor) -> Tensor:
-        quantizer = self._qat_weights.get(attr)
+    def _quantize_weight(self, key: str, w: Tensor) -> Tensor:
+        quantizer = self.weight_quantizers.get(key)
         return w if quantizer is None else quantizer(w)
 
-    def _qat_tensor(self, attr: str) -> Tensor:
-        """The weight a quantizer key names (``"weight"``, ``"weight_hh_l0"``, ``"out_proj.weight"``)."""
-        owner, _, leaf = attr.rpartition(".")
-        return getattr(self.get_submodule(owner) if owner else self, leaf)  # type: ignore[attr-defined]
-
-    def _qat_exporting(self) -> bool:
-        return any(q.export is not None for q in self._qat_weights.values())
+    def _exporting(self) -> bool:
+        return any(q.exporting for q in self.weight_quantizers.values())
 
 
 def _linear(x: Tensor, w: Tensor, b: Tensor | None, exporting: bool) -> Tensor:
@@ -83,10 +94,10 @@ def _linear(x: Tensor, w: Tensor, b: Tensor | None, exporting: bool) -> Tensor:
 
 class QATLinear(QuantizedLayer, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
-        if not self._qat_enabled:
+        if not self.fake_quant_enabled:
             return super().forward(x)
-        w = self._qat_weight("weight", self.weight)
-        return _linear(self._qat_input("input", x), w, self.bias, self._qat_exporting())
+        w = self._quantize_weight("weight", self.weight)
+        return _linear(self._quantize_input("input", x), w, self.bias, self._exporting())
 
 
 class _QATConv(QuantizedLayer):
@@ -94,11 +105,11 @@ class _QATConv(QuantizedLayer):
     kernel) only when the convolution's output is quantized; BatchNorm then runs on the dequantized output."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self._qat_enabled:
+        if not self.fake_quant_enabled:
             return super().forward(x)  # type: ignore[misc]
-        w = self._qat_weight("weight", self.weight)  # type: ignore[attr-defined]
-        y = self._conv_forward(self._qat_input("input", x), w, self.bias)  # type: ignore[attr-defined]
-        return self._qat_input("output", y)
+        w = self._quantize_weight("weight", self.weight)  # type: ignore[attr-defined]
+        y = conv_forward(self, self._quantize_input("input", x), w)  # type: ignore[arg-type]
+        return self._quantize_input("output", y)
 
 
 class QATConv1d(_QATConv, nn.Conv1d):
@@ -117,9 +128,9 @@ class QATEmbedding(QuantizedLayer, nn.Embedding):
     """Weight-only: the inputs are indices."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self._qat_enabled:
+        if not self.fake_quant_enabled:
             return super().forward(x)
-        return F.embedding(x, self._qat_weight("weight", self.weight), self.padding_idx, self.max_norm,
+        return F.embedding(x, self._quantize_weight("weight", self.weight), self.padding_idx, self.max_norm,
                            self.norm_type, self.scale_grad_by_freq, self.sparse)
 
 
@@ -127,16 +138,10 @@ class _QATRNN(QuantizedLayer):
     """Weight-only: the recurrent kernel runs on fake-quantized copies of the weight matrices."""
 
     def forward(self, x, hx=None):  # type: ignore[no-untyped-def]
-        if not self._qat_enabled:
+        if not self.fake_quant_enabled:
             return super().forward(x, hx)  # type: ignore[misc]
-        saved = self._flat_weights  # type: ignore[has-type]
-        self._flat_weights = [
-            self._qat_weight(n, w) if w is not None else w for n, w in zip(self._flat_weights_names, saved)
-        ]  # type: ignore[attr-defined]
-        try:
-            return super().forward(x, hx)  # type: ignore[misc]
-        finally:
-            self._flat_weights = saved
+        weights = {k: self._quantize_weight(k, self.weight_tensor(k)) for k in self.weight_quantizers}
+        return rnn_forward(self, super().forward, weights, x, hx)  # type: ignore[arg-type, misc]
 
 
 class QATLSTM(_QATRNN, nn.LSTM):
@@ -165,26 +170,26 @@ class QATMultiheadAttention(QuantizedLayer, nn.MultiheadAttention):
         need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        if not self._qat_enabled:
+        if not self.fake_quant_enabled:
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                                    is_causal=is_causal)
+        self_attention = key is query and value is query  # before the transpose makes three new tensors
         if not self.batch_first:  # work in (N, L, E)
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        self_attention = key is query and value is query
-        q_in = self._qat_input("query", query)
-        k_in = q_in if self_attention else self._qat_input("key", key)
-        v_in = q_in if self_attention else self._qat_input("value", value)
+        q_in = self._quantize_input("query", query)
+        k_in = q_in if self_attention else self._quantize_input("key", key)
+        v_in = q_in if self_attention else self._quantize_input("value", value)
         e = self.embed_dim
         if self.in_proj_weight is not None:
-            w_q, w_k, w_v = self._qat_weight("in_proj_weight", self.in_proj_weight).split(e)
+            w_q, w_k, w_v = self._quantize_weight("in_proj_weight", self.in_proj_weight).split(e)
         else:
-            w_q = self._qat_weight("q_proj_weight", self.q_proj_weight)
-            w_k = self._qat_weight("k_proj_weight", self.k_proj_weight)
-            w_v = self._qat_weight("v_proj_weight", self.v_proj_weight)
+            w_q = self._quantize_weight("q_proj_weight", self.q_proj_weight)
+            w_k = self._quantize_weight("k_proj_weight", self.k_proj_weight)
+            w_v = self._quantize_weight("v_proj_weight", self.v_proj_weight)
         b_q, b_k, b_v = self.in_proj_bias.split(e) if self.in_proj_bias is not None else (None, None, None)
         n, tq, h = q_in.shape[0], q_in.shape[1], self.num_heads
-        exporting = self._qat_exporting()
+        exporting = self._exporting()
         q = _linear(q_in, w_q, b_q, exporting).view(n, tq, h, -1).transpose(1, 2)  # (N, H, L, D)
         k = _linear(k_in, w_k, b_k, exporting).view(n, k_in.shape[1], h, -1).transpose(1, 2)  # (N, H, S, D)
         v = _linear(v_in, w_v, b_v, exporting).view(n, v_in.shape[1], h, -1).transpose(1, 2)
@@ -211,8 +216,8 @@ class QATMultiheadAttention(QuantizedLayer, nn.MultiheadAttention):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                  is_causal=is_causal and mask is None)
         out = out.transpose(1, 2).reshape(n, tq, e)
-        w_o = self._qat_weight("out_proj.weight", self.out_proj.weight)
-        out = _linear(self._qat_input("out_proj", out), w_o, self.out_proj.bias, exporting)
+        w_o = self._quantize_weight("out_proj.weight", self.out_proj.weight)
+        out = _linear(self._quantize_input("out_proj", out), w_o, self.out_proj.bias, exporting)
         return (out if self.batch_first else out.transpose(0, 1)), weights
 
 
@@ -220,7 +225,7 @@ _CLASSES: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: QATLinear, nn.Conv1d: QATConv1d, nn.Conv2d: QATConv2d, nn.Conv3d: QATConv3d,
     nn.Embedding: QATEmbedding, nn.LSTM: QATLSTM, nn.GRU: QATGRU, nn.RNN: QATRNN,
     nn.MultiheadAttention: QATMultiheadAttention,
-    nn.modules.linear.NonDynamicallyQuantizableLinear: QATLinear,
+    ATTENTION_OUT_PROJ: QATLinear,
 }
 QUANTIZABLE_KINDS: tuple[type[nn.Module], ...] = (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.RNNBase, nn.MultiheadAttention,
@@ -235,7 +240,7 @@ def _weights_of(module: nn.Module) -> list[str]:
             "q_proj_weight", "k_proj_weight", "v_proj_weight"]
         return [*names, "out_proj.weight"]
     if isinstance(module, nn.RNNBase):
-        return [n for n in module._flat_weights_names if n.startswith("weight")]
+        return [n for n, _ in module.named_parameters(recurse=False) if n.startswith("weight")]
     return ["weight"]
 
 
@@ -277,14 +282,14 @@ def convert_(
                 fail("parameters", "attention layers without bias_k / bias_v / add_zero_attn", name,
                       hint="add this layer to `exclude`")
             module.__class__ = target
-            module._qat_original = original
+            module.original_class = original
         attrs = list(attrs) if attrs is not None else _weights_of(module)
-        module._qat_weights = {a: WeightQuantizer(config, f"{name}.{a}") for a in attrs}
-        module._qat_inputs = (
+        module.weight_quantizers = {a: WeightQuantizer(config, f"{name}.{a}") for a in attrs}
+        module.input_quantizers = (
             {k: ActivationQuantizer(config, f"{name}:{k}") for k in _input_keys(module)}
             if config.activation_bits is not None else {}
         )
-        module._qat_enabled = False
+        module.fake_quant_enabled = False
         converted[name] = module
     return converted
 
@@ -292,6 +297,6 @@ def convert_(
 def revert_(module: nn.Module) -> None:
     """Give a converted layer its original class back (its parameters are untouched)."""
     if isinstance(module, QuantizedLayer):
-        module.__class__ = module._qat_original
-        for attr in ("_qat_weights", "_qat_inputs", "_qat_enabled", "_qat_original"):
+        module.__class__ = module.original_class
+        for attr in ("weight_quantizers", "input_quantizers", "fake_quant_enabled", "original_class"):
             module.__dict__.pop(attr, None)

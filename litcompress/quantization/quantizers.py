@@ -12,8 +12,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from litcompress._compat import qdq_ops
 from litcompress._validation import check_choice, check_fraction, check_int, fail, fail_state
-from litcompress.quantization.fake_quant import (
+from litcompress.quantization.functional import (
     affine_qparams,
     fake_quantize,
     lsq_fake_quantize,
@@ -67,7 +68,7 @@ class WeightQuantizer:
         self.qmin, self.qmax = signed_range(config.weight_bits)
         self.scale: Tensor | None = None  # frozen or learned scale; None: computed from the weights each call
         self.frozen = False
-        self.export: tuple[Tensor, Tensor, Tensor] | None = None  # (int8 weights, scales, zeros) while exporting
+        self._export: tuple[Tensor, Tensor, Tensor] | None = None  # (int8 weights, scales, zeros) while exporting
 
     def observed_scale(self, w: Tensor) -> Tensor:
         scale = symmetric_scale(w, self.qmax, self.axis)
@@ -106,12 +107,25 @@ class WeightQuantizer:
         q = torch.clamp(torch.round(w.detach().float() / shaped), self.qmin, self.qmax).to(torch.int8)
         return q, scale
 
+    @property
+    def exporting(self) -> bool:
+        """Whether :meth:`begin_export` froze the integer weights into constants for an ONNX export."""
+        return self._export is not None
+
+    def begin_export(self, w: Tensor) -> None:
+        """Until :meth:`end_export`, return ``DequantizeLinear`` of the integer weights of ``w`` (as constants)."""
+        ints, scale = self.integers(w)
+        self._export = (ints, scale, torch.zeros_like(scale, dtype=torch.int64))
+
+    def end_export(self) -> None:
+        self._export = None
+
     def __call__(self, w: Tensor) -> Tensor:
-        if self.export is not None:  # Q/DQ graph for ONNX: DequantizeLinear on an int8 initializer
-            q, scale, zeros = self.export
+        if self._export is not None:  # Q/DQ graph for ONNX: DequantizeLinear on an int8 initializer
+            q, scale, zeros = self._export
             if scale.dim():
-                return _qd().dequantize_per_channel(q, scale, zeros, 0, self.qmin, self.qmax, torch.int8)
-            return _qd().dequantize_per_tensor(q, float(scale), 0, self.qmin, self.qmax, torch.int8)
+                return qdq_ops().dequantize_per_channel(q, scale, zeros, 0, self.qmin, self.qmax, torch.int8)
+            return qdq_ops().dequantize_per_tensor(q, float(scale), 0, self.qmin, self.qmax, torch.int8)
         if self.scale is not None and self.scale.requires_grad:
             return lsq_fake_quantize(w, self.scale, self.qmin, self.qmax, self.axis)
         scale = self.current_scale(w).to(w.device)
@@ -144,7 +158,7 @@ class ActivationQuantizer:
         self.observing = True
         self.scale: Tensor | None = None  # learned step size (LSQ)
         self.zero_point: Tensor | None = None  # fixed when the step size starts learning
-        self.export: tuple[float, int] | None = None  # (scale, zero point) while exporting
+        self._export: tuple[float, int] | None = None  # (scale, zero point) while exporting
 
     def qparams(self) -> tuple[Tensor, Tensor]:
         """Scale and zero point in use (learned ones once learning, else from the observed range)."""
@@ -153,11 +167,24 @@ class ActivationQuantizer:
         lo, hi = (self.lo, self.hi) if self.lo is not None else self._batch  # type: ignore[misc]
         return affine_qparams(lo, hi, self.qmin, self.qmax)
 
+    @property
+    def ready(self) -> bool:
+        """Whether a range (observed or learned) exists, so the quantizer can run in evaluation or export."""
+        return self.lo is not None or self.learning
+
+    def begin_export(self) -> None:
+        """Until :meth:`end_export`, quantize with constant parameters (a QuantizeLinear/DequantizeLinear pair)."""
+        scale, zero_point = self.qparams()
+        self._export = (float(scale), int(zero_point))
+
+    def end_export(self) -> None:
+        self._export = None
+
     def __call__(self, x: Tensor, training: bool) -> Tensor:
-        if self.export is not None:  # Q/DQ pair for ONNX: QuantizeLinear -> DequantizeLinear
-            scale, zero_point = self.export
-            q = _qd().quantize_per_tensor(x, scale, zero_point, self.qmin, self.qmax, torch.uint8)
-            return _qd().dequantize_per_tensor(q, scale, zero_point, self.qmin, self.qmax, torch.uint8)
+        if self._export is not None:  # Q/DQ pair for ONNX: QuantizeLinear -> DequantizeLinear
+            scale, zero_point = self._export
+            q = qdq_ops().quantize_per_tensor(x, scale, zero_point, self.qmin, self.qmax, torch.uint8)
+            return qdq_ops().dequantize_per_tensor(q, scale, zero_point, self.qmin, self.qmax, torch.uint8)
         if training and self.observing:
             lo, hi = torch.aminmax(x.detach())
             if self._batch is None:
@@ -223,13 +250,6 @@ class ActivationQuantizer:
         self.observing = bool(state.get("observing", True))
         self.zero_point = state.get("zero_point")
         self.scale = _load_scale(self.scale, state)
-
-
-def _qd() -> Any:
-    """``torch.ops.quantized_decomposed``: Q/DQ ops that the ONNX exporter maps to Quantize/DequantizeLinear."""
-    import torch.ao.quantization.fx._decomposed
-
-    return torch.ops.quantized_decomposed
 
 
 def _scale_state(scale: Tensor | None) -> dict[str, Any]:

@@ -17,8 +17,6 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +26,8 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from litcompress._validation import check_int, fail
-from litcompress.quantization.compact import _quantized, save_compressed
-from litcompress.quantization.modules import QuantizedLayer
+from litcompress.quantization.access import fake_quant, quantized_weights
+from litcompress.quantization.compact import save_compressed
 
 __all__ = ["LayerSummary", "ModelSummary", "summarize"]
 
@@ -121,7 +119,7 @@ def summarize(
               exc=TypeError)
     check_int("repeats", repeats, minimum=1)
     check_int("warmup", warmup, minimum=0)
-    quantized = _quantized(model)
+    quantized = quantized_weights(model)
     is_quantized = bool(quantized)
     weights = dict(model.named_parameters())  # tied weights once
     bits = {name: q.config.weight_bits for name, (q, _) in quantized.items()}
@@ -145,7 +143,7 @@ def summarize(
                 summary.latency_onnx = _onnx_latency(model, example_input, Path(tmp) / "model.onnx", repeats,
                                                      warmup)
                 if is_quantized:
-                    with _fake_quant_off(model):
+                    with fake_quant(model, False):
                         summary.latency_onnx_fp32 = _onnx_latency(model, example_input, Path(tmp) / "fp32.onnx",
                                                                   repeats, warmup)
     finally:
@@ -223,19 +221,3 @@ def _onnx_latency(model: nn.Module, example_input: Tensor, path: Path, repeats: 
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: example_input.detach().cpu().numpy()}
     return _time(lambda: session.run(None, feed), repeats, warmup)
-
-
-@contextmanager
-def _fake_quant_off(model: nn.Module) -> Iterator[None]:
-    layers = [m for m in model.modules() if isinstance(m, QuantizedLayer) and m._qat_enabled]
-    for layer in layers:
-        layer._qat_enabled = False
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer._qat_enabled = True
-
-
-def _is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, QuantizedLayer) for m in model.modules())

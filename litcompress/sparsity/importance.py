@@ -7,7 +7,8 @@
   change from removing a weight (Molchanov et al. 2019).
 - ``random``: uniform noise from a seeded generator (a baseline; identical on every process).
 
-The accumulating scores are updated in place for a whole list of tensors with ``torch._foreach_*`` kernels.
+The accumulating scores are updated in place for a whole list of tensors with fused multi-tensor kernels
+(see :mod:`litcompress._compat`).
 
 >>> import torch
 >>> w, g = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 0.5])
@@ -22,6 +23,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from litcompress._compat import foreach_abs_, foreach_add_, foreach_mul, foreach_sub_
+from litcompress._validation import fail
 
 __all__ = ["DATA_DEPENDENT", "IMPORTANCES", "ImportanceFn", "accumulate_", "magnitude", "random_scores"]
 
@@ -55,11 +59,11 @@ def accumulate_(kind: str, scores: Sequence[Tensor], weights: Sequence[Tensor], 
     """Add one optimizer step's evidence to ``scores`` in place (``kind`` is ``"movement"`` or ``"taylor"``)."""
     if not scores:
         return
-    products = torch._foreach_mul([w.detach().float() for w in weights], [g.float() for g in grads])
+    products = foreach_mul([w.detach().float() for w in weights], [g.float() for g in grads])
     if kind == "movement":
-        torch._foreach_sub_(list(scores), products)
+        foreach_sub_(list(scores), products)
     elif kind == "taylor":
-        torch._foreach_abs_(products)
-        torch._foreach_add_(list(scores), products)
+        foreach_abs_(products)
+        foreach_add_(list(scores), products)
     else:
-        raise ValueError(f"Expected `kind` to be one of {DATA_DEPENDENT}, but got {kind!r}.")
+        fail("kind", f"one of {DATA_DEPENDENT}", kind)

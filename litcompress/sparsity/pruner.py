@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from litcompress._compat import foreach_mul_, foreach_norm
 from litcompress._validation import check_choice, check_fraction, fail
 from litcompress.selection import ParameterRef
 from litcompress.sparsity.importance import DATA_DEPENDENT, IMPORTANCES, ImportanceFn, accumulate_
@@ -134,7 +135,7 @@ class Pruner:
         if not refs:
             return False
         grads = [r.tensor.grad for r in refs]
-        if skip_nonfinite and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+        if skip_nonfinite and not torch.isfinite(torch.stack(foreach_norm(grads))).all():
             return False
         for r in refs:
             if r.name not in self.scores:
@@ -215,7 +216,7 @@ class Pruner:
                     masks.append(self.masks[r.name].view(torch.uint8))
             self._groups = list(groups.values())
         for tensors, masks in self._groups:
-            torch._foreach_mul_(tensors, masks)
+            foreach_mul_(tensors, masks)
 
     def sparsity(self) -> dict[str, float]:
         """Fraction of pruned entries of every tensor (0 before the first update)."""

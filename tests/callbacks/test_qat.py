@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from litcompress import Pruning, QuantizationAwareTraining
-from litcompress.quantization.fake_quant import fake_quantize
+from litcompress.quantization.functional import fake_quantize
 from tests.helpers import Crash, Interrupted, StepCounter, fit
 from tests.models import ZOO, LitClassifier
 
@@ -15,8 +15,8 @@ from tests.models import ZOO, LitClassifier
 def weights_on_grid(cb):
     """Every fake-quantized weight is an integer multiple of its scale, within the integer range."""
     for module in cb.layers.values():
-        for attr, q in module._qat_weights.items():
-            w = module._qat_tensor(attr).detach()
+        for attr, q in module.weight_quantizers.items():
+            w = module.weight_tensor(attr).detach()
             scale = q.current_scale(w)
             wq = q(w).detach()
             ints = wq / (scale.reshape(-1, *[1] * (w.dim() - 1)) if scale.dim() else scale)
@@ -30,7 +30,7 @@ def test_zoo_fit_grid_and_keys(tmp_path, model, scale):
     keys = list(ZOO[model].build().state_dict())
     cb = QuantizationAwareTraining(scale=scale, verbose=False)
     trainer, module = fit(tmp_path, [cb], model=model, n=None, max_epochs=2)
-    assert cb.layers and all(m._qat_enabled for m in cb.layers.values())
+    assert cb.layers and all(m.fake_quant_enabled for m in cb.layers.values())
     weights_on_grid(cb)
     assert list(module.model.state_dict()) == keys
     ZOO[model].build().load_state_dict(module.model.state_dict(), strict=True)
@@ -47,7 +47,7 @@ def test_validation_runs_the_quantized_model(tmp_path):
     assert not torch.allclose(quantized, module(x))  # 2-bit outputs differ from float ones
     cb._set_enabled(True)
     first = module.model.net[0]
-    q_in, q_w = first._qat_inputs["input"], first._qat_weights["weight"]
+    q_in, q_w = first.input_quantizers["input"], first.weight_quantizers["weight"]
     scale, zp = q_in.qparams()
     expected = torch.nn.functional.linear(
         fake_quantize(x, scale, zp, q_in.qmin, q_in.qmax), q_w(first.weight), first.bias)
@@ -57,12 +57,12 @@ def test_validation_runs_the_quantized_model(tmp_path):
 def test_learned_scales_train_and_join_the_optimizer(tmp_path):
     cb = QuantizationAwareTraining(weight_bits=4, activation_bits=4, scale="learned", start=1, verbose=False)
     trainer, module = fit(tmp_path, [cb], max_epochs=3, optimizer="adam", lr=1e-2)
-    q = module.model.net[0]._qat_weights["weight"]
+    q = module.model.net[0].weight_quantizers["weight"]
     assert q.scale.requires_grad and q.scale.grad is not None
     assert not torch.allclose(q.scale, q.observed_scale(module.model.net[0].weight))  # moved from the init
     groups = trainer.optimizers[0].param_groups
     assert len(groups) == 2 and any(p is q.scale for p in groups[1]["params"])
-    a = module.model.net[0]._qat_inputs["input"]
+    a = module.model.net[0].input_quantizers["input"]
     assert a.learning and a.zero_point is not None
 
 
@@ -76,7 +76,7 @@ def test_composes_with_pruning_zeros_stay_zero(tmp_path, order):
         w = ref.tensor
         assert int((w == 0).sum()) == round(0.75 * w.numel())
         layer = ref.module
-        assert (layer._qat_weights["weight"](w)[w == 0] == 0).all()  # zeros stay zero after fake quantization
+        assert (layer.weight_quantizers["weight"](w)[w == 0] == 0).all()  # zeros stay zero after fake quantization
 
 
 def test_bf16_mixed(tmp_path):
@@ -122,10 +122,10 @@ def test_resume_is_bit_identical(tmp_path, config, cut):
 def test_fit_twice_keeps_layers_converted_once(tmp_path):
     cb = QuantizationAwareTraining(verbose=False)
     _, module = fit(tmp_path, [cb], max_epochs=1)
-    first = {n: m._qat_inputs["input"].lo.clone() for n, m in cb.layers.items()}
+    first = {n: m.input_quantizers["input"].lo.clone() for n, m in cb.layers.items()}
     fit(tmp_path, [cb], max_epochs=1, module=module)
     assert all(type(m).__name__ == "QATLinear" for m in cb.layers.values())
-    assert any(not torch.equal(first[n], m._qat_inputs["input"].lo) for n, m in cb.layers.items())
+    assert any(not torch.equal(first[n], m.input_quantizers["input"].lo) for n, m in cb.layers.items())
 
 
 class NanModule(LitClassifier):

@@ -4,14 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from litcompress.quantization.fake_quant import fake_quantize, signed_range, symmetric_scale
+from litcompress.quantization.functional import fake_quantize, signed_range, symmetric_scale
 from litcompress.quantization.modules import convert_, revert_
 from litcompress.quantization.quantizers import QuantConfig
 from tests.models import ZOO
 
 
 def identity_quantizers(module):
-    module._qat_weights, module._qat_inputs, module._qat_enabled = {}, {}, True
+    module.weight_quantizers, module.input_quantizers, module.fake_quant_enabled = {}, {}, True
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -52,8 +52,8 @@ def test_convert_keeps_parameters_and_keys_and_reverts(name):
     assert list(model.state_dict()) == keys
     assert all(p is params[n] for n, p in model.named_parameters())
     for module in converted.values():
-        module._qat_enabled = True
-        for q in module._qat_inputs.values():  # give activations a range
+        module.fake_quant_enabled = True
+        for q in module.input_quantizers.values():  # give activations a range
             q.lo, q.hi = torch.tensor(-4.0), torch.tensor(4.0)
     model.eval()
     x = ZOO[name].data().tensors[0][:4]

@@ -64,14 +64,14 @@ def test_quantized_bits_and_onnx_latency():
     model = ZOO["mlp"].build()
     layers = convert_(model, QuantConfig(weight_bits=4, activation_bits=None), ["net.0", "net.2", "net.4"])
     for layer in layers.values():
-        layer._qat_enabled = True
+        layer.fake_quant_enabled = True
     s = summarize(model, torch.randn(8, 16), repeats=3, warmup=1)
     weights = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
     biases = sum(p.numel() for p in model.parameters() if p.dim() < 2)
     assert s.quantized and s.bits_per_weight == pytest.approx((4 * weights + 32 * biases) / (weights + biases))
     assert {layer.bits for layer in s.layers} == {4}
     assert s.latency_eager > 0 and s.latency_onnx > 0  # ONNX Runtime ran the exported int model
-    assert s.latency_onnx_fp32 > 0 and all(m._qat_enabled for m in layers.values())  # and the float export
+    assert s.latency_onnx_fp32 > 0 and all(m.fake_quant_enabled for m in layers.values())  # and the float export
     plain = summarize(ZOO["mlp"].build(), torch.randn(8, 16), repeats=3, warmup=1)
     assert plain.latency_eager > 0 and plain.latency_onnx is None and plain.latency_onnx_fp32 is None
 

@@ -1,0 +1,120 @@
+"""Every use of a private torch internal, in one place, each with a test (``tests/test_compat.py``).
+
+litcompress uses public torch APIs wherever one exists in the supported range (``torch>=2.4,<3``). What is left
+here has no public equivalent; if a torch upgrade breaks one of them, it breaks in this file and in its test,
+not somewhere inside a callback. Each function says why it is needed and what it falls back to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "ATTENTION_OUT_PROJ",
+    "conv_forward",
+    "foreach_abs_",
+    "foreach_add_",
+    "foreach_mul",
+    "foreach_mul_",
+    "foreach_norm",
+    "foreach_sub_",
+    "qdq_ops",
+    "rnn_forward",
+]
+
+
+def qdq_ops() -> Any:
+    """``torch.ops.quantized_decomposed``: the Q/DQ ops that the ONNX exporter turns into QuantizeLinear /
+    DequantizeLinear. They are registered by importing a private torch module; no public module registers them.
+    """
+    import torch.ao.quantization.fx._decomposed
+
+    return torch.ops.quantized_decomposed
+
+
+ATTENTION_OUT_PROJ: type[nn.Module] = type(nn.MultiheadAttention(2, 1).out_proj)
+"""The class of ``nn.MultiheadAttention.out_proj`` (a ``Linear`` subclass torch does not export publicly)."""
+
+
+def conv_forward(module: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
+    """Run a ``ConvNd`` layer with ``weight`` in place of its own, honouring every ``padding_mode``.
+
+    ``F.conv*d`` would do for ``padding_mode="zeros"`` but not for reflect/replicate/circular padding, whose
+    padding amounts are a private attribute; ``torch.func.functional_call`` would run the layer's forward hooks
+    twice. The layer's own ``_conv_forward`` does exactly what its ``forward`` does.
+    """
+    return module._conv_forward(x, weight, module.bias)  # type: ignore[operator]
+
+
+def rnn_forward(module: nn.RNNBase, forward: Callable[..., Any], weights: dict[str, Tensor], *args: Any) -> Any:
+    """Run a recurrent layer's ``forward`` with some weight matrices replaced (for fake quantization).
+
+    The fused recurrent kernels read the list ``_flat_weights``; it is swapped for the duration of the call (no
+    public API substitutes weights without running the layer's hooks twice).
+    """
+    saved = module._flat_weights
+    module._flat_weights = [weights.get(n, w) for n, w in zip(module._flat_weights_names, saved)]
+    try:
+        return forward(*args)
+    finally:
+        module._flat_weights = saved
+
+
+def _foreach(name: str) -> Callable[..., Any] | None:
+    return getattr(torch, f"_foreach_{name}", None)
+
+
+def foreach_mul_(tensors: Sequence[Tensor], others: Sequence[Tensor]) -> None:
+    """``t *= o`` for each pair, fused per device and dtype (``torch._foreach_mul_``; a loop if it is gone)."""
+    fn = _foreach("mul_")
+    if fn is not None:
+        fn(list(tensors), list(others))
+    else:
+        for t, o in zip(tensors, others):
+            t.mul_(o)
+
+
+def foreach_mul(tensors: Sequence[Tensor], others: Sequence[Tensor]) -> list[Tensor]:
+    """``t * o`` for each pair (``torch._foreach_mul``)."""
+    fn = _foreach("mul")
+    return list(fn(list(tensors), list(others))) if fn is not None else [t * o for t, o in zip(tensors, others)]
+
+
+def foreach_add_(tensors: Sequence[Tensor], others: Sequence[Tensor]) -> None:
+    """``t += o`` for each pair (``torch._foreach_add_``)."""
+    fn = _foreach("add_")
+    if fn is not None:
+        fn(list(tensors), list(others))
+    else:
+        for t, o in zip(tensors, others):
+            t.add_(o)
+
+
+def foreach_sub_(tensors: Sequence[Tensor], others: Sequence[Tensor]) -> None:
+    """``t -= o`` for each pair (``torch._foreach_sub_``)."""
+    fn = _foreach("sub_")
+    if fn is not None:
+        fn(list(tensors), list(others))
+    else:
+        for t, o in zip(tensors, others):
+            t.sub_(o)
+
+
+def foreach_abs_(tensors: Sequence[Tensor]) -> None:
+    """``t = |t|`` in place for each tensor (``torch._foreach_abs_``)."""
+    fn = _foreach("abs_")
+    if fn is not None:
+        fn(list(tensors))
+    else:
+        for t in tensors:
+            t.abs_()
+
+
+def foreach_norm(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """The 2-norm of each tensor (``torch._foreach_norm``)."""
+    fn = _foreach("norm")
+    return list(fn(list(tensors))) if fn is not None else [torch.linalg.vector_norm(t) for t in tensors]
