@@ -21,7 +21,15 @@ from torch import nn
 
 from litcompress._validation import fail
 
-__all__ = ["FIRST", "LAST", "PRUNABLE_KINDS", "ParameterRef", "select_parameters", "weight_attributes"]
+__all__ = [
+    "FIRST",
+    "LAST",
+    "PRUNABLE_KINDS",
+    "ParameterRef",
+    "check_patterns",
+    "select_parameters",
+    "weight_attributes",
+]
 
 FIRST = "<first>"
 """Token for ``exclude``: the first selected layer (in module registration order)."""
@@ -79,7 +87,16 @@ def weight_attributes(module: nn.Module) -> list[tuple[str, int]]:
     return []
 
 
-def _patterns(name: str, value: str | Sequence[str]) -> list[str]:
+def check_patterns(name: str, value: str | Sequence[str]) -> list[str]:
+    """Check that ``value`` (argument ``name``) is one regex or a sequence of them; return them as a list.
+
+    >>> check_patterns("exclude", ["head", "<last>"])
+    ['head', '<last>']
+    >>> check_patterns("exclude", "(")
+    Traceback (most recent call last):
+    ...
+    ValueError: Expected argument `exclude` to be valid regular expressions, but got '('. HINT: missing ), ...
+    """
     items = [value] if isinstance(value, str) else list(value)
     for item in items:
         if not isinstance(item, str):
@@ -140,14 +157,14 @@ def select_parameters(
             candidates = [ref for ref in candidates if parameters(ref.module, ref.name)]
         else:
             keep: set[str] = set()
-            for pattern in _patterns("parameters", parameters):
+            for pattern in check_patterns("parameters", parameters):
                 hits = {n for n in names if re.search(pattern, n)}
                 if not hits:
                     _unmatched("parameters", pattern, names)
                 keep |= hits
             candidates = [ref for ref in candidates if ref.name in keep]
 
-    exclude_items = _patterns("exclude", exclude)
+    exclude_items = check_patterns("exclude", exclude)
     if candidates and exclude_items:
         names = [ref.name for ref in candidates]
         drop: set[str] = set()

@@ -14,7 +14,7 @@ from typing_extensions import override
 from litcompress._validation import check_choice, check_fraction, check_int, fail
 from litcompress.callbacks._base import _compression_target, _CompressionCallback, _Window
 from litcompress.schedules import Schedule, get_schedule
-from litcompress.selection import ParameterFilter, _patterns, select_parameters
+from litcompress.selection import ParameterFilter, check_patterns, select_parameters
 from litcompress.sparsity.importance import DATA_DEPENDENT, IMPORTANCES, ImportanceFn
 from litcompress.sparsity.masks import parse_nm
 from litcompress.sparsity.pruner import Pruner
@@ -115,7 +115,7 @@ class Pruning(_CompressionCallback):
                 fail("scope", "'layer' when `sparsity` is a per-tensor mapping", scope,
                       hint="a global threshold takes one float sparsity")
             for key, value in sparsity.items():
-                _patterns("sparsity", key)
+                check_patterns("sparsity", key)
                 check_fraction(f"sparsity[{key!r}]", value)
         else:
             check_fraction("sparsity", sparsity)
@@ -127,8 +127,8 @@ class Pruning(_CompressionCallback):
                 fail("start", f"an int >= 1 with importance={importance!r} and a schedule that prunes at start",
                       start, hint="gradient-based scores need at least one optimizer step before the first prune")
         if parameters is not None and not callable(parameters):
-            _patterns("parameters", parameters)
-        _patterns("exclude", exclude)
+            check_patterns("parameters", parameters)
+        check_patterns("exclude", exclude)
         if not isinstance(rewind, bool):
             fail("rewind", "a bool", rewind, exc=TypeError)
         if rewind and self.schedule(0.0) >= 1.0:

@@ -17,9 +17,11 @@ from litcompress._validation import check_int, fail
 from litcompress.callbacks._base import _compression_target, _CompressionCallback
 from litcompress.quantization.modules import QUANTIZABLE_KINDS, QuantizedLayer, convert_
 from litcompress.quantization.quantizers import ActivationQuantizer, QuantConfig, WeightQuantizer
-from litcompress.selection import ParameterFilter, _patterns, select_parameters
+from litcompress.selection import ParameterFilter, check_patterns, select_parameters
 
 __all__ = ["QuantizationAwareTraining"]
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 class QuantizationAwareTraining(_CompressionCallback):
@@ -81,8 +83,8 @@ class QuantizationAwareTraining(_CompressionCallback):
                                      or not scale_lr > 0):
             fail("scale_lr", "None or a float > 0", scale_lr)
         if parameters is not None and not callable(parameters):
-            _patterns("parameters", parameters)
-        _patterns("exclude", exclude)
+            check_patterns("parameters", parameters)
+        check_patterns("exclude", exclude)
         self.start, self.freeze_observers, self.freeze_bn = start, freeze_observers, freeze_bn
         self.parameters, self.exclude, self.scale_lr, self.verbose = parameters, exclude, scale_lr, verbose
 
@@ -128,7 +130,7 @@ class QuantizationAwareTraining(_CompressionCallback):
         fresh = {n: a for n, a in layers.items() if not isinstance(modules[n], QuantizedLayer)}
         self.layers = {n: modules[n] for n in layers}
         convert_(target, self.config, fresh)  # layers converted by an earlier fit keep their quantizers
-        self._bn = [m for m in target.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._bn = [m for m in target.modules() if isinstance(m, _BATCH_NORMS)]
         self._apply_pending_state()
 
     @override
