@@ -27,7 +27,7 @@ __all__ = [
     "cubic",
     "exponential",
     "get_schedule",
-    "is_update_step",
+    "latest_update",
     "linear",
     "one_shot",
     "progress",
@@ -93,15 +93,18 @@ def progress(step: int, start: int, end: int) -> float:
     return min(max((step - start) / (end - start), 0.0), 1.0)
 
 
-def is_update_step(step: int, start: int, end: int, frequency: int) -> bool:
-    """Whether a scheduled update happens at ``step``: every ``frequency`` steps from ``start``, and at ``end``.
+def latest_update(step: int, start: int, end: int, every: int) -> int | None:
+    """The last update point at or before ``step``; points are ``start, start + every, ...`` and ``end`` (all in
+    optimizer steps). ``None`` before ``start``. A callback updates when this changes.
 
-    >>> [s for s in range(12) if is_update_step(s, start=2, end=9, frequency=3)]
-    [2, 5, 8, 9]
+    >>> [latest_update(s, start=2, end=9, every=3) for s in range(11)]
+    [None, None, 2, 2, 2, 5, 5, 5, 8, 9, 9]
     """
-    if step < start or step > end:
-        return False
-    return step == end or (step - start) % frequency == 0
+    if step < start:
+        return None
+    if step >= end:
+        return end
+    return start + (step - start) // every * every
 
 
 def get_schedule(schedule: str | Schedule, name: str = "schedule") -> Schedule:

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from litcompress import schedules
-from litcompress.schedules import SCHEDULES, get_schedule, is_update_step, progress
+from litcompress.schedules import SCHEDULES, get_schedule, latest_update, progress
 
 unit = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
 
@@ -50,7 +50,10 @@ def test_progress_clamped_and_linear(step, start, length):
 @given(start=st.integers(0, 50), length=st.integers(1, 100), frequency=st.integers(1, 30))
 def test_update_steps_cover_start_and_end_at_frequency(start, length, frequency):
     end = start + length
-    points = [s for s in range(end + 10) if is_update_step(s, start, end, frequency)]
+    latest = [latest_update(s, start, end, frequency) for s in range(end + 10)]
+    assert all(p is None for p in latest[:start]) and all(p == end for p in latest[end:])
+    assert all(p is None or p <= s for s, p in enumerate(latest))
+    points = sorted({p for p in latest if p is not None})
     assert points[0] == start and points[-1] == end
     inner = points[:-1] if (end - start) % frequency else points
     assert all(b - a == frequency for a, b in itertools.pairwise(inner))

@@ -1,7 +1,8 @@
 """Plumbing shared by every litcompress callback, written once.
 
-- intervals: ``start``/``end``/``frequency`` given in ``"step"`` (optimizer steps) or ``"epoch"`` units become
-  optimizer steps, so every schedule runs on ``trainer.global_step``;
+- one clock: ``start``/``end``/``frequency`` (and any other point of a schedule) are given in ``"epoch"`` units
+  by default, or in optimizer steps with ``interval="step"``, and converted to optimizer steps in one place, so
+  every schedule runs on ``trainer.global_step``; a point the fit never reaches is an error before the first step;
 - the schedule window: which update point is due at a step, and the schedule's value there;
 - the model a callback compresses (``pl_module.compression_target`` when a module defines it, e.g. the
   student of a :class:`~litcompress.modules.DistillationModule`);
@@ -20,9 +21,16 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from litcompress._validation import check_choice, check_int, fail
-from litcompress.schedules import Schedule, progress
+from litcompress.schedules import Schedule, latest_update, progress
 
 __all__: list[str] = []
+
+DEFAULT_UNIT = "epoch"
+"""The unit of ``start``/``end``/``frequency``/... in every callback unless ``interval="step"`` is given: Lightning's
+own (``Trainer(max_epochs=...)``, ``ModelPruning``, LR schedulers' default ``interval``, ``StochasticWeightAveraging``,
+``BackboneFinetuning`` all count epochs)."""
+DEFAULT_EVERY = 100
+"""Default update spacing of a schedule, in optimizer steps, when an epoch is longer than this."""
 
 
 def _compression_target(pl_module: pl.LightningModule) -> nn.Module:
@@ -55,11 +63,7 @@ class _Window:
 
     def latest_point(self, step: int) -> int | None:
         """The last update point at or before ``step`` (``None`` before ``start``)."""
-        if step < self.start:
-            return None
-        if step >= self.end:
-            return self.end
-        return self.start + (step - self.start) // self.every * self.every
+        return latest_update(step, self.start, self.end, self.every)
 
     def value(self, point: int) -> float:
         return float(self.schedule(progress(point, self.start, self.end)))
@@ -113,40 +117,61 @@ class _CompressionCallback(Callback):
         if end is not None and end <= start:
             fail("end", f"greater than `start` ({start}) or None (the last optimizer step of the fit)", end)
 
+    # ------------------------------------------------------------------ the clock: one conversion to steps
     def _steps_per_interval(self, trainer: pl.Trainer) -> int:
         if self.interval == "step":
             return 1
         batches = trainer.num_training_batches
         if batches == float("inf"):
             fail("interval", "'step' for a train dataloader without a length", self.interval,
-                  hint="an epoch has no known number of optimizer steps here; give start/end in steps")
+                 hint="an epoch has no known number of optimizer steps here; give start/end in steps")
         return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
 
     def _to_steps(self, trainer: pl.Trainer, value: int | None) -> int | None:
+        """``value`` (in ``interval`` units) as an optimizer step; the one place units are converted."""
         return None if value is None else value * self._steps_per_interval(trainer)
 
+    def _total_steps(self, trainer: pl.Trainer, name: str, value: int | None) -> int:
+        total = trainer.estimated_stepping_batches
+        if total == float("inf"):
+            fail(name, "an int when training has no known length", value,
+                 hint="set `max_steps` or `max_epochs` on the Trainer, or give every point of the schedule")
+        return int(total)
+
+    def _check_before_end(self, trainer: pl.Trainer, name: str, value: int) -> int:
+        """``value`` in steps; an error (before the first step) when the fit ends before it is reached."""
+        step = value * self._steps_per_interval(trainer)
+        total = trainer.estimated_stepping_batches
+        if total != float("inf") and step >= total:
+            fail(name, f"before the last optimizer step of the fit ({int(total)})", value,
+                 hint=f"{value} {self.interval}(s) is optimizer step {step}, which this fit never reaches: lower "
+                      f"`{name}` or train longer")
+        return step
+
     def _make_window(
-        self, trainer: pl.Trainer, start: int, end: int | None, frequency: int, schedule: Schedule
+        self, trainer: pl.Trainer, start: int, end: int | None, frequency: int | None, schedule: Schedule
     ) -> _Window:
-        per = self._steps_per_interval(trainer)
+        """The schedule window in optimizer steps. ``frequency=None``: an update every epoch, or every
+        :data:`DEFAULT_EVERY` optimizer steps when an epoch is longer."""
+        start_step = self._check_before_end(trainer, "start", start)
         if end is None:
-            total = trainer.estimated_stepping_batches
-            if total == float("inf"):
-                fail("end", "an int when training has no known length", end,
-                      hint="set `max_steps` or `max_epochs` on the Trainer, or pass `end`")
-            end_step = int(total)
-            if end_step <= start * per:
-                fail("start", f"before the last optimizer step of the fit ({end_step})", start,
-                      hint="lower `start` or train longer")
+            end_step = self._total_steps(trainer, "end", end)
         else:
-            end_step = end * per
+            end_step = end * self._steps_per_interval(trainer)
             if end_step > trainer.estimated_stepping_batches:
                 pl.utilities.rank_zero_warn(
                     f"{type(self).__name__}: `end` ({end} {self.interval}s = step {end_step}) is after the last "
                     f"optimizer step of this fit ({trainer.estimated_stepping_batches}); the final value is "
                     "only reached if training continues."
                 )
-        return _Window(start * per, end_step, frequency * per, schedule)
+        if frequency is not None:
+            every = frequency * self._steps_per_interval(trainer)
+        else:
+            batches = trainer.num_training_batches
+            per_epoch = (DEFAULT_EVERY if batches == float("inf")
+                         else max(1, math.ceil(batches / trainer.accumulate_grad_batches)))
+            every = min(DEFAULT_EVERY, per_epoch)
+        return _Window(start_step, end_step, every, schedule)
 
     _log = staticmethod(_log_metrics)
 

@@ -43,11 +43,13 @@ class Pruning(_CompressionCallback):
             ``pattern``, whose sparsity is ``1 - N/M``.
         schedule: ``"one_shot"``, ``"linear"``, ``"cubic"`` (Zhu & Gupta 2017), ``"exponential"``, or a callable
             mapping progress in [0, 1] to the fraction of the final sparsity (see :mod:`litcompress.schedules`).
-        start: first update point, in ``interval`` units.
+        start: first update point, in ``interval`` units (epochs by default); it must fall inside the fit.
         end: last update point (the target is reached there); ``None`` is the last optimizer step of the fit.
-        interval: ``"step"`` (optimizer steps) or ``"epoch"``.
-        frequency: masks are recomputed every ``frequency`` intervals between ``start`` and ``end``
-            (default: 100 steps, or 1 epoch).
+        interval: the unit of ``start``, ``end`` and ``frequency``: ``"epoch"`` (default, as in every litcompress
+            callback and in Lightning's own) or ``"step"`` (optimizer steps). Either way masks are updated on
+            ``trainer.global_step``, never waiting for an epoch to end.
+        frequency: masks are recomputed every ``frequency`` intervals between ``start`` and ``end``; ``None``
+            (default): every epoch, or every 100 optimizer steps when an epoch is longer.
         scope: ``"layer"`` (each tensor to its target) or ``"global"`` (one threshold over all tensors).
         pattern: ``"unstructured"`` or ``"N:M"`` such as ``"2:4"`` (at most N nonzeros in every M consecutive
             weights along the input dimension).
@@ -80,7 +82,7 @@ class Pruning(_CompressionCallback):
         schedule: str | Schedule = "cubic",
         start: int = 0,
         end: int | None = None,
-        interval: Literal["step", "epoch"] = "step",
+        interval: Literal["epoch", "step"] = "epoch",
         frequency: int | None = None,
         scope: Literal["layer", "global"] = "layer",
         pattern: str = "unstructured",
@@ -141,7 +143,7 @@ class Pruning(_CompressionCallback):
 
         self.sparsity = sparsity
         self.start, self.end = start, end
-        self.frequency = frequency if frequency is not None else (100 if interval == "step" else 1)
+        self.frequency = frequency
         self.scope, self.pattern, self.importance = scope, pattern, importance
         self.parameters, self.exclude = parameters, exclude
         self.rewind, self.seed = rewind, seed

@@ -41,10 +41,12 @@ class QuantizationAwareTraining(_CompressionCallback):
         scale: ``"minmax"``; ``"power_of_two"`` (scales ``2^-p``: integer weights ``round(w * 2^p)``);
             ``"learned"`` (LSQ: step sizes trained from ``start`` on, initialised from the observed ranges,
             gradient scale ``1 / sqrt(N * Q_P)``; they join the first optimizer as an extra parameter group).
-        start: when fake quantization begins, in ``interval`` units.
+        start: when fake quantization begins, in ``interval`` units (epochs by default); it must fall inside the fit.
         freeze_observers: when ranges stop updating (``None``: never); after ``start``.
         freeze_bn: when BatchNorm running statistics freeze (``None``: never).
-        interval: ``"epoch"`` or ``"step"`` (optimizer steps).
+        interval: the unit of ``start``, ``freeze_observers`` and ``freeze_bn``: ``"epoch"`` (default, as in every
+            litcompress callback) or ``"step"`` (optimizer steps). Either way the switch happens at an optimizer
+            step (``trainer.global_step``).
         parameters: which layers, as for :class:`~litcompress.callbacks.Pruning`: ``None`` selects Linear,
             Conv1d/2d/3d, Embedding, LSTM/GRU/RNN and MultiheadAttention; regexes or ``fn(module, name)`` pick
             weight tensors by name.
@@ -64,7 +66,7 @@ class QuantizationAwareTraining(_CompressionCallback):
         start: int = 0,
         freeze_observers: int | None = None,
         freeze_bn: int | None = None,
-        interval: Literal["step", "epoch"] = "epoch",
+        interval: Literal["epoch", "step"] = "epoch",
         parameters: str | Sequence[str] | ParameterFilter | None = None,
         exclude: str | Sequence[str] = (),
         momentum: float = 0.01,
@@ -91,6 +93,7 @@ class QuantizationAwareTraining(_CompressionCallback):
         self.layers: dict[str, QuantizedLayer] = {}
         self._bn: list[nn.Module] = []
         self._flags = {"enabled": False, "observers_frozen": False, "bn_frozen": False}
+        self._steps: dict[str, int | None] = {}
 
     def _key_fields(self) -> dict[str, Any]:
         return {"config": self.config, "parameters": self.parameters, "exclude": self.exclude}
@@ -154,21 +157,28 @@ class QuantizationAwareTraining(_CompressionCallback):
 
     # ------------------------------------------------------------------ schedule
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the clock: every point in optimizer steps, converted once; a start the fit never reaches is an error
+        self._steps = {"start": self._check_before_end(trainer, "start", self.start),
+                       "freeze_observers": self._to_steps(trainer, self.freeze_observers),
+                       "freeze_bn": self._to_steps(trainer, self.freeze_bn)}
+
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
-        if not self._flags["enabled"] and step >= self._to_steps(trainer, self.start):
+        step, at = trainer.global_step, self._steps
+        if not self._flags["enabled"] and step >= at["start"]:  # type: ignore[operator]
             self._set_enabled(True)
             if self.config.scale == "learned":
                 for module, attr, q in self._weight_quantizers():
                     q.start_learning(module.weight_tensor(attr))
             self._say(trainer, "fake quantization on")
-        if (self.freeze_observers is not None and not self._flags["observers_frozen"]
-                and step >= self._to_steps(trainer, self.freeze_observers)):
+        freeze_observers, freeze_bn = at["freeze_observers"], at["freeze_bn"]
+        if freeze_observers is not None and not self._flags["observers_frozen"] and step >= freeze_observers:
             self._freeze_observers()
             self._say(trainer, "ranges frozen")
-        if self.freeze_bn is not None and step >= self._to_steps(trainer, self.freeze_bn):
+        if freeze_bn is not None and step >= freeze_bn:
             if not self._flags["bn_frozen"]:
                 self._flags["bn_frozen"] = True
                 self._say(trainer, "BatchNorm statistics frozen")

@@ -28,7 +28,7 @@ def pruned_names(cb):
 def test_zoo_reaches_exact_target_zeros_stay_zero_keys_unchanged(tmp_path, model, scope):
     keys_before = list(ZOO[model].build().state_dict())
     watch = ZeroWatch()
-    cb = Pruning(0.6, schedule="cubic", frequency=3, scope=scope, verbose=False)
+    cb = Pruning(0.6, schedule="cubic", interval="step", frequency=3, scope=scope, verbose=False)
     _, module = fit(tmp_path, [cb, watch], model=model, n=None, max_epochs=2)
     params = dict(module.named_parameters())
     names = pruned_names(cb)
@@ -50,7 +50,7 @@ def test_zoo_reaches_exact_target_zeros_stay_zero_keys_unchanged(tmp_path, model
                                                ("one_shot", lambda p: 1.0), (lambda p: p**2, lambda p: p**2)])
 def test_logged_schedule_values_and_counts(tmp_path, schedule, fn):
     logger = RecordingLogger()
-    cb = Pruning(0.8, schedule=schedule, start=2, end=10, frequency=3, verbose=False)
+    cb = Pruning(0.8, schedule=schedule, interval="step", start=2, end=10, frequency=3, verbose=False)
     _, module = fit(tmp_path, [cb], max_steps=12, max_epochs=None, logger=logger, log_every_n_steps=100)
     overall = logger.series("pruning/sparsity")
     assert [s for s, _ in overall] == [2, 5, 8, 10]
@@ -79,7 +79,7 @@ def test_tied_weight_counted_once_in_logged_sparsity(tmp_path):
 
 @pytest.mark.parametrize("model", ["mlp", "transformer", "lstm", "gpt"])
 def test_nm_pattern_through_fit(tmp_path, model):
-    cb = Pruning(pattern="2:4", schedule="linear", frequency=2, verbose=False)
+    cb = Pruning(pattern="2:4", schedule="linear", interval="step", frequency=2, verbose=False)
     fit(tmp_path, [cb], model=model, n=None, max_epochs=2)
     for ref in cb.pruner.refs:
         w = ref.tensor
@@ -88,7 +88,7 @@ def test_nm_pattern_through_fit(tmp_path, model):
 
 
 def test_nm_on_conv_groups_input_channels(tmp_path):
-    cb = Pruning(pattern="1:4", exclude=["<first>"], frequency=2, verbose=False)
+    cb = Pruning(pattern="1:4", exclude=["<first>"], interval="step", frequency=2, verbose=False)
     _, module = fit(tmp_path, [cb], model="cnn", n=None, max_epochs=1)
     w = module.model.block[0].weight  # (out, in, kh, kw): groups of 4 input channels
     assert check_nm(w, 1, 4, dim=1) and not check_nm(w, 1, 4, dim=0)
@@ -97,7 +97,7 @@ def test_nm_on_conv_groups_input_channels(tmp_path):
 @pytest.mark.parametrize("importance", ["movement", "taylor", "random", "callable"])
 def test_importance_options_reach_target(tmp_path, importance):
     fn = (lambda name, w: -w.abs()) if importance == "callable" else importance
-    cb = Pruning(0.5, importance=fn, start=1, frequency=2, verbose=False)
+    cb = Pruning(0.5, importance=fn, interval="step", start=1, frequency=2, verbose=False)
     fit(tmp_path, [cb], max_epochs=2)
     for ref in cb.pruner.refs:
         assert int((ref.tensor == 0).sum()) == ref.tensor.numel() // 2
@@ -127,7 +127,7 @@ def test_random_importance_seeded(tmp_path):
 
 def test_movement_differs_from_magnitude(tmp_path):
     def mask(importance):
-        cb = Pruning(0.5, importance=importance, start=3, end=6, frequency=3, verbose=False)
+        cb = Pruning(0.5, importance=importance, interval="step", start=3, end=6, frequency=3, verbose=False)
         fit(tmp_path, [cb], max_epochs=2, optimizer="adam", lr=1e-2)
         return cb.pruner.masks["model.net.0.weight"]
 
@@ -144,9 +144,20 @@ def test_epoch_interval_updates_at_epoch_boundaries(tmp_path):
     assert steps == [4, 8, 12] and values[0] == 0.0 and values[-1] == 0.5
 
 
+@pytest.mark.parametrize(("n", "batch_size", "epochs", "expected"),
+                         [(64, 16, 4, [0, 4, 8, 12, 16]), (128, 1, 1, [0, 100, 128])])
+def test_default_frequency_is_an_epoch_or_100_steps(tmp_path, n, batch_size, epochs, expected):
+    logger = RecordingLogger()  # 4 steps per epoch at batch 16; 128 at batch 1
+    cb = Pruning(0.5, schedule="linear", verbose=False)
+    assert cb.interval == "epoch" and cb.frequency is None
+    fit(tmp_path, [cb], max_epochs=epochs, batch_size=batch_size, n=n, logger=logger)
+    assert [s for s, _ in logger.series("pruning/sparsity")] == expected
+    assert logger.series("pruning/sparsity")[-1][1] == pytest.approx(0.5, abs=0.01)
+
+
 def test_gradient_accumulation_and_end_none(tmp_path):
     logger = RecordingLogger()
-    cb = Pruning(0.7, schedule="cubic", frequency=2, verbose=False)
+    cb = Pruning(0.7, schedule="cubic", interval="step", frequency=2, verbose=False)
     trainer, _ = fit(tmp_path, [cb], max_epochs=2, accumulate_grad_batches=3, logger=logger)
     assert trainer.global_step == 4  # ceil(4 / 3) * 2
     assert [s for s, _ in logger.series("pruning/sparsity")] == [0, 2, 4]
@@ -155,7 +166,7 @@ def test_gradient_accumulation_and_end_none(tmp_path):
 
 
 def test_dict_sparsity_per_tensor_targets(tmp_path):
-    cb = Pruning({r"net\.0": 0.3, r"net\.2": 0.9}, schedule="linear", frequency=2, verbose=False)
+    cb = Pruning({r"net\.0": 0.3, r"net\.2": 0.9}, schedule="linear", interval="step", frequency=2, verbose=False)
     _, module = fit(tmp_path, [cb], max_epochs=2)
     net = module.model.net
     assert int((net[0].weight == 0).sum()) == round(0.3 * net[0].weight.numel())
@@ -181,7 +192,7 @@ class Snapshot(pl.Callback):
 
 def test_rewind_resets_survivors_to_weights_at_start(tmp_path):
     snap = Snapshot(3)
-    cb = Pruning(0.5, schedule="linear", start=3, end=8, frequency=1, rewind=True, verbose=False)
+    cb = Pruning(0.5, schedule="linear", interval="step", start=3, end=8, frequency=1, rewind=True, verbose=False)
     _, module = fit(tmp_path, [snap, cb], max_steps=8, max_epochs=None)
     params = dict(module.named_parameters())
     for ref in cb.pruner.refs:
@@ -190,7 +201,7 @@ def test_rewind_resets_survivors_to_weights_at_start(tmp_path):
     # untouched tensors keep training
     assert not torch.equal(params["model.net.0.bias"], snap.weights["model.net.0.bias"])
     # without rewind the survivors are the trained weights, not the start ones
-    cb2 = Pruning(0.5, schedule="linear", start=3, end=8, frequency=1, verbose=False)
+    cb2 = Pruning(0.5, schedule="linear", interval="step", start=3, end=8, frequency=1, verbose=False)
     snap2 = Snapshot(3)
     _, plain = fit(tmp_path, [snap2, cb2], max_steps=8, max_epochs=None)
     name = cb2.pruner.refs[0].name
@@ -198,11 +209,11 @@ def test_rewind_resets_survivors_to_weights_at_start(tmp_path):
 
 
 CONFIGS = {
-    "magnitude-cubic": dict(sparsity=0.7, schedule="cubic", start=3, end=11, frequency=2),
-    "movement-rewind": dict(sparsity=0.6, schedule="linear", start=3, end=11, frequency=2, importance="movement",
-                            rewind=True),
-    "taylor-global": dict(sparsity=0.6, schedule="exponential", start=2, frequency=3, importance="taylor",
-                          scope="global"),
+    "magnitude-cubic": dict(sparsity=0.7, schedule="cubic", interval="step", start=3, end=11, frequency=2),
+    "movement-rewind": dict(sparsity=0.6, schedule="linear", interval="step", start=3, end=11, frequency=2,
+                            importance="movement", rewind=True),
+    "taylor-global": dict(sparsity=0.6, schedule="exponential", interval="step", start=2, frequency=3,
+                          importance="taylor", scope="global"),
     "random-2:4-epoch": dict(pattern="2:4", interval="epoch", start=1, end=3, importance="random"),
 }
 
@@ -270,7 +281,7 @@ def test_repeated_fit_keeps_masks_and_leaks_no_hooks(tmp_path):
 
 def test_bf16_mixed_precision(tmp_path):
     watch = ZeroWatch()
-    cb = Pruning(0.75, frequency=2, verbose=False)
+    cb = Pruning(0.75, interval="step", frequency=2, verbose=False)
     fit(tmp_path, [cb, watch], max_epochs=2, precision="bf16-mixed")
     assert watch.revived == 0
     for ref in cb.pruner.refs:
@@ -293,7 +304,7 @@ class ManualModule(LitClassifier):
 
 def test_manual_optimization(tmp_path):
     watch = ZeroWatch()
-    cb = Pruning(0.5, frequency=2, importance="movement", start=1, verbose=False)
+    cb = Pruning(0.5, interval="step", frequency=2, importance="movement", start=1, verbose=False)
     fit(tmp_path, [cb, watch], max_epochs=2, module=ManualModule(ZOO["mlp"].build()))
     assert watch.revived == 0
     for ref in cb.pruner.refs:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
 
 from litcompress import Pruning, QuantizationAwareTraining
 from litcompress.quantization.functional import fake_quantize
-from tests.helpers import Crash, Interrupted, StepCounter, fit
+from tests.helpers import Crash, Interrupted, RecordingLogger, StepCounter, fit
 from tests.models import ZOO, LitClassifier
 
 
@@ -68,7 +69,7 @@ def test_learned_scales_train_and_join_the_optimizer(tmp_path):
 
 @pytest.mark.parametrize("order", ["prune-first", "qat-first"])
 def test_composes_with_pruning_zeros_stay_zero(tmp_path, order):
-    prune = Pruning(0.75, schedule="cubic", frequency=2, verbose=False)
+    prune = Pruning(0.75, schedule="cubic", interval="step", frequency=2, verbose=False)
     qat = QuantizationAwareTraining(verbose=False)
     callbacks = [prune, qat] if order == "prune-first" else [qat, prune]
     fit(tmp_path, callbacks, max_epochs=2)
@@ -176,6 +177,8 @@ class Custom(nn.Linear):
         (dict(parameters="nothing"), None, "`parameters` to be patterns"),
         (dict(exclude="."), None, "`model` to be a model with at least one"),
         (dict(), LitClassifier(nn.Sequential(Custom(16, 4))), r"0 \(Custom\)"),
+        (dict(start=1), None, r"`start` to be before the last optimizer step of the fit \(4\), but got 1"),
+        (dict(start=5, interval="step"), None, r"`start` to be before the last optimizer step of the fit \(4\)"),
     ],
 )
 def test_misconfiguration_before_any_training_step(tmp_path, kwargs, module, match):
@@ -183,3 +186,23 @@ def test_misconfiguration_before_any_training_step(tmp_path, kwargs, module, mat
     with pytest.raises(ValueError, match=match):
         fit(tmp_path, [QuantizationAwareTraining(**kwargs, verbose=False), counter], module=module, max_epochs=1)
     assert counter.batches == 0
+
+
+def test_one_clock_for_every_callback(tmp_path):
+    """The same `start` means the same optimizer step in both callbacks, by default in epochs."""
+    logger = RecordingLogger()
+    qat = QuantizationAwareTraining(start=1, verbose=False)
+    prune = Pruning(0.5, schedule="one_shot", start=1, verbose=False)
+    assert qat.interval == prune.interval == "epoch"
+
+    class WhenOn(pl.Callback):
+        first_on: int | None = None
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if self.first_on is None and all(m.fake_quant_enabled for m in qat.layers.values()):
+                self.first_on = trainer.global_step - 1  # the step that ran quantized
+
+    when = WhenOn()
+    fit(tmp_path, [qat, prune, when], max_epochs=3, logger=logger)  # 4 optimizer steps per epoch
+    assert when.first_on == 4
+    assert logger.series("pruning/sparsity")[0] == (4, pytest.approx(0.5, abs=0.01))
