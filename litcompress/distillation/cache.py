@@ -4,11 +4,13 @@ Keys are content hashes of each sample's input bytes, not sample indices: an inp
 augmentation gets a new key, so a stale target is never served. When a later pass over the data finds few of
 its inputs in the cache (augmentation at work), :meth:`end_epoch` reports it and the cache switches itself off.
 
-With ``top_k``, each output row (a sample's logits, or each position's logits for sequences) is kept as its ``k``
-largest logits, their class indices, and one fill logit for every other class. The fill is chosen so that at the
-distillation temperature the ``k`` kept classes get exactly the teacher's probabilities and the remaining mass is
-spread evenly over the rest: ``fill = T * (logsumexp(rest / T) - log(C - k))``. For a 50k-token vocabulary, ``k=32``
-in float16 keeps 194 bytes per position (values, int32 indices, fill) instead of 200 kB.
+Outputs are stored in ``dtype``, or with ``top_k`` as each output row's (a sample's logits, or each position's
+logits for sequences) ``k`` largest logits, their class indices, and one fill logit for every other class. The fill
+is chosen so that at the distillation temperature the ``k`` kept classes get exactly the teacher's probabilities
+and the remaining mass is spread evenly over the rest: ``fill = T * (logsumexp(rest / T) - log(C - k))``. For a
+50k-token vocabulary, ``k=32`` in float16 keeps 194 bytes per position (values, int32 indices, fill) instead of
+200 kB. Fresh outputs go through the same round trip (:meth:`TeacherCache.add` returns them so), so the targets
+never depend on whether an input was cached: what is stored changes speed only.
 
 >>> import torch
 >>> cache = TeacherCache()
@@ -17,6 +19,8 @@ in float16 keeps 194 bytes per position (values, int32 indices, fill) instead of
 >>> cache.lookup(keys) is None
 True
 >>> cache.add(keys, torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+tensor([[1., 2.],
+        [3., 4.]])
 >>> cache.lookup(keys)
 tensor([[1., 2.],
         [3., 4.]])
@@ -31,39 +35,63 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from litcompress._validation import check_fraction, check_int, fail
+from litcompress._validation import check_choice, check_fraction, check_int, fail
 
-__all__ = ["TeacherCache", "topk_compress", "topk_expand"]
+__all__ = ["TeacherCache", "check_storage", "topk_compress", "topk_expand"]
+
+_COUNTERS = ("passes", "full", "hits", "lookups", "batches", "refused")  # the pass statistics, saved with the state
+
+
+def check_storage(max_bytes: Any, dtype: Any, top_k: Any, prefix: str = "") -> torch.dtype:
+    """Validate the storage options, named ``prefix + name`` in messages; returns ``dtype`` (a name resolved)."""
+    check_int(prefix + "max_bytes", max_bytes, minimum=1)
+    check_int(prefix + "top_k", top_k, minimum=1, allow_none=True)
+    if isinstance(dtype, str):
+        check_choice(prefix + "dtype", dtype, ("float32", "float16", "bfloat16"))
+        dtype = getattr(torch, dtype)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        fail(prefix + "dtype", "a floating-point torch.dtype", dtype, exc=TypeError,
+              hint="use torch.float16, torch.bfloat16 or torch.float32")
+    return dtype
 
 
 class TeacherCache:
     """Teacher outputs per input, within a memory bound.
 
+    The augmentation check: an epoch is a complete pass when it looked up as many batches as the epoch has. Once
+    the cache has observed a complete pass since it was last empty, an epoch finding fewer than ``min_hit_rate``
+    of its inputs cached means the inputs change between epochs: :meth:`end_epoch` warns and turns the cache off.
+    Not when the cache was already full before the epoch (the inputs it left out miss, whatever the data); the
+    epoch in which it first fills up returns a one-time message saying so instead.
+
     Args:
         max_bytes: memory for stored outputs; when full, new inputs are not stored (the teacher runs for them).
-        dtype: storage dtype (``torch.float16`` halves the memory; ``torch.float32`` keeps targets bit-exact).
-        min_hit_rate: below this share of cached inputs on a repeated pass, augmentation is assumed and the
-            cache turns itself off.
+        dtype: storage dtype (``torch.float16`` halves the memory; ``torch.float32`` keeps targets bit-exact). The
+            targets are always the outputs after this round trip, cached or not.
+        min_hit_rate: below this share of cached inputs on a repeated complete pass, augmentation is assumed and
+            the cache turns itself off.
         top_k: keep only the ``k`` largest logits of each output row (see the module docstring); ``None`` keeps
-            the full outputs.
+            the full outputs. The targets are always the outputs after this round trip, cached or not.
         temperature: the distillation temperature the ``top_k`` fill is computed for.
     """
 
     def __init__(self, max_bytes: int = 1 << 30, dtype: torch.dtype = torch.float32, min_hit_rate: float = 0.5,
                  top_k: int | None = None, temperature: float = 1.0):
-        check_int("cache_max_bytes", max_bytes, minimum=1)
+        dtype = check_storage(max_bytes, dtype, top_k)
         check_fraction("min_hit_rate", min_hit_rate, closed_right=True)
-        check_int("cache_top_k", top_k, minimum=1, allow_none=True)
-        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            fail("cache_dtype", "a floating-point torch.dtype", dtype, exc=TypeError,
-                  hint="use torch.float16, torch.bfloat16 or torch.float32")
         self.max_bytes, self.dtype, self.min_hit_rate = max_bytes, dtype, min_hit_rate
         self.top_k, self.temperature = top_k, float(temperature)
         self.classes = 0  # output width, for expanding top-k rows
+        self.enabled = True
+        self.clear()
+
+    def clear(self) -> None:
+        """Empty the cache; the count of complete passes starts again."""
         self.store: dict[bytes, tuple[Tensor, ...]] = {}
         self.bytes = 0
-        self.enabled = True
-        self.hits = self.lookups = 0  # this epoch
+        self.passes = 0  # complete passes observed since the cache was last empty
+        self.full = False  # an `add` found no room in an epoch already closed
+        self.hits = self.lookups = self.batches = self.refused = 0  # this epoch: rows, rows, batches, rows
 
     @staticmethod
     def keys(inputs: Tensor) -> list[bytes]:
@@ -74,64 +102,103 @@ class TeacherCache:
         return [hashlib.blake2b(header + row.numpy().tobytes(), digest_size=16).digest() for row in rows]
 
     def lookup(self, keys: list[bytes]) -> Tensor | None:
-        """The stacked outputs when every key is cached, else ``None`` (hit statistics are updated)."""
+        """The stacked float32 outputs when every key is cached, else ``None`` (hit statistics are updated)."""
         self.lookups += len(keys)
+        self.batches += 1
         found = [self.store.get(k) for k in keys]
         hit = sum(v is not None for v in found)
         self.hits += hit
         if hit < len(keys):
             return None
-        parts = [torch.stack(column) for column in zip(*found)]  # type: ignore[misc]
-        return parts[0] if self.top_k is None else topk_expand(*parts, classes=self.classes)
+        return self._expand([torch.stack(column) for column in zip(*found)])  # type: ignore[misc]
 
-    def add(self, keys: list[bytes], outputs: Tensor) -> None:
-        outputs = outputs.detach()
-        if self.top_k is None:
-            parts: tuple[Tensor, ...] = (outputs.to("cpu", self.dtype),)
-        else:
-            self.classes = outputs.shape[-1]
-            parts = tuple(p.cpu() for p in topk_compress(outputs.float(), self.top_k, self.temperature, self.dtype))
-        for key, *row in zip(keys, *parts):
+    def add(self, keys: list[bytes], outputs: Tensor) -> Tensor:
+        """Store the outputs of new keys while memory lasts; returns all of them as :meth:`lookup` would.
+
+        The returned float32 outputs (on the device of ``outputs``) went through the storage round trip, stored
+        or not, so the targets never depend on what the cache holds.
+        """
+        parts = self._compress(outputs)
+        stored = tuple(p.cpu() for p in parts)
+        for key, *row in zip(keys, *stored):
             if key in self.store:
                 continue
             size = sum(t.numel() * t.element_size() for t in row)
             if self.bytes + size > self.max_bytes:
-                return
+                self.refused += 1
+                continue
             self.store[key] = tuple(t.clone() for t in row)
             self.bytes += size
+        return self._expand(parts)
 
-    def end_epoch(self, repeated_pass: bool) -> str | None:
-        """Close an epoch's statistics; returns a warning (and turns the cache off) when augmentation shows."""
+    def round_trip(self, outputs: Tensor) -> Tensor:
+        """The float32 outputs as the cache would return them, without storing anything."""
+        return self._expand(self._compress(outputs))
+
+    def _compress(self, outputs: Tensor) -> tuple[Tensor, ...]:
+        outputs = outputs.detach()
+        if self.top_k is None:
+            return (outputs.to(self.dtype),)
+        self.classes = outputs.shape[-1]
+        return topk_compress(outputs.float(), self.top_k, self.temperature, self.dtype)
+
+    def _expand(self, parts: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+        return parts[0].float() if self.top_k is None else topk_expand(*parts, classes=self.classes)
+
+    def end_epoch(self, batches_in_epoch: int | None = None) -> str | None:
+        """Close an epoch's statistics; returns a message when the cache turns off (augmentation) or is full.
+
+        Args:
+            batches_in_epoch: the batches a complete epoch has (``None``: unknown, or the epoch does not cover the
+                data); the epoch is a complete pass when it looked up that many.
+        """
         rate = self.hits / self.lookups if self.lookups else 1.0
-        self.hits = self.lookups = 0
-        if repeated_pass and self.enabled and rate < self.min_hit_rate:
+        checked = self.enabled and self.passes >= 1 and not self.full
+        newly_full, complete = self.refused > 0 and not self.full, 0 < self.batches == batches_in_epoch
+        self.hits = self.lookups = self.batches = self.refused = 0
+        self.passes += complete
+        if checked and rate < self.min_hit_rate:
             self.enabled = False
-            self.store.clear()
-            self.bytes = 0
+            self.clear()
             return (f"Teacher cache: only {rate:.0%} of this epoch's inputs were seen before: the inputs change "
                     "between epochs (random augmentation?). Cached targets would not match them, so the cache is "
                     "off and the teacher runs on every batch.")
+        if newly_full:
+            self.full = True
+            return (f"Teacher cache: full with {len(self.store)} rows ({self.bytes} bytes, `max_bytes` is "
+                    f"{self.max_bytes}); the teacher runs for the inputs left out. A larger bound caches more.")
         return None
 
-    def state_dict(self) -> dict[str, Any]:
-        keys = list(self.store)
-        columns = [torch.stack(c) for c in zip(*(self.store[k] for k in keys))] if keys else None
-        return {"keys": torch.tensor([list(k) for k in keys], dtype=torch.uint8) if keys else None,
-                "values": columns, "enabled": self.enabled, "top_k": self.top_k,
-                "classes": self.classes}
+    def state_dict(self, contents: bool = True) -> dict[str, Any]:
+        """``enabled``, ``top_k``, ``classes``, the pass statistics and, with ``contents``, ``keys`` and ``values``.
+
+        The pass statistics (``passes``, ``full``, and this epoch's ``hits``, ``lookups``, ``batches``,
+        ``refused``) describe the contents: a state without contents restores an empty cache that counts afresh.
+        """
+        state = {"enabled": self.enabled, "top_k": self.top_k, "classes": self.classes}
+        state.update({name: getattr(self, name) for name in _COUNTERS})
+        if contents:
+            keys = list(self.store)
+            state["keys"] = torch.tensor([list(k) for k in keys], dtype=torch.uint8) if keys else None
+            state["values"] = [torch.stack(c) for c in zip(*(self.store[k] for k in keys))] if keys else None
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("top_k") != self.top_k:
-            fail("cache_top_k", f"{state.get('top_k')}, as in the checkpoint being resumed", self.top_k,
-                  hint="a checkpoint's cache keeps the layout it was saved with")
-        self.store, self.bytes = {}, 0
+        contents = state.get("keys") is not None
+        if contents and state.get("top_k") != self.top_k:
+            fail("top_k", f"{state.get('top_k')}, as in the checkpoint being resumed", self.top_k,
+                  hint="a checkpoint's cache contents keep the layout they were saved with")
+        self.clear()
         self.enabled = bool(state.get("enabled", True))
         self.classes = int(state.get("classes", 0))
-        if state.get("keys") is not None:
-            columns = state["values"] if isinstance(state["values"], (list, tuple)) else [state["values"]]
-            for key, *row in zip(state["keys"], *columns):
-                self.store[bytes(key.tolist())] = tuple(row)
-                self.bytes += sum(t.numel() * t.element_size() for t in row)
+        if not contents:
+            return
+        for name in _COUNTERS:
+            setattr(self, name, type(getattr(self, name))(state.get(name, 0)))
+        columns = state["values"] if isinstance(state["values"], (list, tuple)) else [state["values"]]
+        for key, *row in zip(state["keys"], *columns):
+            self.store[bytes(key.tolist())] = tuple(row)
+            self.bytes += sum(t.numel() * t.element_size() for t in row)
 
 
 def topk_compress(logits: Tensor, k: int, temperature: float = 1.0,

@@ -15,7 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from typing_extensions import override
 
 from litcompress._validation import check_choice, check_fraction, check_int, fail
-from litcompress.distillation.cache import TeacherCache
+from litcompress.distillation.cache import TeacherCache, check_storage
 from litcompress.distillation.ensemble import TeacherEnsemble
 from litcompress.distillation.features import FEATURE_LOSSES, capture, feature_loss, make_adapter, output_width
 from litcompress.distillation.losses import kd_loss, mse_distillation_loss
@@ -23,6 +23,7 @@ from litcompress.distillation.losses import kd_loss, mse_distillation_loss
 __all__ = ["DistillationModule"]
 
 TaskLoss = Callable[[Tensor, Tensor], Tensor]
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)  # channels first
 
 
 def _key(name: str) -> str:
@@ -69,16 +70,21 @@ class DistillationModule(pl.LightningModule):
             for conv feature maps: no adapter needed).
         feature_weight: weight of the feature term, added to the loss above.
         cache_teacher: run the teacher once per distinct input and reuse its outputs in later epochs. Keys are
-            content hashes of the inputs, so augmented inputs never get stale targets; when a repeated epoch
-            finds fewer than half its inputs cached (random augmentation), a warning says so and the cache
-            turns itself off. The cache is saved in checkpoints. Not with ``features``.
+            content hashes of the inputs, so augmented inputs never get stale targets; when an epoch after a
+            complete cached pass finds fewer than half its inputs cached (random augmentation; a full cache is
+            not taken for it), a warning says so and the cache turns itself off. Not with ``features``.
         cache_max_bytes: memory bound of the cache.
         cache_dtype: storage dtype of cached outputs (``torch.float16`` halves memory; float32 is exact); also
-            given by name (``"float16"``), e.g. in YAML.
+            given by name (``"float16"``), e.g. in YAML. The student always trains on the stored representation,
+            cached or not.
         cache_top_k: keep only each output row's ``k`` largest logits (and one fill value for the other classes,
             chosen so that at ``temperature`` the kept classes get exactly the teacher's probabilities and the
             rest share the remaining mass evenly). For large vocabularies: with 50k tokens, ``k=32`` in float16
-            stores 194 bytes per position instead of 200 kB. Classification outputs only.
+            stores 194 bytes per position instead of 200 kB. Classification outputs only. The student always
+            trains on the stored representation, cached or not.
+        cache_in_checkpoint: also save the cache contents (up to ``cache_max_bytes``) in checkpoints, so a resumed
+            fit need not run the teacher again. By default only the cache's small state is saved; resume is exact
+            either way (the targets do not depend on what is cached), the contents only save time.
         transfer: ``"mixup"`` adds ``transfer_size`` extra inputs per training step, each a random convex mix of
             two inputs of the batch, labelled by the teacher only (an extra transfer set; its distillation term
             is added with weight ``alpha`` and logged as ``train/transfer_loss``). Floating-point inputs only.
@@ -105,6 +111,7 @@ class DistillationModule(pl.LightningModule):
         cache_max_bytes: int = 1 << 30,
         cache_dtype: torch.dtype | Literal["float32", "float16", "bfloat16"] = torch.float32,
         cache_top_k: int | None = None,
+        cache_in_checkpoint: bool = False,
         transfer: Literal["mixup"] | None = None,
         transfer_size: int = 64,
         seed: int = 0,
@@ -146,7 +153,7 @@ class DistillationModule(pl.LightningModule):
         if self.features and teacher is not None and feature_loss != "attention":
             s_modules, t_modules = dict(student.named_modules()), dict(teacher.named_modules())
             for s_name, t_name in self.features.items():
-                conv = isinstance(s_modules[s_name], nn.modules.conv._ConvNd)
+                conv = isinstance(s_modules[s_name], _CONV)
                 self.adapters[_key(s_name)] = make_adapter(
                     output_width(s_modules[s_name]), output_width(t_modules[t_name]), channels_first=conv)
         if not isinstance(cache_teacher, bool):
@@ -154,9 +161,11 @@ class DistillationModule(pl.LightningModule):
         if cache_teacher and self.features:
             fail("cache_teacher", "False with `features`", cache_teacher,
                   hint="intermediate teacher features are not cached; drop one of the two")
-        if isinstance(cache_dtype, str):
-            check_choice("cache_dtype", cache_dtype, ("float32", "float16", "bfloat16"))
-            cache_dtype = getattr(torch, cache_dtype)
+        cache_dtype = check_storage(cache_max_bytes, cache_dtype, cache_top_k, prefix="cache_")
+        if not isinstance(cache_in_checkpoint, bool):
+            fail("cache_in_checkpoint", "a bool", cache_in_checkpoint, exc=TypeError)
+        if cache_in_checkpoint and not cache_teacher:
+            fail("cache_in_checkpoint", "False unless `cache_teacher=True`", True, hint="set cache_teacher=True")
         if cache_top_k is not None and not cache_teacher:
             fail("cache_top_k", "None unless `cache_teacher=True`", cache_top_k, hint="set cache_teacher=True")
         if cache_top_k is not None and task_loss == "mse":
@@ -164,6 +173,7 @@ class DistillationModule(pl.LightningModule):
                   hint="regression outputs are not logits; cache them in full")
         self.teacher_cache = (TeacherCache(cache_max_bytes, cache_dtype, top_k=cache_top_k,
                                            temperature=self.temperature) if cache_teacher else None)
+        self.cache_in_checkpoint = cache_in_checkpoint
         if transfer is not None:
             check_choice("transfer", transfer, ("mixup",))
         check_int("transfer_size", transfer_size, minimum=1)
@@ -280,7 +290,7 @@ class DistillationModule(pl.LightningModule):
             s_feat, t_feat = student_features[s_name], teacher_features[t_name].detach()
             if self.feature_loss_kind != "attention":
                 s_feat = self.adapters[_key(s_name)](s_feat)
-            channel_dim = 1 if isinstance(self.student.get_submodule(s_name), nn.modules.conv._ConvNd) else -1
+            channel_dim = 1 if isinstance(self.student.get_submodule(s_name), _CONV) else -1
             total = total + feature_loss(s_feat, t_feat, self.feature_loss_kind, channel_dim)
         return total
 
@@ -323,27 +333,36 @@ class DistillationModule(pl.LightningModule):
 
     def _teacher_outputs(self, inputs: Any) -> Tensor:
         cache = self.teacher_cache
-        if cache is None or not cache.enabled or not self.training or not isinstance(inputs, Tensor):
+        if cache is None or not self.training or not isinstance(inputs, Tensor):
             return self.teacher_forward(inputs)
+        if not cache.enabled:  # the same representation as while it was on
+            return cache.round_trip(self.teacher_forward(inputs))
         keys = cache.keys(inputs)
         cached = cache.lookup(keys)
         if cached is not None:
-            return cached.to(self.device, torch.float32)
-        out = self.teacher_forward(inputs)
-        cache.add(keys, out)
-        return out
+            return cached.to(self.device)
+        return cache.add(keys, self.teacher_forward(inputs))  # as a hit would give them
+
+    def _end_cache_epoch(self, cache: TeacherCache) -> None:
+        trainer, limit = self.trainer, self.trainer.limit_train_batches  # a limited or sharded epoch: not all data
+        whole = isinstance(limit, float) and limit == 1.0 and trainer.world_size == 1
+        if message := cache.end_epoch(trainer.num_training_batches if whole else None):
+            rank_zero_warn(message)
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0 and self.teacher_cache is not None and self.teacher_cache.batches:
+            self._end_cache_epoch(self.teacher_cache)  # the last epoch's end hook, which a resume from its end skips
 
     @override
     def on_train_epoch_end(self) -> None:
         if self.teacher_cache is not None:
-            message = self.teacher_cache.end_epoch(repeated_pass=self.current_epoch >= 1)
-            if message:
-                rank_zero_warn(message)
+            self._end_cache_epoch(self.teacher_cache)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.teacher_cache is not None:
-            checkpoint["litcompress_teacher_cache"] = self.teacher_cache.state_dict()
+            checkpoint["litcompress_teacher_cache"] = self.teacher_cache.state_dict(self.cache_in_checkpoint)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

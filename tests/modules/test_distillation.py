@@ -116,20 +116,26 @@ def test_callbacks_compress_only_the_student(tmp_path):
 
 
 def resumed_matches_uninterrupted(tmp_path, cut, **kwargs):
-    """Fit 3 epochs; crash at `cut` and resume; the two students must be bit-identical. Returns the resumed one."""
+    """Fit 3 epochs; crash at step `cut` (or stop after the first epoch, `cut="epoch"`, with a ModelCheckpoint saved
+    at its validation's end) and resume; the two students must be bit-identical. Returns (uninterrupted, resumed)."""
 
-    def run(callbacks, ckpt_path=None):
+    def run(callbacks, ckpt_path=None, **overrides):
         teacher, student = teacher_and_student()
-        return fit(tmp_path, callbacks, module=DistillationModule(student, teacher, **kwargs), max_epochs=3,
-                   ckpt_path=ckpt_path)[1]
+        overrides = {"max_epochs": 3, **overrides}
+        return fit(tmp_path, callbacks, module=DistillationModule(student, teacher, **kwargs), ckpt_path=ckpt_path,
+                   **overrides)[1]
 
     reference = run([])
-    with pytest.raises(Interrupted):
-        run([Crash(cut, tmp_path / "cut.ckpt")])
+    if cut == "epoch":
+        checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="cut", save_on_train_epoch_end=False)
+        run([checkpoint], max_epochs=1, enable_checkpointing=True)
+    else:
+        with pytest.raises(Interrupted):
+            run([Crash(cut, tmp_path / "cut.ckpt")])
     resumed = run([], ckpt_path=tmp_path / "cut.ckpt")
-    for a, b in zip(reference.parameters(), resumed.parameters()):
+    for a, b in zip(reference.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    return resumed
+    return reference, resumed
 
 
 @pytest.mark.parametrize("cut", [3, 8])
@@ -307,16 +313,27 @@ def test_teacher_cache_detects_augmentation(tmp_path):
     calls = TeacherCalls(teacher)
     module = DistillationModule(student, teacher, cache_teacher=True)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=3), callbacks=[calls])
-    with pytest.warns(UserWarning, match="random augmentation"):
-        trainer.fit(module, DataLoader(Augmented(classification_data((16,), n=64)), batch_size=16))
+    data = DataLoader(Augmented(classification_data((16,), n=64)), batch_size=16, shuffle=True)
+    with pytest.warns(UserWarning, match=r"Teacher cache: only 0% .* \(random augmentation\?\)"):
+        trainer.fit(module, data)
     assert not module.teacher_cache.enabled and not module.teacher_cache.store
     assert calls.per_epoch[1] == 4 and calls.per_epoch[2] == 4  # fresh targets for every augmented batch
 
 
-@pytest.mark.parametrize(("cut", "top_k"), [(3, None), (6, None), (6, 2)])
-def test_resume_with_cache_is_bit_identical(tmp_path, cut, top_k):
-    resumed = resumed_matches_uninterrupted(tmp_path, cut, cache_teacher=True, cache_top_k=top_k)
-    assert len(resumed.teacher_cache.store) == 64
+@pytest.mark.parametrize("cut", [4, "epoch", 6])  # the first epoch's last step, its end, the second's middle
+@pytest.mark.parametrize("in_checkpoint", [False, True])
+@pytest.mark.parametrize("storage", [{}, {"cache_dtype": torch.float16}, {"cache_top_k": 2}],
+                         ids=["float32", "float16", "top_k"])
+def test_resume_with_cache_is_bit_identical(tmp_path, cut, in_checkpoint, storage):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reference, resumed = resumed_matches_uninterrupted(tmp_path, cut, cache_teacher=True,
+                                                           cache_in_checkpoint=in_checkpoint, **storage)
+    assert not [w for w in caught if "Teacher cache" in str(w.message)]  # no augmentation suspected
+    cache = resumed.teacher_cache
+    assert cache.enabled and len(cache.store) == 64 and cache.bytes == reference.teacher_cache.bytes
+    if in_checkpoint:  # the restored statistics go on as in the uninterrupted fit
+        assert cache.passes == reference.teacher_cache.passes == 3
 
 
 def test_cache_misconfiguration():
@@ -325,8 +342,14 @@ def test_cache_misconfiguration():
         DistillationModule(student, teacher, features={"net.0": "net.0"}, cache_teacher=True)
     with pytest.raises(TypeError, match="`cache_teacher`"):
         DistillationModule(student, teacher, cache_teacher="yes")
-    with pytest.raises(ValueError, match="`cache_max_bytes`"):
+    with pytest.raises(ValueError, match=r"Expected argument `cache_max_bytes` to be an int >= 1, but got 0"):
         DistillationModule(student, teacher, cache_teacher=True, cache_max_bytes=0)
+    with pytest.raises(ValueError, match=r"Expected argument `cache_dtype` to be one of 'float32'"):
+        DistillationModule(student, teacher, cache_teacher=True, cache_dtype="float8")
+    with pytest.raises(TypeError, match=r"Expected argument `cache_in_checkpoint` to be a bool, but got 'yes'"):
+        DistillationModule(student, teacher, cache_teacher=True, cache_in_checkpoint="yes")
+    with pytest.raises(ValueError, match=r"`cache_in_checkpoint` to be False unless `cache_teacher=True`"):
+        DistillationModule(student, teacher, cache_in_checkpoint=True)
 
 
 def test_teacher_ensemble_averages_softened_probabilities(tmp_path):
