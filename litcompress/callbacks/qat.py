@@ -225,12 +225,30 @@ class QuantizationAwareTraining(_CompressionCallback):
     def restore(self, model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any]) -> nn.Module:
         """Convert ``model`` and load this callback's state from a Lightning checkpoint, without a Trainer.
 
-        The path from a checkpoint written during QAT to deployable files, in a fresh process::
+        The path from a checkpoint written during QAT to deployable files, e.g. in a fresh process (the plain
+        class loads the weights: the ``state_dict`` keys are unchanged), then the callback's state:
 
-            model = MyModule.load_from_checkpoint("last.ckpt")  # the plain class: state_dict keys are unchanged
-            QuantizationAwareTraining(...same arguments...).restore(model, "last.ckpt")
-            export_onnx(model, example_input, "model.onnx")
-            save_compressed(model, "model.safetensors")
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> import lightning.pytorch as pl
+        >>> from lightning.pytorch.demos.boring_classes import BoringModel
+        >>> from litcompress.export import export_onnx, save_compressed
+        >>> from litcompress.quantization import quantized_weights
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> trainer = pl.Trainer(max_epochs=1, callbacks=[QuantizationAwareTraining(weight_bits=4, verbose=False)],
+        ...                      default_root_dir=folder, logger=False, enable_progress_bar=False,
+        ...                      enable_model_summary=False)
+        >>> trainer.fit(BoringModel())
+        >>> ckpt = next(folder.rglob("*.ckpt"))
+        >>> model = BoringModel.load_from_checkpoint(ckpt)  # later, anywhere
+        >>> _ = QuantizationAwareTraining(weight_bits=4).restore(model, ckpt)  # same arguments as in training
+        >>> quantizer, _ = quantized_weights(model)["layer.weight"]
+        >>> quantizer.config.weight_bits
+        4
+        >>> export_onnx(model, torch.randn(1, 32), folder / "model.onnx").exists()
+        True
+        >>> save_compressed(model, folder / "model.safetensors").exists()
+        True
 
         (``trainer.validate`` / ``trainer.test`` with ``ckpt_path`` and this callback attached restore it too.)
 

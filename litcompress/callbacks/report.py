@@ -56,9 +56,19 @@ class CompressionReport(Callback):
         dirpath: where to write ``filename`` and the plots; default: ``trainer.log_dir``.
         filename: the JSON file's name.
 
-    Example::
-
-        trainer = Trainer(callbacks=[Pruning(amount=0.8), CompressionReport(metrics=["val/acc"])])
+    Example:
+        >>> import tempfile
+        >>> import lightning.pytorch as pl
+        >>> from lightning.pytorch.demos.boring_classes import BoringModel
+        >>> from litcompress import Pruning
+        >>> report = CompressionReport(example_input=[4, 32], metrics=[], latency=False, plots=False,
+        ...                            dirpath=tempfile.mkdtemp())
+        >>> trainer = pl.Trainer(max_epochs=1, callbacks=[Pruning(0.8, verbose=False), report], logger=False,
+        ...                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(BoringModel())  # prints the table (and writes compression_report.json)
+        >>> before, after = report.report["baseline"], report.report["final"]
+        >>> before["sparsity"], round(after["sparsity"], 2), after["compact_bytes"] < before["compact_bytes"]
+        (0.0, 0.77, True)
     """
 
     def __init__(

@@ -90,6 +90,17 @@ class DistillationModule(pl.LightningModule):
             is added with weight ``alpha`` and logged as ``train/transfer_loss``). Floating-point inputs only.
         transfer_size: extra inputs per step for ``transfer``.
         seed: seed of the transfer draws (with ``global_step``: identical on resume and on every process).
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> teacher = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 3))
+        >>> module = DistillationModule(nn.Linear(8, 3), teacher, temperature=4.0, alpha=0.9)
+        >>> data = DataLoader(TensorDataset(torch.randn(64, 8), torch.randint(0, 3, (64,))), batch_size=16)
+        >>> pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        ...            enable_model_summary=False).fit(module, data)
+        >>> sorted(module.state_dict())  # the student only: the teacher is never saved
+        ['student.bias', 'student.weight']
     """
 
     def __init__(
