@@ -64,57 +64,40 @@ def rnn_forward(module: nn.RNNBase, forward: Callable[..., Any], weights: dict[s
         module._flat_weights = saved
 
 
-def _foreach(name: str) -> Callable[..., Any] | None:
-    return getattr(torch, f"_foreach_{name}", None)
+def _foreach(name: str, fallback: Callable[..., Any], *lists: Sequence[Tensor]) -> Any:
+    """``torch._foreach_<name>`` on the lists (one fused kernel per device and dtype), or ``fallback`` on each
+    tuple of elements when a torch release no longer has it."""
+    fn = getattr(torch, f"_foreach_{name}", None)
+    if fn is not None:
+        return fn(*(list(x) for x in lists))
+    return [fallback(*items) for items in zip(*lists)]
 
 
 def foreach_mul_(tensors: Sequence[Tensor], others: Sequence[Tensor]) -> None:
-    """``t *= o`` for each pair, fused per device and dtype (``torch._foreach_mul_``; a loop if it is gone)."""
-    fn = _foreach("mul_")
-    if fn is not None:
-        fn(list(tensors), list(others))
-    else:
-        for t, o in zip(tensors, others):
-            t.mul_(o)
+    """``t *= o`` for each pair (``torch._foreach_mul_``)."""
+    _foreach("mul_", Tensor.mul_, tensors, others)
 
 
 def foreach_mul(tensors: Sequence[Tensor], others: Sequence[Tensor]) -> list[Tensor]:
     """``t * o`` for each pair (``torch._foreach_mul``)."""
-    fn = _foreach("mul")
-    return list(fn(list(tensors), list(others))) if fn is not None else [t * o for t, o in zip(tensors, others)]
+    return list(_foreach("mul", torch.mul, tensors, others))
 
 
 def foreach_add_(tensors: Sequence[Tensor], others: Sequence[Tensor]) -> None:
     """``t += o`` for each pair (``torch._foreach_add_``)."""
-    fn = _foreach("add_")
-    if fn is not None:
-        fn(list(tensors), list(others))
-    else:
-        for t, o in zip(tensors, others):
-            t.add_(o)
+    _foreach("add_", Tensor.add_, tensors, others)
 
 
 def foreach_sub_(tensors: Sequence[Tensor], others: Sequence[Tensor]) -> None:
     """``t -= o`` for each pair (``torch._foreach_sub_``)."""
-    fn = _foreach("sub_")
-    if fn is not None:
-        fn(list(tensors), list(others))
-    else:
-        for t, o in zip(tensors, others):
-            t.sub_(o)
+    _foreach("sub_", Tensor.sub_, tensors, others)
 
 
 def foreach_abs_(tensors: Sequence[Tensor]) -> None:
     """``t = |t|`` in place for each tensor (``torch._foreach_abs_``)."""
-    fn = _foreach("abs_")
-    if fn is not None:
-        fn(list(tensors))
-    else:
-        for t in tensors:
-            t.abs_()
+    _foreach("abs_", Tensor.abs_, tensors)
 
 
 def foreach_norm(tensors: Sequence[Tensor]) -> list[Tensor]:
     """The 2-norm of each tensor (``torch._foreach_norm``)."""
-    fn = _foreach("norm")
-    return list(fn(list(tensors))) if fn is not None else [torch.linalg.vector_norm(t) for t in tensors]
+    return list(_foreach("norm", torch.linalg.vector_norm, tensors))

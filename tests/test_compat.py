@@ -80,3 +80,9 @@ def test_conv_padding_reference_is_functional():  # the public path that `conv_f
     conv = nn.Conv1d(2, 2, 3, padding=1)
     x = torch.randn(1, 2, 7)
     assert torch.allclose(_compat.conv_forward(conv, x, conv.weight), F.conv1d(x, conv.weight, conv.bias, padding=1))
+
+
+def test_foreach_fallbacks_when_torch_drops_the_kernels(monkeypatch):
+    for name in ("mul_", "mul", "add_", "sub_", "abs_", "norm"):
+        monkeypatch.delattr(torch, f"_foreach_{name}")
+    test_foreach_helpers_match_loops()
