@@ -8,13 +8,14 @@ not somewhere inside a callback. Each function says why it is needed and what it
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 __all__ = [
     "ATTENTION_OUT_PROJ",
+    "ConvLayer",
     "conv_forward",
     "foreach_abs_",
     "foreach_add_",
@@ -40,14 +41,22 @@ ATTENTION_OUT_PROJ: type[nn.Module] = type(nn.MultiheadAttention(2, 1).out_proj)
 """The class of ``nn.MultiheadAttention.out_proj`` (a ``Linear`` subclass torch does not export publicly)."""
 
 
-def conv_forward(module: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
+class ConvLayer(Protocol):
+    """What :func:`conv_forward` uses of an ``nn.Conv1d`` / ``Conv2d`` / ``Conv3d`` (or a class extending one)."""
+
+    bias: Tensor | None
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor: ...
+
+
+def conv_forward(module: ConvLayer, x: Tensor, weight: Tensor) -> Tensor:
     """Run a ``ConvNd`` layer with ``weight`` in place of its own, honouring every ``padding_mode``.
 
     ``F.conv*d`` would do for ``padding_mode="zeros"`` but not for reflect/replicate/circular padding, whose
     padding amounts are a private attribute; ``torch.func.functional_call`` would run the layer's forward hooks
     twice. The layer's own ``_conv_forward`` does exactly what its ``forward`` does.
     """
-    return module._conv_forward(x, weight, module.bias)  # type: ignore[operator]
+    return module._conv_forward(x, weight, module.bias)
 
 
 def rnn_forward(module: nn.RNNBase, forward: Callable[..., Any], weights: dict[str, Tensor], *args: Any) -> Any:

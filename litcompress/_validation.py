@@ -57,7 +57,7 @@ def check_fraction(name: str, value: Any, closed_right: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         fail(name, "a float", value, exc=TypeError)
     upper_ok = value <= 1 if closed_right else value < 1
-    if not (value >= 0 and upper_ok):
+    if value < 0 or not upper_ok:  # NaN fails `upper_ok`
         fail(name, f"a float in the [0, 1{']' if closed_right else ')'} range", value)
 
 

@@ -84,7 +84,8 @@ class RandomInputs(Dataset[Tensor]):
             raise IndexError(f"RandomInputs index {index} out of range [0, {self.size})")
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         if self.distribution == "tokens":
-            return torch.randint(0, self.vocab_size, self.shape, generator=g)  # type: ignore[arg-type]
+            assert self.vocab_size is not None  # required with "tokens" (checked in __init__)
+            return torch.randint(0, self.vocab_size, self.shape, generator=g)
         if self.distribution == "uniform":
             return self.low + (self.high - self.low) * torch.rand(self.shape, generator=g)
         return self.mean + self.std * torch.randn(self.shape, generator=g)

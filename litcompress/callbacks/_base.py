@@ -33,7 +33,7 @@ DEFAULT_EVERY = 100
 """Default update spacing of a schedule, in optimizer steps, when an epoch is longer than this."""
 
 
-def _compression_target(pl_module: pl.LightningModule) -> nn.Module:
+def _compression_target(pl_module: nn.Module) -> nn.Module:
     target = getattr(pl_module, "compression_target", None)
     return target if isinstance(target, nn.Module) else pl_module
 

@@ -177,14 +177,14 @@ class Pruning(_CompressionCallback):
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         refs = select_parameters(_compression_target(pl_module), self.parameters, self.exclude)
-        same = self.pruner is not None and [id(r.tensor) for r in self.pruner.refs] == [
-            id(r.tensor) for r in refs if r.name in self.pruner.targets
-        ]
-        if not same:  # a new model; the same model fitted again keeps its masks
-            self.pruner = Pruner(refs, self.sparsity, self.scope, self.pattern, self.importance, self.seed)
+        pruner = self.pruner
+        if pruner is None or [id(r.tensor) for r in pruner.refs] != [
+            id(r.tensor) for r in refs if r.name in pruner.targets
+        ]:  # a new model; the same model fitted again keeps its masks
+            pruner = self.pruner = Pruner(refs, self.sparsity, self.scope, self.pattern, self.importance, self.seed)
             self._last_point = None
-        mine = {id(r.tensor) for r in self.pruner.refs}
-        for other in trainer.callbacks:
+        mine = {id(r.tensor) for r in pruner.refs}
+        for other in trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning, not declared on Trainer
             if other is self or not isinstance(other, Pruning) or other.pruner is None:
                 continue
             shared = [r.name for r in other.pruner.refs if id(r.tensor) in mine]

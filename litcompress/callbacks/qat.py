@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
-from torch import nn
+from torch import Tensor, nn
 from typing_extensions import override
 
 from litcompress._validation import check_int, fail
 from litcompress.callbacks._base import _compression_target, _CompressionCallback
+from litcompress.quantization.access import quantized_layers
 from litcompress.quantization.modules import QUANTIZABLE_KINDS, QuantizedLayer, convert_
 from litcompress.quantization.quantizers import ActivationQuantizer, QuantConfig, WeightQuantizer
 from litcompress.selection import ParameterFilter, check_patterns, select_parameters
@@ -22,6 +23,14 @@ from litcompress.selection import ParameterFilter, check_patterns, select_parame
 __all__ = ["QuantizationAwareTraining"]
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+class _Steps(TypedDict):
+    """The schedule in optimizer steps, converted once per fit (``None``: never)."""
+
+    start: int
+    freeze_observers: int | None
+    freeze_bn: int | None
 
 
 class QuantizationAwareTraining(_CompressionCallback):
@@ -93,7 +102,7 @@ class QuantizationAwareTraining(_CompressionCallback):
         self.layers: dict[str, QuantizedLayer] = {}
         self._bn: list[nn.Module] = []
         self._flags = {"enabled": False, "observers_frozen": False, "bn_frozen": False}
-        self._steps: dict[str, int | None] = {}
+        self._steps: _Steps | None = None  # set in `on_train_start`
 
     def _key_fields(self) -> dict[str, Any]:
         return {"config": self.config, "parameters": self.parameters, "exclude": self.exclude}
@@ -102,7 +111,7 @@ class QuantizationAwareTraining(_CompressionCallback):
         return bool(self.layers)
 
     # ------------------------------------------------------------------ quantizers
-    def _weight_quantizers(self) -> list[tuple[nn.Module, str, WeightQuantizer]]:
+    def _weight_quantizers(self) -> list[tuple[QuantizedLayer, str, WeightQuantizer]]:
         return [(m, a, q) for m in self.layers.values() for a, q in m.weight_quantizers.items()]
 
     def _input_quantizers(self) -> list[ActivationQuantizer]:
@@ -118,7 +127,7 @@ class QuantizationAwareTraining(_CompressionCallback):
 
     def _prepare(self, target: nn.Module) -> None:
         refs = select_parameters(target, self.parameters, self.exclude, kinds=QUANTIZABLE_KINDS)
-        modules = dict(target.named_modules())
+        modules: dict[str, nn.Module] = dict(target.named_modules())
         attention = {n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)}
         layers: dict[str, list[str]] = {}
         for ref in refs:
@@ -131,8 +140,9 @@ class QuantizationAwareTraining(_CompressionCallback):
                       hint="quantization-aware training converts whole layers of these kinds")
             layers.setdefault(owner, []).append(attr)
         fresh = {n: a for n, a in layers.items() if not isinstance(modules[n], QuantizedLayer)}
-        self.layers = {n: modules[n] for n in layers}
         convert_(target, self.config, fresh)  # layers converted by an earlier fit keep their quantizers
+        converted = quantized_layers(target)
+        self.layers = {n: converted[n] for n in layers}
         self._bn = [m for m in target.modules() if isinstance(m, _BATCH_NORMS)]
         self._apply_pending_state()
 
@@ -159,16 +169,17 @@ class QuantizationAwareTraining(_CompressionCallback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the clock: every point in optimizer steps, converted once; a start the fit never reaches is an error
-        self._steps = {"start": self._check_before_end(trainer, "start", self.start),
-                       "freeze_observers": self._to_steps(trainer, self.freeze_observers),
-                       "freeze_bn": self._to_steps(trainer, self.freeze_bn)}
+        self._steps = _Steps(start=self._check_before_end(trainer, "start", self.start),
+                             freeze_observers=self._to_steps(trainer, self.freeze_observers),
+                             freeze_bn=self._to_steps(trainer, self.freeze_bn))
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step, at = trainer.global_step, self._steps
-        if not self._flags["enabled"] and step >= at["start"]:  # type: ignore[operator]
+        assert at is not None  # `on_train_start` ran
+        if not self._flags["enabled"] and step >= at["start"]:
             self._set_enabled(True)
             if self.config.scale == "learned":
                 for module, attr, q in self._weight_quantizers():
@@ -189,11 +200,13 @@ class QuantizationAwareTraining(_CompressionCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        observed = [q for q in self._input_quantizers() if q.pending is not None]
-        if not observed:
+        pending: list[tuple[ActivationQuantizer, tuple[Tensor, Tensor]]] = [
+            (q, batch) for q in self._input_quantizers() if (batch := q.pending) is not None]
+        if not pending:
             return
-        lo = torch.stack([q.pending[0] for q in observed])
-        hi = torch.stack([q.pending[1] for q in observed])
+        observed = [q for q, _ in pending]
+        lo = torch.stack([batch[0] for _, batch in pending])
+        hi = torch.stack([batch[1] for _, batch in pending])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             lo, hi = lo.to(trainer.strategy.root_device), hi.to(trainer.strategy.root_device)
             dist.all_reduce(lo, op=dist.ReduceOp.MIN)  # every process quantizes with the same range
@@ -212,10 +225,10 @@ class QuantizationAwareTraining(_CompressionCallback):
 
     def _freeze_observers(self) -> None:
         self._flags["observers_frozen"] = True
-        for module, attr, q in self._weight_quantizers():
-            q.freeze(module.weight_tensor(attr))
-        for q in self._input_quantizers():
-            q.observing = False
+        for module, attr, wq in self._weight_quantizers():
+            wq.freeze(module.weight_tensor(attr))
+        for aq in self._input_quantizers():
+            aq.observing = False
 
     def _say(self, trainer: pl.Trainer, what: str) -> None:
         if self.verbose:
@@ -256,9 +269,9 @@ class QuantizationAwareTraining(_CompressionCallback):
             model: the LightningModule (or plain module) the checkpoint's weights are already loaded into.
             checkpoint: a checkpoint path (loaded with ``weights_only=True``) or an already loaded checkpoint.
         """
-        if not isinstance(checkpoint, Mapping):
-            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        states = checkpoint.get("callbacks", {})
+        loaded: Mapping[str, Any] = (checkpoint if isinstance(checkpoint, Mapping)
+                                     else torch.load(checkpoint, map_location="cpu", weights_only=True))
+        states = loaded.get("callbacks", {})
         if self.state_key not in states:
             fail("checkpoint", f"a checkpoint holding this callback's state ({self.state_key})", sorted(states),
                   hint="construct the callback with the same arguments as during training")
@@ -285,9 +298,9 @@ class QuantizationAwareTraining(_CompressionCallback):
             fail("state_dict", f"quantizer states for the layers {sorted(self.layers)}", sorted(saved),
                   hint="the checkpoint was written for a different model or a different selection")
         for name, module in self.layers.items():
-            for a, q in module.weight_quantizers.items():
-                q.load_state_dict(saved[name]["weights"].get(a, {}))
-            for k, q in module.input_quantizers.items():
-                q.load_state_dict(saved[name]["inputs"].get(k, {}))
+            for a, wq in module.weight_quantizers.items():
+                wq.load_state_dict(saved[name]["weights"].get(a, {}))
+            for k, aq in module.input_quantizers.items():
+                aq.load_state_dict(saved[name]["inputs"].get(k, {}))
         self._flags.update(state.get("flags", {}))
         self._set_enabled(self._flags["enabled"])

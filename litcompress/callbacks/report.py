@@ -155,15 +155,16 @@ class CompressionReport(Callback):
         if not trainer.is_global_zero:
             return
         try:
-            self.report = self._write(trainer, pl_module, directory)
+            self.report = self._write(trainer, pl_module, directory, self.baseline)
         except Exception as err:  # a report must never crash a finished fit
             rank_zero_warn(f"CompressionReport could not be completed: {type(err).__name__}: {err}")
 
-    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, directory: Path) -> dict[str, Any]:
+    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, directory: Path,
+               baseline_dict: dict[str, Any]) -> dict[str, Any]:
         target = _compression_target(pl_module)
         final = summarize(target, self._input(pl_module), latency=self.latency, repeats=self.repeats,
                           onnx=self.latency and bool(quantized_layers(target)))
-        baseline = ModelSummary.from_dict(self.baseline)  # type: ignore[arg-type]
+        baseline = ModelSummary.from_dict(baseline_dict)
         _, label = self._baseline_model(pl_module)
         logged = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, (Tensor, float, int))}
         missing = [k for k in self.metrics if k not in logged]
@@ -179,7 +180,7 @@ class CompressionReport(Callback):
         rank_zero_info(format_table(rows, title, before=label, after=after_label))
         if self.baseline_note:
             rank_zero_info(f"Note: {self.baseline_note}")
-        report = {"schema": _SCHEMA, "baseline_kind": label, "baseline": self.baseline, "final": final.to_dict(),
+        report = {"schema": _SCHEMA, "baseline_kind": label, "baseline": baseline_dict, "final": final.to_dict(),
                   "metrics": {"before": before, "after": after}, "rows": rows, "note": self.baseline_note,
                   "global_step": trainer.global_step}
         directory.mkdir(parents=True, exist_ok=True)
@@ -195,11 +196,12 @@ class CompressionReport(Callback):
 
         try:
             plot_layers(final, directory / "compression_layers.png")
-            key = self.metrics[0] if self.metrics else None
-            if key is not None and before.get(key) is not None and after.get(key) is not None:
-                plot_tradeoff([(label, baseline.compact_bytes, before[key]), ("after", final.compact_bytes,
-                                                                                after[key])],  # type: ignore[list-item]
-                              directory / "compression_tradeoff.png", metric=key)
+            if self.metrics:
+                key = self.metrics[0]
+                start, end = before.get(key), after.get(key)
+                if start is not None and end is not None:
+                    plot_tradeoff([(label, baseline.compact_bytes, start), ("after", final.compact_bytes, end)],
+                                  directory / "compression_tradeoff.png", metric=key)
         except ImportError as err:
             rank_zero_warn(f"CompressionReport: no plots ({err}); pass plots=False to silence this.")
 

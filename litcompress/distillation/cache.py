@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -105,12 +106,11 @@ class TeacherCache:
         """The stacked float32 outputs when every key is cached, else ``None`` (hit statistics are updated)."""
         self.lookups += len(keys)
         self.batches += 1
-        found = [self.store.get(k) for k in keys]
-        hit = sum(v is not None for v in found)
-        self.hits += hit
-        if hit < len(keys):
+        found = [row for k in keys if (row := self.store.get(k)) is not None]
+        self.hits += len(found)
+        if len(found) < len(keys):
             return None
-        return self._expand([torch.stack(column) for column in zip(*found)])  # type: ignore[misc]
+        return self._expand([torch.stack(column) for column in zip(*found)])
 
     def add(self, keys: list[bytes], outputs: Tensor) -> Tensor:
         """Store the outputs of new keys while memory lasts; returns all of them as :meth:`lookup` would.
@@ -142,8 +142,11 @@ class TeacherCache:
         self.classes = outputs.shape[-1]
         return topk_compress(outputs.float(), self.top_k, self.temperature, self.dtype)
 
-    def _expand(self, parts: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
-        return parts[0].float() if self.top_k is None else topk_expand(*parts, classes=self.classes)
+    def _expand(self, parts: Sequence[Tensor]) -> Tensor:
+        if self.top_k is None:
+            return parts[0].float()
+        values, indices, fill = parts  # as made by `topk_compress`
+        return topk_expand(values, indices, fill, classes=self.classes)
 
     def end_epoch(self, batches_in_epoch: int | None = None) -> str | None:
         """Close an epoch's statistics; returns a message when the cache turns off (augmentation) or is full.
@@ -175,7 +178,7 @@ class TeacherCache:
         The pass statistics (``passes``, ``full``, and this epoch's ``hits``, ``lookups``, ``batches``,
         ``refused``) describe the contents: a state without contents restores an empty cache that counts afresh.
         """
-        state = {"enabled": self.enabled, "top_k": self.top_k, "classes": self.classes}
+        state: dict[str, Any] = {"enabled": self.enabled, "top_k": self.top_k, "classes": self.classes}
         state.update({name: getattr(self, name) for name in _COUNTERS})
         if contents:
             keys = list(self.store)

@@ -13,13 +13,13 @@ True
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from litcompress._validation import check_choice, fail
+from litcompress._validation import check_choice, fail, fail_state
 
 __all__ = ["TeacherEnsemble"]
 
@@ -40,16 +40,17 @@ class TeacherEnsemble(nn.Module):
         super().__init__()
         if not isinstance(teachers, (list, tuple)) or len(teachers) < 2 or not all(
                 isinstance(t, nn.Module) for t in teachers):
-            fail("teacher", "a module or a list of two or more modules", teachers, exc=TypeError)
+            fail("teachers", "a list of two or more modules", teachers, exc=TypeError)
         check_choice("average", average, ("probabilities", "outputs"))
         self.members = nn.ModuleList(teachers)
         self.temperature, self.average = float(temperature), average
 
-    def forward(self, *args, **kwargs) -> Tensor:  # type: ignore[no-untyped-def]
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         outputs = [m(*args, **kwargs) for m in self.members]
         shapes = {tuple(o.shape) for o in outputs}
         if len(shapes) > 1:
-            fail("teacher", "ensemble members with outputs of one shape", sorted(shapes))
+            fail_state(f"ensemble members returned outputs of different shapes {sorted(shapes)}", "TeacherEnsemble",
+                       "give teachers whose outputs have one shape", exc=ValueError)
         if self.average == "outputs":
             return torch.stack(outputs).mean(0)
         t = self.temperature

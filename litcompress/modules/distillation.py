@@ -103,6 +103,8 @@ class DistillationModule(pl.LightningModule):
         ['student.bias', 'student.weight']
     """
 
+    _teacher: nn.Module | None  # set with object.__setattr__ (see the `teacher` setter), so declared here
+
     def __init__(
         self,
         student: nn.Module,
@@ -131,6 +133,8 @@ class DistillationModule(pl.LightningModule):
         if not isinstance(student, nn.Module):
             fail("student", "a torch.nn.Module", type(student).__name__, exc=TypeError)
         if isinstance(teacher, (list, tuple)):
+            if len(teacher) < 2 or not all(isinstance(t, nn.Module) for t in teacher):
+                fail("teacher", "a module or a list of two or more modules", teacher, exc=TypeError)
             if any(t is student for t in teacher):
                 fail("teacher", "models other than the student", "a list holding the student")
             teacher = TeacherEnsemble(teacher, temperature if isinstance(temperature, (int, float)) else 1.0,
@@ -229,7 +233,7 @@ class DistillationModule(pl.LightningModule):
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "teacher":  # nn.Module.__setattr__ would register a module value as a submodule
-            type(self).teacher.fset(self, value)  # type: ignore[attr-defined]
+            object.__setattr__(self, name, value)  # runs the `teacher` property's setter
         else:
             super().__setattr__(name, value)
 
@@ -271,8 +275,9 @@ class DistillationModule(pl.LightningModule):
         return self.student(inputs)
 
     def teacher_forward(self, inputs: Any) -> Tensor:
+        assert self.teacher is not None  # `setup` refuses to fit without one
         with torch.no_grad():
-            return self.teacher(inputs)  # type: ignore[misc]
+            return self.teacher(inputs)
 
     def _mask(self, outputs: Tensor, targets: Tensor | None) -> Tensor | None:
         if targets is None or outputs.dim() < 3:
@@ -294,23 +299,26 @@ class DistillationModule(pl.LightningModule):
             return mse_distillation_loss(student_out, teacher_out)
         return kd_loss(student_out, teacher_out, self.temperature, self._mask(student_out, targets))
 
-    def feature_distillation_loss(self, student_features: dict[str, Tensor], teacher_features: dict[str, Tensor]):
+    def feature_distillation_loss(self, student_features: dict[str, Tensor],
+                                  teacher_features: dict[str, Tensor]) -> Tensor:
         """Sum over the ``features`` pairs of the distance between adapted student and teacher features."""
-        total = 0.0
+        total: Tensor | None = None
         for s_name, t_name in self.features.items():
             s_feat, t_feat = student_features[s_name], teacher_features[t_name].detach()
             if self.feature_loss_kind != "attention":
                 s_feat = self.adapters[_key(s_name)](s_feat)
             channel_dim = 1 if isinstance(self.student.get_submodule(s_name), _CONV) else -1
-            total = total + feature_loss(s_feat, t_feat, self.feature_loss_kind, channel_dim)
-        return total
+            term = feature_loss(s_feat, t_feat, self.feature_loss_kind, channel_dim)
+            total = term if total is None else total + term
+        return total if total is not None else torch.zeros(())
 
     def losses(self, batch: Any) -> dict[str, Tensor]:
         """All loss parts for one batch: ``loss``, ``kd_loss`` and (when used) ``task_loss``, ``feature_loss``."""
         inputs, targets = self.unpack_batch(batch)
         with capture(self.student, list(self.features)) as s_feats:
             student_out = self.student_forward(inputs)
-        with capture(self.teacher, list(self.features.values())) as t_feats:  # type: ignore[arg-type]
+        assert self.teacher is not None  # `setup` refuses to fit without one
+        with capture(self.teacher, list(self.features.values())) as t_feats:
             teacher_out = self._teacher_outputs(inputs)
         parts = {"kd_loss": self.distillation_loss(student_out, teacher_out, targets)}
         loss = self.alpha * parts["kd_loss"]
@@ -356,8 +364,9 @@ class DistillationModule(pl.LightningModule):
 
     def _end_cache_epoch(self, cache: TeacherCache) -> None:
         trainer, limit = self.trainer, self.trainer.limit_train_batches  # a limited or sharded epoch: not all data
-        whole = isinstance(limit, float) and limit == 1.0 and trainer.world_size == 1
-        if message := cache.end_epoch(trainer.num_training_batches if whole else None):
+        batches = trainer.num_training_batches  # inf for a dataloader without a length
+        whole = isinstance(limit, float) and limit == 1.0 and trainer.world_size == 1 and batches != float("inf")
+        if message := cache.end_epoch(int(batches) if whole else None):
             rank_zero_warn(message)
 
     @override
@@ -400,15 +409,16 @@ class DistillationModule(pl.LightningModule):
             self.val_metrics = metrics.clone(prefix="val/").to(self.device)
             self.teacher_val_metrics = metrics.clone(prefix="teacher/val/").to(self.device)
             self.val_agreement = MulticlassAccuracy(classes, average="micro").to(self.device)
+        assert self.teacher_val_metrics is not None and self.val_agreement is not None  # built with val_metrics
         if targets is not None:
-            for out, metrics, prefix in ((student_out, self.val_metrics, ""), (teacher_out, self.teacher_val_metrics,
-                                                                                 "teacher/")):
+            for out, collection, prefix in ((student_out, self.val_metrics, ""),
+                                            (teacher_out, self.teacher_val_metrics, "teacher/")):
                 if out is not None:
-                    metrics(out.argmax(-1).reshape(-1), targets.reshape(-1))
-                    self.log_dict(metrics)  # type: ignore[arg-type]
+                    collection(out.argmax(-1).reshape(-1), targets.reshape(-1))
+                    self.log_dict(collection)
                     self.log(f"{prefix}val/loss", self.task_loss(out, targets))
         if teacher_out is not None:
-            self.val_agreement(student_out.argmax(-1).reshape(-1), teacher_out.argmax(-1).reshape(-1))  # type: ignore[misc]
+            self.val_agreement(student_out.argmax(-1).reshape(-1), teacher_out.argmax(-1).reshape(-1))
             self.log("val/agreement", self.val_agreement)
 
     @override

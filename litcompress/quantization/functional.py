@@ -17,6 +17,7 @@ tensor([-1.0000, -0.3000,  0.0000,  0.3000,  5.0000])
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,7 +40,7 @@ __all__ = [
 def signed_range(bits: int) -> tuple[int, int]:
     """Symmetric signed integer range ``[-(2^(b-1) - 1), 2^(b-1) - 1]``: zero is exact and the grid is symmetric."""
     if not 2 <= bits <= 8:
-        fail("weight_bits", "an int in [2, 8]", bits)
+        fail("bits", "an int in [2, 8]", bits)
     top = 2 ** (bits - 1) - 1
     return -top, top
 
@@ -47,7 +48,7 @@ def signed_range(bits: int) -> tuple[int, int]:
 def unsigned_range(bits: int) -> tuple[int, int]:
     """Unsigned activation range ``[0, 2^b - 1]``."""
     if not 2 <= bits <= 8:
-        fail("activation_bits", "an int in [2, 8] or None", bits)
+        fail("bits", "an int in [2, 8]", bits)
     return 0, 2**bits - 1
 
 
@@ -64,7 +65,8 @@ class _FakeQuantize(torch.autograd.Function):
     the elements that were inside the integer range when ``clip`` is set (activations)."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, clip):  # type: ignore[no-untyped-def]
+    def forward(ctx: Any, x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int,
+                clip: bool) -> Tensor:
         q = torch.div(x, scale).round_()
         if zero_point is not None:
             q.add_(zero_point)
@@ -77,7 +79,7 @@ class _FakeQuantize(torch.autograd.Function):
         return q.mul_(scale)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None, None]:
         if ctx.clip:
             (inside,) = ctx.saved_tensors
             grad = grad * inside

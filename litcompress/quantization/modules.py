@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +48,12 @@ __all__ = [
 ]
 
 
-class QuantizedLayer:
+class QuantizedLayer(nn.Module):
     """Mixin of the converted classes: what a converted layer offers besides its original interface.
+
+    Each converted class puts it before the layer class it extends (``class QATLinear(QuantizedLayer, nn.Linear)``);
+    it derives from ``nn.Module`` only so that its methods see the ``Module`` interface, and defines no
+    ``__init__``: layers are converted by swapping their class (:func:`convert_`), never constructed.
 
     Attributes:
         weight_quantizers: quantizer per weight it fake-quantizes, keyed by attribute (``"weight"``,
@@ -67,12 +72,12 @@ class QuantizedLayer:
     def weight_tensor(self, key: str) -> Tensor:
         """The float weight that ``weight_quantizers[key]`` quantizes (the live ``Parameter``)."""
         owner, _, leaf = key.rpartition(".")
-        module = self.get_submodule(owner) if owner else self  # type: ignore[attr-defined]
+        module = self.get_submodule(owner) if owner else self
         return getattr(module, leaf)
 
     def _quantize_input(self, key: str, x: Tensor) -> Tensor:
         quantizer = self.input_quantizers.get(key)
-        return x if quantizer is None else quantizer(x, self.training)  # type: ignore[attr-defined]
+        return x if quantizer is None else quantizer(x, self.training)
 
     def _quantize_weight(self, key: str, w: Tensor) -> Tensor:
         quantizer = self.weight_quantizers.get(key)
@@ -104,11 +109,17 @@ class _QATConv(QuantizedLayer):
     """Input, weight and output quantized: ONNX Runtime fuses DQ -> Conv -> Q into QLinearConv (an integer
     kernel) only when the convolution's output is quantized; BatchNorm then runs on the dequantized output."""
 
+    if TYPE_CHECKING:  # provided by the nn.Conv1d / Conv2d / Conv3d this is combined with
+        weight: Tensor
+        bias: Tensor | None
+
+        def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor: ...
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.fake_quant_enabled:
-            return super().forward(x)  # type: ignore[misc]
-        w = self._quantize_weight("weight", self.weight)  # type: ignore[attr-defined]
-        y = conv_forward(self, self._quantize_input("input", x), w)  # type: ignore[arg-type]
+            return super().forward(x)
+        w = self._quantize_weight("weight", self.weight)
+        y = conv_forward(self, self._quantize_input("input", x), w)
         return self._quantize_input("output", y)
 
 
@@ -134,14 +145,14 @@ class QATEmbedding(QuantizedLayer, nn.Embedding):
                            self.norm_type, self.scale_grad_by_freq, self.sparse)
 
 
-class _QATRNN(QuantizedLayer):
+class _QATRNN(QuantizedLayer, nn.RNNBase):
     """Weight-only: the recurrent kernel runs on fake-quantized copies of the weight matrices."""
 
-    def forward(self, x, hx=None):  # type: ignore[no-untyped-def]
+    def forward(self, x: Any, hx: Any = None) -> Any:  # as the LSTM / GRU / RNN forward it wraps
         if not self.fake_quant_enabled:
-            return super().forward(x, hx)  # type: ignore[misc]
+            return super().forward(x, hx)
         weights = {k: self._quantize_weight(k, self.weight_tensor(k)) for k in self.weight_quantizers}
-        return rnn_forward(self, super().forward, weights, x, hx)  # type: ignore[arg-type, misc]
+        return rnn_forward(self, super().forward, weights, x, hx)
 
 
 class QATLSTM(_QATRNN, nn.LSTM):
@@ -165,7 +176,7 @@ def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 class QATMultiheadAttention(QuantizedLayer, nn.MultiheadAttention):
     """Attention with fake-quantized projections: inputs and weights of the q/k/v and output projections."""
 
-    def forward(  # type: ignore[override]
+    def forward(
         self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
         need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
         is_causal: bool = False,
@@ -221,7 +232,7 @@ class QATMultiheadAttention(QuantizedLayer, nn.MultiheadAttention):
         return (out if self.batch_first else out.transpose(0, 1)), weights
 
 
-_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
+_CLASSES: dict[type[nn.Module], type[QuantizedLayer]] = {
     nn.Linear: QATLinear, nn.Conv1d: QATConv1d, nn.Conv2d: QATConv2d, nn.Conv3d: QATConv3d,
     nn.Embedding: QATEmbedding, nn.LSTM: QATLSTM, nn.GRU: QATGRU, nn.RNN: QATRNN,
     nn.MultiheadAttention: QATMultiheadAttention,
@@ -256,7 +267,7 @@ def _input_keys(module: nn.Module) -> tuple[str, ...]:
 
 def convert_(
     model: nn.Module, config: QuantConfig, layers: Mapping[str, Sequence[str]] | Sequence[str]
-) -> dict[str, nn.Module]:
+) -> dict[str, QuantizedLayer]:
     """Convert layers of ``model`` in place and attach their quantizers; returns the converted layers by name.
 
     Args:
@@ -265,11 +276,10 @@ def convert_(
         layers: layer names, or a mapping from layer name to the weight attributes to quantize (default: all of
             the layer's weight matrices; ``"out_proj.weight"`` names an attention layer's output projection).
     """
-    modules = dict(model.named_modules())
-    if not isinstance(layers, Mapping):
-        layers = {name: None for name in layers}  # type: ignore[misc]
-    converted: dict[str, nn.Module] = {}
-    for name, attrs in layers.items():
+    modules: dict[str, nn.Module] = dict(model.named_modules())
+    selected: Mapping[str, Sequence[str] | None] = layers if isinstance(layers, Mapping) else dict.fromkeys(layers)
+    converted: dict[str, QuantizedLayer] = {}
+    for name, attrs in selected.items():
         module = modules[name]
         if not isinstance(module, QuantizedLayer):
             original = type(module)
@@ -282,6 +292,7 @@ def convert_(
                 fail("parameters", "attention layers without bias_k / bias_v / add_zero_attn", name,
                       hint="add this layer to `exclude`")
             module.__class__ = target
+            assert isinstance(module, QuantizedLayer)  # the same object, now of its quantized class
             module.original_class = original
         attrs = list(attrs) if attrs is not None else _weights_of(module)
         module.weight_quantizers = {a: WeightQuantizer(config, f"{name}.{a}") for a in attrs}
@@ -297,6 +308,7 @@ def convert_(
 def revert_(module: nn.Module) -> None:
     """Give a converted layer its original class back (its parameters are untouched)."""
     if isinstance(module, QuantizedLayer):
-        module.__class__ = module.original_class
+        plain: nn.Module = module  # the same object, typed as what it becomes
+        plain.__class__ = module.original_class
         for attr in ("weight_quantizers", "input_quantizers", "fake_quant_enabled", "original_class"):
             module.__dict__.pop(attr, None)

@@ -48,11 +48,13 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         check_int("weight_bits", self.weight_bits)
-        signed_range(self.weight_bits)
+        if not 2 <= self.weight_bits <= 8:
+            fail("weight_bits", "an int in [2, 8]", self.weight_bits)
         check_choice("weight_granularity", self.weight_granularity, ("per_channel", "per_tensor"))
         if self.activation_bits is not None:
             check_int("activation_bits", self.activation_bits)
-            unsigned_range(self.activation_bits)
+            if not 2 <= self.activation_bits <= 8:
+                fail("activation_bits", "an int in [2, 8] or None", self.activation_bits)
         check_choice("scale", self.scale, ("minmax", "power_of_two", "learned"))
         check_fraction("momentum", self.momentum, closed_right=True)
         if self.momentum == 0:
@@ -82,10 +84,9 @@ class WeightQuantizer:
     @torch.no_grad()
     def start_learning(self, w: Tensor) -> None:
         """Initialise the (placeholder) step size from the current weights and let it learn."""
-        if self.scale is None:
-            self.placeholder(w)
-        self.scale.copy_(self.observed_scale(w))
-        self.scale.requires_grad_(True)
+        scale = self.placeholder(w) if self.scale is None else self.scale
+        scale.copy_(self.observed_scale(w))
+        scale.requires_grad_(True)
 
     def freeze(self, w: Tensor) -> None:
         """Stop following the weights: keep the current scale (learned scales keep learning)."""
@@ -163,9 +164,13 @@ class ActivationQuantizer:
     def qparams(self) -> tuple[Tensor, Tensor]:
         """Scale and zero point in use (learned ones once learning, else from the observed range)."""
         if self.learning:
-            return self.scale.detach(), self.zero_point  # type: ignore[union-attr,return-value]
-        lo, hi = (self.lo, self.hi) if self.lo is not None else self._batch  # type: ignore[misc]
-        return affine_qparams(lo, hi, self.qmin, self.qmax)
+            assert self.scale is not None and self.zero_point is not None  # set together by `start_learning`
+            return self.scale.detach(), self.zero_point
+        if self.lo is not None:
+            assert self.hi is not None  # `lo` and `hi` are set together
+            return affine_qparams(self.lo, self.hi, self.qmin, self.qmax)
+        assert self._batch is not None, "no activation range observed yet"  # callers check `ready` first
+        return affine_qparams(*self._batch, self.qmin, self.qmax)
 
     @property
     def ready(self) -> bool:
@@ -182,9 +187,10 @@ class ActivationQuantizer:
 
     def __call__(self, x: Tensor, training: bool) -> Tensor:
         if self._export is not None:  # Q/DQ pair for ONNX: QuantizeLinear -> DequantizeLinear
-            scale, zero_point = self._export
-            q = qdq_ops().quantize_per_tensor(x, scale, zero_point, self.qmin, self.qmax, torch.uint8)
-            return qdq_ops().dequantize_per_tensor(q, scale, zero_point, self.qmin, self.qmax, torch.uint8)
+            fixed_scale, fixed_zero_point = self._export
+            q = qdq_ops().quantize_per_tensor(x, fixed_scale, fixed_zero_point, self.qmin, self.qmax, torch.uint8)
+            return qdq_ops().dequantize_per_tensor(q, fixed_scale, fixed_zero_point, self.qmin, self.qmax,
+                                                   torch.uint8)
         if training and self.observing:
             lo, hi = torch.aminmax(x.detach())
             if self._batch is None:
@@ -195,6 +201,7 @@ class ActivationQuantizer:
             fail_state("used in evaluation before any training batch set its activation range", self.name,
                        "run at least one training step after quantization starts, or restore the callback's state")
         if self.learning:
+            assert self.scale is not None and self.zero_point is not None  # set together by `start_learning`
             return lsq_fake_quantize(x, self.scale, self.qmin, self.qmax,
                                      zero_point=self.zero_point.to(x.device), n=x[0].numel() if x.dim() else 1)
         scale, zero_point = self.qparams()
@@ -215,7 +222,7 @@ class ActivationQuantizer:
         if not (torch.isfinite(lo) and torch.isfinite(hi)):
             fail_state(f"non-finite activations (range [{float(lo)}, {float(hi)}]) reached", self.name,
                        "check the data, the learning rate or the loss scale: the layer received inf/NaN")
-        if self.lo is None:
+        if self.lo is None or self.hi is None:  # the first range (`lo` and `hi` are set together)
             self.lo, self.hi = lo.clone(), hi.clone()
         else:
             m = self.config.momentum
@@ -234,11 +241,10 @@ class ActivationQuantizer:
     @torch.no_grad()
     def start_learning(self) -> None:
         """Initialise the step size from the observed range and let it learn; the zero point is fixed from now."""
-        scale, self.zero_point = self.qparams()
-        if self.scale is None:
-            self.placeholder(scale.device)
-        self.scale.copy_(scale)
-        self.scale.requires_grad_(True)
+        observed, self.zero_point = self.qparams()
+        scale = self.placeholder(observed.device) if self.scale is None else self.scale
+        scale.copy_(observed)
+        scale.requires_grad_(True)
 
     def state_dict(self) -> dict[str, Any]:
         return _scale_state(self.scale) | {

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 from litcompress._validation import fail
 from litcompress.report.summary import ModelSummary
@@ -16,7 +17,7 @@ from litcompress.report.summary import ModelSummary
 __all__ = ["plot_layers", "plot_tradeoff"]
 
 
-def _pyplot():  # type: ignore[no-untyped-def]
+def _pyplot() -> ModuleType:
     try:
         import matplotlib
 

@@ -131,10 +131,12 @@ class Pruner:
         """
         if not self.data_dependent:
             return False
-        refs = [r for r in self.refs if r.tensor.grad is not None and (only is None or id(r.tensor) in only)]
-        if not refs:
+        assert isinstance(self.importance, str)  # the data-dependent importances are named ones
+        with_grad = [(r, g) for r in self.refs
+                     if (g := r.tensor.grad) is not None and (only is None or id(r.tensor) in only)]
+        if not with_grad:
             return False
-        grads = [r.tensor.grad for r in refs]
+        refs, grads = [r for r, _ in with_grad], [g for _, g in with_grad]
         if skip_nonfinite and not torch.isfinite(torch.stack(foreach_norm(grads))).all():
             return False
         for r in refs:
