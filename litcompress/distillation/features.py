@@ -13,16 +13,79 @@ torch.Size([])
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from litcompress._validation import fail
 
-__all__ = ["FEATURE_LOSSES", "attention_map", "capture", "feature_loss", "make_adapter", "output_width"]
+__all__ = [
+    "CHANNELS_FIRST",
+    "FEATURE_LOSSES",
+    "adapter_key",
+    "attention_map",
+    "capture",
+    "channel_dim",
+    "feature_loss",
+    "feature_pairs",
+    "make_adapter",
+    "make_adapters",
+    "output_width",
+]
 
 FEATURE_LOSSES = ("mse", "cosine", "attention")
+CHANNELS_FIRST: tuple[type[nn.Module], ...] = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+)
+"""Layer kinds whose outputs carry their features in dimension 1 (``(B, C, ...)``); others in the last one."""
+
+
+def channel_dim(module: nn.Module) -> int:
+    """The dimension of ``module``'s output that holds its features."""
+    return 1 if isinstance(module, CHANNELS_FIRST) else -1
+
+
+def adapter_key(name: str) -> str:
+    """A layer name as a ``ModuleDict`` key (which cannot contain dots)."""
+    return name.replace(".", "__")
+
+
+def feature_pairs(
+    features: Mapping[str, str] | None, student: nn.Module, teacher: nn.Module | None
+) -> dict[str, str]:
+    """Check ``{"student.layer": "teacher.layer"}`` (the prefixes are optional) against both models' layer names.
+
+    >>> feature_pairs({"student.0": "teacher.1"}, nn.Sequential(nn.Linear(2, 2)), nn.Sequential(nn.ReLU(), nn.ReLU()))
+    {'0': '1'}
+    """
+    if features is None:
+        return {}
+    if not isinstance(features, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
+                                                      for k, v in features.items()):
+        fail("features", "a mapping from student layer names to teacher layer names", features, exc=TypeError)
+    pairs = {k.removeprefix("student."): v.removeprefix("teacher.") for k, v in features.items()}
+    sides: tuple[tuple[str, nn.Module | None, Iterable[str]], ...] = (
+        ("student", student, pairs), ("teacher", teacher, pairs.values()))
+    for side, model, names in sides:
+        if model is None:
+            continue
+        valid = dict(model.named_modules())
+        for name in names:
+            if name not in valid:
+                listed = ", ".join(n for n in valid if n)[:600]
+                fail("features", f"names of {side} layers", name, hint=f"the {side}'s layers are: {listed}")
+    return pairs
+
+
+def make_adapters(pairs: Mapping[str, str], student: nn.Module, teacher: nn.Module) -> nn.ModuleDict:
+    """One :func:`make_adapter` per pair, keyed by :func:`adapter_key` of the student layer."""
+    s_modules, t_modules = dict(student.named_modules()), dict(teacher.named_modules())
+    return nn.ModuleDict({
+        adapter_key(s): make_adapter(output_width(s_modules[s]), output_width(t_modules[t]),
+                                     channels_first=isinstance(s_modules[s], CHANNELS_FIRST))
+        for s, t in pairs.items()
+    })
 
 
 def _first_tensor(output: object) -> Tensor:

@@ -17,17 +17,21 @@ from typing_extensions import override
 from litcompress._validation import check_choice, check_fraction, check_int, fail
 from litcompress.distillation.cache import TeacherCache, check_storage
 from litcompress.distillation.ensemble import TeacherEnsemble
-from litcompress.distillation.features import FEATURE_LOSSES, capture, feature_loss, make_adapter, output_width
+from litcompress.distillation.features import (
+    FEATURE_LOSSES,
+    adapter_key,
+    capture,
+    channel_dim,
+    feature_loss,
+    feature_pairs,
+    make_adapters,
+)
 from litcompress.distillation.losses import kd_loss, mse_distillation_loss
 
 __all__ = ["DistillationModule"]
 
 TaskLoss = Callable[[Tensor, Tensor], Tensor]
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)  # channels first
 
-
-def _key(name: str) -> str:
-    return name.replace(".", "__")  # ModuleDict keys cannot contain dots
 
 
 class DistillationModule(pl.LightningModule):
@@ -162,15 +166,15 @@ class DistillationModule(pl.LightningModule):
         self.temperature, self.alpha, self.task_loss_kind = float(temperature), float(alpha), task_loss
         self.ignore_index, self.lr, self.weight_decay = ignore_index, lr, weight_decay
         self.num_classes = num_classes
-        self.features = self._resolve_features(features, feature_loss, feature_weight)
+        self.features = feature_pairs(features, student, teacher)
+        if self.features:
+            check_choice("feature_loss", feature_loss, FEATURE_LOSSES)
+            if isinstance(feature_weight, bool) or not isinstance(feature_weight, (int, float)) or feature_weight < 0:
+                fail("feature_weight", "a float >= 0", feature_weight)
         self.feature_loss_kind, self.feature_weight = feature_loss, float(feature_weight)
-        self.adapters = nn.ModuleDict()  # student-side state: trained with the student, saved in checkpoints
-        if self.features and teacher is not None and feature_loss != "attention":
-            s_modules, t_modules = dict(student.named_modules()), dict(teacher.named_modules())
-            for s_name, t_name in self.features.items():
-                conv = isinstance(s_modules[s_name], _CONV)
-                self.adapters[_key(s_name)] = make_adapter(
-                    output_width(s_modules[s_name]), output_width(t_modules[t_name]), channels_first=conv)
+        # student-side state: trained with the student, saved in checkpoints
+        self.adapters = (make_adapters(self.features, student, teacher)
+                         if teacher is not None and feature_loss != "attention" else nn.ModuleDict())
         if not isinstance(cache_teacher, bool):
             fail("cache_teacher", "a bool", cache_teacher, exc=TypeError)
         if cache_teacher and self.features:
@@ -197,26 +201,6 @@ class DistillationModule(pl.LightningModule):
         self.val_metrics: MetricCollection | None = None  # built at the first validation batch (class count)
         self.teacher_val_metrics: MetricCollection | None = None
         self.val_agreement: MulticlassAccuracy | None = None
-
-    def _resolve_features(self, features: Mapping[str, str] | None, kind: str, weight: float) -> dict[str, str]:
-        if features is None:
-            return {}
-        if not isinstance(features, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
-                                                          for k, v in features.items()):
-            fail("features", "a mapping from student layer names to teacher layer names", features, exc=TypeError)
-        check_choice("feature_loss", kind, FEATURE_LOSSES)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-            fail("feature_weight", "a float >= 0", weight)
-        pairs = {k.removeprefix("student."): v.removeprefix("teacher.") for k, v in features.items()}
-        for side, model, names in (("student", self.student, pairs), ("teacher", self._teacher, pairs.values())):
-            if model is None:
-                continue
-            valid = dict(model.named_modules())
-            for name in names:
-                if name not in valid:
-                    listed = ", ".join(n for n in valid if n)[:600]
-                    fail("features", f"names of {side} layers", name, hint=f"the {side}'s layers are: {listed}")
-        return pairs
 
     # ------------------------------------------------------------------ the teacher
     @property
@@ -306,9 +290,9 @@ class DistillationModule(pl.LightningModule):
         for s_name, t_name in self.features.items():
             s_feat, t_feat = student_features[s_name], teacher_features[t_name].detach()
             if self.feature_loss_kind != "attention":
-                s_feat = self.adapters[_key(s_name)](s_feat)
-            channel_dim = 1 if isinstance(self.student.get_submodule(s_name), _CONV) else -1
-            term = feature_loss(s_feat, t_feat, self.feature_loss_kind, channel_dim)
+                s_feat = self.adapters[adapter_key(s_name)](s_feat)
+            dim = channel_dim(self.student.get_submodule(s_name))
+            term = feature_loss(s_feat, t_feat, self.feature_loss_kind, dim)
             total = term if total is None else total + term
         return total if total is not None else torch.zeros(())
 
