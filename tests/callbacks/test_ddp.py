@@ -74,7 +74,8 @@ class SaveRanges(pl.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         qat = next(cb for cb in trainer.callbacks if isinstance(cb, QuantizationAwareTraining))
-        ranges = {q.name: (q.lo.cpu(), q.hi.cpu()) for q in qat._input_quantizers() if q.lo is not None}
+        ranges = {q.name: (q.lo.cpu(), q.hi.cpu()) for m in qat.layers.values() for q in m.input_quantizers.values()
+                  if q.lo is not None}
         weights = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
         torch.save({"ranges": ranges, "weights": weights}, self.directory / f"qat{trainer.global_rank}.pt")
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from litcompress import Pruning, QuantizationAwareTraining
+from litcompress.quantization import fake_quant, quantized_layers
 from litcompress.quantization.functional import fake_quantize
 from tests.helpers import Crash, Interrupted, RecordingLogger, StepCounter, fit
 from tests.models import ZOO, LitClassifier
@@ -44,9 +45,9 @@ def test_validation_runs_the_quantized_model(tmp_path):
     module.eval()
     x = ZOO["mlp"].data().tensors[0][:8]
     quantized = module(x)
-    cb._set_enabled(False)
-    assert not torch.allclose(quantized, module(x))  # 2-bit outputs differ from float ones
-    cb._set_enabled(True)
+    with fake_quant(module, False):
+        assert not torch.allclose(quantized, module(x))  # 2-bit outputs differ from float ones
+    assert torch.equal(quantized, module(x))  # and fake quantization is back on
     first = module.model.net[0]
     q_in, q_w = first.input_quantizers["input"], first.weight_quantizers["weight"]
     scale, zp = q_in.qparams()
@@ -89,8 +90,8 @@ def test_bf16_mixed(tmp_path):
 def test_freeze_schedule_and_bn(tmp_path):
     cb = QuantizationAwareTraining(start=1, freeze_observers=2, freeze_bn=2, interval="epoch", verbose=False)
     _, module = fit(tmp_path, [cb], model="cnn", n=None, max_epochs=3)
-    assert cb._flags == {"enabled": True, "observers_frozen": True, "bn_frozen": True}
-    assert all(not q.observing for q in cb._input_quantizers())
+    assert cb.state_dict()["flags"] == {"enabled": True, "observers_frozen": True, "bn_frozen": True}
+    assert all(not q.observing for m in quantized_layers(module).values() for q in m.input_quantizers.values())
     bn = module.model.stem[1]
     assert not bn.training  # kept in eval mode through the last epoch
 
