@@ -28,5 +28,18 @@ def main(args: list[str] | None = None) -> LightningCLI:
                         save_config_kwargs={"overwrite": True})
 
 
+def _missing_file(err: BaseException | None) -> FileNotFoundError | None:
+    """The FileNotFoundError behind an error (jsonargparse wraps what a class raises while it is built)."""
+    while err is not None and not isinstance(err, FileNotFoundError):
+        err = err.__cause__ or err.__context__
+    return err
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Exception as err:
+        missing = _missing_file(err)
+        if missing is None:
+            raise
+        sys.exit(f"error: {missing}")  # e.g. the teacher's weights: one clear line, not a 110-line traceback

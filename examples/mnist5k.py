@@ -6,6 +6,10 @@ Used by `mnist_pipeline.py`, `prune_mnist.py`, `cli.py` (and its YAML configs) a
 
 from __future__ import annotations
 
+import sys
+import time
+from pathlib import Path
+
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
@@ -71,6 +75,10 @@ class TeacherCNN(nn.Module):
                                       nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.25))
         self.head = nn.Sequential(nn.Linear(64 * 4 * 4, 256), nn.ReLU(), nn.Dropout(0.25), nn.Linear(256, 10))
         if weights is not None:
+            if not Path(weights).is_file():
+                raise FileNotFoundError(
+                    f"teacher weights {str(weights)!r} not found (relative paths start at {Path.cwd()}): write them "
+                    "with `python examples/mnist_pipeline.py`, or pass --model.init_args...weights=PATH")
             self.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,3 +140,34 @@ class Classifier(pl.LightningModule):
 
     def configure_optimizers(self):
         return cosine_adamw(self, self.lr, self.weight_decay)
+
+
+class EpochLine(pl.Callback):
+    """One printed line per epoch: progress for logs and pipes, where a progress bar is silent or noise.
+
+    Args:
+        name: what is training (e.g. ``"teacher"``).
+        keys: logged metrics to show when present.
+    """
+
+    def __init__(self, name: str, keys: tuple[str, ...] = ("train/loss", "val/acc")) -> None:
+        self.name, self.keys = name, keys
+        self.start = 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        shown = ", ".join(f"{k} {float(metrics[k]):.4f}" for k in self.keys if k in metrics)
+        print(f"{self.name}: epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  {shown}  "
+              f"({time.perf_counter() - self.start:.0f} s)", flush=True)
+
+
+def progress(name: str, enabled: bool = True) -> tuple[bool, list[pl.Callback]]:
+    """``(enable_progress_bar, callbacks)``: a progress bar on a terminal, one line per epoch otherwise."""
+    if not enabled:
+        return False, []
+    if sys.stdout.isatty():
+        return True, []
+    return False, [EpochLine(name)]

@@ -27,11 +27,12 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from mnist5k import Classifier, MNIST5k, StudentCNN, TeacherCNN, cosine_adamw, mnist_5k
+from mnist5k import Classifier, MNIST5k, StudentCNN, TeacherCNN, cosine_adamw, mnist_5k, progress
 from torchmetrics.functional.classification import multiclass_f1_score
 
 from litcompress import CompressionReport, DistillationModule, Pruning, QuantizationAwareTraining
 from litcompress.export import export_onnx, save_compressed
+from litcompress.report import speed_change
 
 
 class Student(DistillationModule):
@@ -41,10 +42,11 @@ class Student(DistillationModule):
         return cosine_adamw(self, self.lr)
 
 
-def trainer(epochs: int, args: argparse.Namespace, callbacks=(), out: Path | None = None) -> pl.Trainer:
+def trainer(name: str, epochs: int, args: argparse.Namespace, callbacks=(), out: Path | None = None) -> pl.Trainer:
+    bar, lines = progress(name, enabled=not args.no_progress_bar)  # one line per epoch when not on a terminal
     return pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                      enable_model_summary=False, enable_progress_bar=not args.no_progress_bar,
-                      callbacks=list(callbacks), default_root_dir=out, num_sanity_val_steps=0)
+                      enable_model_summary=False, enable_progress_bar=bar, callbacks=[*callbacks, *lines],
+                      default_root_dir=out, num_sanity_val_steps=0)
 
 
 def onnx_accuracy(path: Path, data: MNIST5k) -> tuple[float, float]:
@@ -66,7 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="use only this many digits (quick runs)")
     parser.add_argument("--out", type=Path, default=Path("mnist_pipeline_out"))
-    parser.add_argument("--no-progress-bar", action="store_true")
+    parser.add_argument("--no-progress-bar", action="store_true",
+                        help="no progress at all (default: a bar on a terminal, one line per epoch otherwise)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     pl.seed_everything(args.seed, verbose=False)
     data = MNIST5k(seed=args.seed, limit=args.limit)
     teacher = Classifier(TeacherCNN())
-    trainer(args.teacher_epochs, args).fit(teacher, data)
+    trainer("teacher", args.teacher_epochs, args).fit(teacher, data)
     teacher = teacher.model.eval()
     t_teacher = time.perf_counter() - t0
     torch.save(teacher.state_dict(), args.out / "teacher.pt")
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
                                   verbose=False),
         report,
     ]
-    fit = trainer(args.epochs, args, callbacks, args.out)
+    fit = trainer("student", args.epochs, args, callbacks, args.out)
     fit.fit(student, data)
     t_student = time.perf_counter() - t0 - t_teacher
 
@@ -135,10 +138,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"{result['student_onnx_bytes']:,} bytes)")
     if lat["teacher_onnx"] and lat["student_onnx"]:
         print(f"{'latency, batch 256, ONNX Runtime':34s} {lat['teacher_onnx']:10.2f}ms {lat['student_onnx']:10.2f}ms"
-              f"   ({lat['teacher_onnx'] / lat['student_onnx']:.1f}x faster)")
-    if lat["student_onnx_fp32"]:
+              f"   ({speed_change(lat['teacher_onnx'], lat['student_onnx'])})")
+    if lat["student_onnx_fp32"] and lat["student_onnx"]:
         print(f"{'  the student exported as fp32':34s} {'':12s} {lat['student_onnx_fp32']:10.2f}ms"
-              "   (int8 pays only where this is slower)")
+              f"   (the int8 file: {speed_change(lat['student_onnx_fp32'], lat['student_onnx'])})")
     print(f"{'accuracy change':34s} {'':12s} {100 * (onnx_acc - result['teacher_acc']):+11.2f} pts (ONNX int8)")
     print(f"({result['seconds']:.0f} s: teacher {t_teacher:.0f} s, student fit with report {t_student:.0f} s; "
           f"files in {args.out}/)")

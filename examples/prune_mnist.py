@@ -16,7 +16,7 @@ import time
 
 import lightning.pytorch as pl
 import torch
-from mnist5k import Classifier, mnist_5k
+from mnist5k import Classifier, mnist_5k, progress
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -45,8 +45,9 @@ def run(args: argparse.Namespace, prune: bool) -> tuple[nn.Module, float]:
         scope = "layer" if args.sparsity is None else "global"
         callbacks.append(Pruning(sparsity, scope=scope, schedule="cubic", start=args.start, end=args.end,
                                  interval="epoch", verbose=False))
+    bar, lines = progress("pruned" if prune else "dense", enabled=not args.quiet)  # lines when not on a terminal
     trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_model_summary=False, enable_progress_bar=not args.quiet, callbacks=callbacks)
+                         enable_model_summary=False, enable_progress_bar=bar, callbacks=[*callbacks, *lines])
     trainer.fit(model, DataLoader(train, batch_size=64, shuffle=True), DataLoader(test, batch_size=500))
     return model.model, float(trainer.callback_metrics["val/acc"])
 
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sparsity", type=float, default=None,
                         help="one global fraction of weights removed (default: Han et al.'s per-layer targets)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress (default: a bar on a terminal, one line per epoch otherwise)")
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()

@@ -49,10 +49,18 @@ def import_example(name: str):
 
 
 @pytest.mark.slow
-def test_mnist_pipeline_reduced(tmp_path):
+def test_mnist_pipeline_reduced(tmp_path, capfd):
     pipeline = import_example("mnist_pipeline")
     result = pipeline.main(["--epochs", "12", "--teacher-epochs", "3", "--limit", "1000", "--sparsity", "0.5",
-                            "--no-progress-bar", "--out", str(tmp_path)])
+                            "--out", str(tmp_path)])
+    printed = capfd.readouterr()
+    # output is not a terminal here: one progress line per epoch, no progress bar, no exporter noise
+    assert "teacher: epoch 3/3" in printed.out and "student: epoch 12/12" in printed.out
+    assert "torchvision" not in printed.out + printed.err and "it/s]" not in printed.err
+    lat = result["latency_ms"]
+    faster = lat["teacher_onnx"] > lat["student_onnx"]
+    assert f"({pipeline.speed_change(lat['teacher_onnx'], lat['student_onnx'])})" in printed.out
+    assert ("x faster)" if faster else "x slower)") in printed.out.split("latency, batch 256, ONNX Runtime")[1][:80]
     files = {p.name for p in tmp_path.iterdir()}
     assert {"teacher.pt", "student.safetensors", "student_int8.onnx", "compression_report.json", "pipeline.json",
             "compression_layers.png", "compression_tradeoff.png"} <= files

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from litcompress._extras import ONNX_RUNTIME, install_hint, missing
 from litcompress._validation import check_int, fail
 from litcompress.callbacks._base import _compression_target, _log_metrics
 from litcompress.quantization.access import quantized_layers
@@ -108,6 +109,8 @@ class CompressionReport(Callback):
         self.baseline_metrics: dict[str, float] = {}
         self.baseline_note = ""
         self.report: dict[str, Any] | None = None  # the last report written
+        self._off = False  # an extra it needs is missing: no report, the fit goes on
+        self._warned_onnx = False
 
     def _input(self, pl_module: pl.LightningModule) -> Tensor:
         x = self.example_input if self.example_input is not None else pl_module.example_input_array
@@ -127,12 +130,28 @@ class CompressionReport(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         x = self._input(pl_module)  # raises before any training step when there is no usable input
+        absent = missing("safetensors")
+        if absent:  # the report is optional: the fit goes on without it
+            self._off = True
+            rank_zero_warn(f"CompressionReport: no report for this fit: it measures real file sizes with "
+                           f"safetensors, which is not installed. Install it with: {install_hint(absent)}")
+            return
         if self.baseline is not None:  # restored from a checkpoint: the original model's figures
             return
         model, _ = self._baseline_model(pl_module)
-        onnx = self.latency and bool(quantized_layers(_compression_target(pl_module)))  # int8 ORT will be compared
-        self.baseline = summarize(model, x, latency=self.latency and trainer.is_global_zero, onnx=onnx,
-                                  repeats=self.repeats).to_dict()
+        self.baseline = summarize(model, x, latency=self.latency and trainer.is_global_zero,
+                                  onnx=self._onnx(_compression_target(pl_module)), repeats=self.repeats).to_dict()
+
+    def _onnx(self, target: nn.Module) -> bool:
+        """Whether ONNX Runtime latencies are measured: for quantized models, when ONNX Runtime is installed."""
+        if not (self.latency and quantized_layers(target)):
+            return False
+        absent = missing(*ONNX_RUNTIME)
+        if absent and not self._warned_onnx:
+            self._warned_onnx = True
+            rank_zero_warn(f"CompressionReport: no ONNX Runtime latency ({', '.join(absent)} not installed). "
+                           f"Install it with: {install_hint(absent)}")
+        return not absent
 
     @override
     def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -148,7 +167,7 @@ class CompressionReport(Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after the last validation, before Lightning finalizes the loggers
-        if self.baseline is None:
+        if self.baseline is None or self._off:
             return
         # `trainer.log_dir` broadcasts from rank zero under DDP: every rank must ask for it
         directory = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir)
@@ -163,7 +182,7 @@ class CompressionReport(Callback):
                baseline_dict: dict[str, Any]) -> dict[str, Any]:
         target = _compression_target(pl_module)
         final = summarize(target, self._input(pl_module), latency=self.latency, repeats=self.repeats,
-                          onnx=self.latency and bool(quantized_layers(target)))
+                          onnx=self._onnx(target))
         baseline = ModelSummary.from_dict(baseline_dict)
         _, label = self._baseline_model(pl_module)
         logged = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, (Tensor, float, int))}
@@ -187,10 +206,10 @@ class CompressionReport(Callback):
         (directory / self.filename).write_text(json.dumps(report, indent=1))
         _log_metrics(trainer, {f"compression/{k}": v for k, v in _headline(baseline, final).items()})
         if self.plots:
-            self._plot(directory, baseline, final, label, before, after)
+            self._plot(directory, baseline, final, (label, after_label), before, after)
         return report
 
-    def _plot(self, directory: Path, baseline: ModelSummary, final: ModelSummary, label: str,
+    def _plot(self, directory: Path, baseline: ModelSummary, final: ModelSummary, labels: tuple[str, str],
               before: dict[str, float | None], after: dict[str, float | None]) -> None:
         from litcompress.report.plots import plot_layers, plot_tradeoff
 
@@ -200,8 +219,9 @@ class CompressionReport(Callback):
                 key = self.metrics[0]
                 start, end = before.get(key), after.get(key)
                 if start is not None and end is not None:
-                    plot_tradeoff([(label, baseline.compact_bytes, start), ("after", final.compact_bytes, end)],
-                                  directory / "compression_tradeoff.png", metric=key)
+                    plot_tradeoff([(labels[0], baseline.compact_bytes, start), (labels[1], final.compact_bytes, end)],
+                                  directory / "compression_tradeoff.png", metric=key,
+                                  title=f"{key} vs size on disk")
         except ImportError as err:
             rank_zero_warn(f"CompressionReport: no plots ({err}); pass plots=False to silence this.")
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from litcompress._extras import require
 from litcompress._validation import fail
 from litcompress.quantization.access import quantized_weights
 
@@ -64,6 +65,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> Path:
     True
     >>> path.unlink()
     """
+    require("safetensors", what="save_compressed")
     from safetensors.torch import save_file
 
     if not isinstance(model, nn.Module):
@@ -109,6 +111,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         ValueError: the file is truncated, not a safetensors file, not written by :func:`save_compressed`, or
             written for a model with other tensor names or shapes.
     """
+    require("safetensors", what="load_compressed")
     from safetensors import safe_open
 
     if isinstance(model, (str, os.PathLike)) and isinstance(path, nn.Module):

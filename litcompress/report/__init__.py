@@ -2,6 +2,15 @@
 
 from litcompress.report.plots import plot_layers, plot_tradeoff
 from litcompress.report.summary import LayerSummary, ModelSummary, summarize
-from litcompress.report.table import compare, format_table
+from litcompress.report.table import compare, format_table, speed_change
 
-__all__ = ["LayerSummary", "ModelSummary", "compare", "format_table", "plot_layers", "plot_tradeoff", "summarize"]
+__all__ = [
+    "LayerSummary",
+    "ModelSummary",
+    "compare",
+    "format_table",
+    "plot_layers",
+    "plot_tradeoff",
+    "speed_change",
+    "summarize",
+]

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
+from litcompress._extras import require
 from litcompress._validation import fail
 from litcompress.report.summary import ModelSummary
 
@@ -18,14 +19,12 @@ __all__ = ["plot_layers", "plot_tradeoff"]
 
 
 def _pyplot() -> ModuleType:
-    try:
-        import matplotlib
+    require("matplotlib", what="Plots")
+    import matplotlib
 
-        matplotlib.use("Agg")  # files only, never a window
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        raise ImportError("Plots need matplotlib: `pip install matplotlib` (or `pip install litcompress[report]`)"
-                          ) from err
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -47,8 +46,10 @@ def plot_layers(summary: ModelSummary, path: str | os.PathLike, title: str = "Pe
     bits.set_ylabel("bits per weight")
     bits.set_ylim(0, 33)
     ax.set_xticks(list(x), names, rotation=45, ha="right", fontsize=8)
-    ax.set_title(title)
-    fig.legend(loc="upper right")
+    ax.set_title(title, pad=24)
+    handles = ax.get_legend_handles_labels()[0] + bits.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=2,
+              frameon=False, fontsize=8)  # between the title and the bars: covers neither
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from litcompress._extras import ONNX_EXPORT, ONNX_RUNTIME, install_hint, missing, require
 from litcompress._validation import check_int, fail
 from litcompress.quantization.access import fake_quant, quantized_weights
 from litcompress.quantization.compact import save_compressed
@@ -119,8 +121,16 @@ def summarize(
               exc=TypeError)
     check_int("repeats", repeats, minimum=1)
     check_int("warmup", warmup, minimum=0)
+    require("safetensors", what="summarize (it measures the sizes of real files)")
     quantized = quantized_weights(model)
     is_quantized = bool(quantized)
+    with_onnx = latency and (is_quantized if onnx is None else onnx)
+    if with_onnx and onnx is None and missing("onnxruntime", *ONNX_EXPORT):
+        warnings.warn(f"summarize: no ONNX Runtime latency for this quantized model ({install_hint(ONNX_RUNTIME)} "
+                      "adds it); pass onnx=False to silence this.", stacklevel=2)
+        with_onnx = False
+    elif with_onnx:
+        require(*ONNX_RUNTIME, what="summarize(onnx=True)")
     weights = dict(model.named_parameters())  # tied weights once
     bits = {name: q.config.weight_bits for name, (q, _) in quantized.items()}
     layers = [LayerSummary(name, p.numel(), int(torch.count_nonzero(p)), bits.get(name, 8 * p.element_size()))
@@ -139,7 +149,7 @@ def summarize(
                                    sparse_flops, len(example_input), quantized=is_quantized, layers=layers)
             if latency:
                 summary.latency_eager = _time(lambda: model(example_input), repeats, warmup)
-            if latency and (is_quantized if onnx is None else onnx):
+            if with_onnx:
                 summary.latency_onnx = _onnx_latency(model, example_input, Path(tmp) / "model.onnx", repeats,
                                                      warmup)
                 if is_quantized:

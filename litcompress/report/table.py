@@ -17,9 +17,10 @@ import io
 from collections.abc import Mapping
 from typing import Any
 
+from litcompress._validation import fail
 from litcompress.report.summary import ModelSummary
 
-__all__ = ["compare", "format_table"]
+__all__ = ["compare", "format_table", "speed_change"]
 
 _ROWS: tuple[tuple[str, str, str], ...] = (
     ("parameters", "parameters", "int"),
@@ -103,3 +104,19 @@ def format_table(rows: list[dict[str, Any]], title: str = "Compression report", 
     lines += [" | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
               for row in cells]
     return "\n".join(lines)
+
+
+def speed_change(before: float, after: float) -> str:
+    """How ``after`` compares with ``before`` (two latencies, same unit), in words a table can print.
+
+    >>> speed_change(5.0, 2.5), speed_change(0.75, 2.55), speed_change(1.0, 1.01)
+    ('2.0x faster', '3.4x slower', 'about the same speed')
+    """
+    if not (before > 0 and after > 0):
+        fail("after", "two positive latencies", (before, after))
+    ratio = before / after
+    if ratio >= 1.05:
+        return f"{ratio:.1f}x faster"
+    if ratio <= 1 / 1.05:
+        return f"{1 / ratio:.1f}x slower"
+    return "about the same speed"

@@ -151,3 +151,16 @@ def test_example_input_array_is_the_default(tmp_path):
     rep = CompressionReport(latency=False, plots=False)
     fit(tmp_path, [rep], module=module)
     assert rep.report["final"]["batch_size"] == 3 and rep.report["final"]["latency_eager"] is None
+
+
+@pytest.mark.parametrize("distil", [False, True])
+def test_tradeoff_plot_labels_match_the_table(tmp_path, monkeypatch, distil):
+    from litcompress.report import plots
+
+    seen = []
+    monkeypatch.setattr(plots, "plot_tradeoff", lambda points, path, **kw: seen.append([p[0] for p in points]))
+    module = None
+    if distil:
+        module = DistillationModule(MLP(), MLP(hidden=64), num_classes=4)
+    fit(tmp_path, [report(metrics=["val/acc"], plots=True)], module=module, max_epochs=1, num_sanity_val_steps=-1)
+    assert seen == [["teacher", "student"] if distil else ["before", "after"]]
