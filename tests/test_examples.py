@@ -81,3 +81,18 @@ def test_benchmark_quick(tmp_path, script, expect):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert expect in run.stdout and out.exists()
+
+
+@pytest.mark.slow
+def test_pruning_defaults_on_mnist_quick():
+    """Issue 10's setting at the benchmark's smallest size: the defaults keep a 12.5x pruned LeNet-300-100 close to
+    the dense model, where the defaults before (per-layer threshold, target at the last step) lost 16-37 points."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_defaults
+    finally:
+        sys.path.pop(0)
+    result = bench_defaults.main(["--quick", "--rows", "defaults", "old_defaults"])
+    dense, new, old = (result["acc"][k][0] for k in ("dense", "defaults", "old_defaults"))
+    assert result["kept"]["defaults"] == pytest.approx(0.08, abs=0.001)
+    assert new > dense - 0.03 and new > old + 0.2, (dense, new, old)

@@ -89,7 +89,7 @@ def test_compressed_round_trip_restores_fake_quantized_weights(tmp_path, bits, p
 
     callbacks = [QuantizationAwareTraining(weight_bits=bits, verbose=False)]
     if prune:
-        callbacks.insert(0, Pruning(0.8, schedule="one_shot", verbose=False))
+        callbacks.insert(0, Pruning(0.8, scope="layer", schedule="one_shot", verbose=False))
     _, module = fit(tmp_path, callbacks, model="transformer", n=None, max_epochs=1)
     qat = callbacks[-1]
     expected = {name: p.detach().clone() for name, p in module.named_parameters()}
@@ -113,7 +113,7 @@ def test_compressed_file_size(tmp_path, bits, prune, limit):
 
     callbacks = [QuantizationAwareTraining(weight_bits=bits, verbose=False)]
     if prune:
-        callbacks.insert(0, Pruning(prune, schedule="one_shot", verbose=False))
+        callbacks.insert(0, Pruning(prune, scope="layer", schedule="one_shot", verbose=False))
     _, module = fit(tmp_path, callbacks, module=LitClassifier(MLP(16, 256)), max_epochs=1)
     fp32 = sum(p.numel() * 4 for p in module.parameters())  # 83,204 parameters
     size = save_compressed(module, tmp_path / "model.safetensors").stat().st_size

@@ -29,6 +29,9 @@ DEFAULT_UNIT = "epoch"
 """The unit of ``start``/``end``/``frequency``/... in every callback unless ``interval="step"`` is given: Lightning's
 own (``Trainer(max_epochs=...)``, ``ModelPruning``, LR schedulers' default ``interval``, ``StochasticWeightAveraging``,
 ``BackboneFinetuning`` all count epochs)."""
+DEFAULT_END = 0.75
+"""Where a schedule reaches its final value when ``end=None``: this fraction of the fit's optimizer steps, so the rest
+of the fit recovers at the final value."""
 DEFAULT_EVERY = 100
 """Default update spacing of a schedule, in optimizer steps, when an epoch is longer than this."""
 
@@ -151,11 +154,19 @@ class _CompressionCallback(Callback):
     def _make_window(
         self, trainer: pl.Trainer, start: int, end: int | None, frequency: int | None, schedule: Schedule
     ) -> _Window:
-        """The schedule window in optimizer steps. ``frequency=None``: an update every epoch, or every
-        :data:`DEFAULT_EVERY` optimizer steps when an epoch is longer."""
+        """The schedule window in optimizer steps. ``end=None``: :data:`DEFAULT_END` of the fit. ``frequency=None``:
+        an update every epoch, or every :data:`DEFAULT_EVERY` optimizer steps when an epoch is longer."""
         start_step = self._check_before_end(trainer, "start", start)
         if end is None:
-            end_step = self._total_steps(trainer, "end", end)
+            total = self._total_steps(trainer, "end", end)
+            end_step = round(DEFAULT_END * total)
+            if end_step <= start_step:
+                end_step = total
+                pl.utilities.rank_zero_warn(
+                    f"{type(self).__name__}: `start` (step {start_step}) is past {DEFAULT_END:.0%} of the fit, where "
+                    f"`end=None` puts the final value; it is reached at the last optimizer step ({total}) instead, "
+                    "with no steps left to recover. Pass `end` to choose."
+                )
         else:
             end_step = end * self._steps_per_interval(trainer)
             if end_step > trainer.estimated_stepping_batches:

@@ -17,7 +17,7 @@ from litcompress.schedules import Schedule, get_schedule
 from litcompress.selection import ParameterFilter, check_patterns, select_parameters
 from litcompress.sparsity.importance import DATA_DEPENDENT, IMPORTANCES, ImportanceFn
 from litcompress.sparsity.masks import parse_nm
-from litcompress.sparsity.pruner import Pruner
+from litcompress.sparsity.pruner import Pruner, Scope, default_scope
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,18 @@ class Pruning(_CompressionCallback):
         schedule: ``"one_shot"``, ``"linear"``, ``"cubic"`` (Zhu & Gupta 2017), ``"exponential"``, or a callable
             mapping progress in [0, 1] to the fraction of the final sparsity (see :mod:`litcompress.schedules`).
         start: first update point, in ``interval`` units (epochs by default); it must fall inside the fit.
-        end: last update point (the target is reached there); ``None`` is the last optimizer step of the fit.
+        end: last update point (the target is reached there). ``None`` (default): three quarters of the way
+            through the fit, so the last quarter trains at the final sparsity and recovers (reaching the target at
+            the very last step cost LeNet-300-100 half a point more; see ``benchmarks/RESULTS.md``).
         interval: the unit of ``start``, ``end`` and ``frequency``: ``"epoch"`` (default, as in every litcompress
             callback and in Lightning's own) or ``"step"`` (optimizer steps). Either way masks are updated on
             ``trainer.global_step``, never waiting for an epoch to end.
         frequency: masks are recomputed every ``frequency`` intervals between ``start`` and ``end``; ``None``
             (default): every epoch, or every 100 optimizer steps when an epoch is longer.
-        scope: ``"layer"`` (each tensor to its target) or ``"global"`` (one threshold over all tensors).
+        scope: ``"global"`` (one magnitude threshold over all tensors) or ``"layer"`` (each tensor to its target).
+            ``None`` (default): ``"global"`` for one float sparsity (as Lightning's ``ModelPruning``); ``"layer"``
+            for a per-tensor mapping or an ``N:M`` pattern. Per-layer targets prune a small output layer as hard
+            as the rest; keep it dense then (``exclude=["<last>"]``).
         pattern: ``"unstructured"`` or ``"N:M"`` such as ``"2:4"`` (at most N nonzeros in every M consecutive
             weights along the input dimension).
         importance: ``"magnitude"``, ``"movement"`` (accumulated ``-w * grad``), ``"taylor"`` (``|w * grad|``
@@ -90,7 +95,7 @@ class Pruning(_CompressionCallback):
         end: int | None = None,
         interval: Literal["epoch", "step"] = "epoch",
         frequency: int | None = None,
-        scope: Literal["layer", "global"] = "layer",
+        scope: Literal["layer", "global"] | None = None,
         pattern: str = "unstructured",
         importance: str | ImportanceFn = "magnitude",
         parameters: str | Sequence[str] | ParameterFilter | None = None,
@@ -103,7 +108,8 @@ class Pruning(_CompressionCallback):
         super().__init__(interval)
         self._check_window(start, end, frequency)
         self.schedule = get_schedule(schedule)
-        check_choice("scope", scope, ("layer", "global"))
+        if scope is not None:
+            check_choice("scope", scope, ("layer", "global"))
         nm = None if pattern == "unstructured" else parse_nm(pattern)
         if nm is not None:
             nm_sparsity = 1 - nm[0] / nm[1]
@@ -150,7 +156,8 @@ class Pruning(_CompressionCallback):
         self.sparsity = sparsity
         self.start, self.end = start, end
         self.frequency = frequency
-        self.scope, self.pattern, self.importance = scope, pattern, importance
+        self.scope: Scope = default_scope(sparsity, pattern) if scope is None else scope
+        self.pattern, self.importance = pattern, importance
         self.parameters, self.exclude = parameters, exclude
         self.rewind, self.seed = rewind, seed
         self.log_prefix, self.verbose = log_prefix, verbose

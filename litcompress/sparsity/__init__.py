@@ -2,13 +2,14 @@
 
 from litcompress.sparsity.importance import IMPORTANCES, accumulate_, magnitude, random_scores
 from litcompress.sparsity.masks import check_nm, global_masks, nm_mask, parse_nm, unstructured_mask
-from litcompress.sparsity.pruner import Pruner
+from litcompress.sparsity.pruner import Pruner, default_scope
 
 __all__ = [
     "IMPORTANCES",
     "Pruner",
     "accumulate_",
     "check_nm",
+    "default_scope",
     "global_masks",
     "magnitude",
     "nm_mask",

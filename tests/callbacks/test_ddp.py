@@ -28,11 +28,11 @@ def _fit_spawned(tmp_path):
     torch.manual_seed(0)
     module = LitClassifier(ZOO["mlp"].build(), optimizer="adam", lr=1e-2)
     callbacks = [
-        Pruning(0.6, parameters=r"net\.0", importance="movement", interval="step", start=2, frequency=2,
+        Pruning(0.6, scope="layer", parameters=r"net\.0", importance="movement", interval="step", start=2, frequency=2,
                 log_prefix="movement"),
-        Pruning(0.6, parameters=r"net\.2", importance="taylor", interval="step", start=2, frequency=2,
+        Pruning(0.6, scope="layer", parameters=r"net\.2", importance="taylor", interval="step", start=2, frequency=2,
                 log_prefix="taylor"),
-        Pruning(0.5, parameters=r"net\.4", importance="random", log_prefix="random"),
+        Pruning(0.5, scope="layer", parameters=r"net\.4", importance="random", log_prefix="random"),
         SaveMasks(tmp_path),
     ]
     # a plain DataLoader: Lightning gives each rank a different shard through a DistributedSampler
@@ -115,7 +115,8 @@ def _fit_kd_spawned(tmp_path):
     torch.manual_seed(0)
     module = DistillationModule(ZOO["mlp"].build(), MLP(16, 64), cache_teacher=True)
     data = DataLoader(classification_data((16,), n=128), batch_size=16)
-    callbacks = [Pruning(0.5, interval="step", start=2, frequency=2, verbose=False), SaveStudent(tmp_path)]
+    callbacks = [Pruning(0.5, scope="layer", interval="step", start=2, frequency=2, verbose=False),
+                 SaveStudent(tmp_path)]
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, strategy="ddp_spawn", devices=2), callbacks=callbacks)
     trainer.fit(module, data)
 

@@ -50,7 +50,7 @@ def test_zoo_reaches_exact_target_zeros_stay_zero_keys_unchanged(tmp_path, model
                                                ("one_shot", lambda p: 1.0), (lambda p: p**2, lambda p: p**2)])
 def test_logged_schedule_values_and_counts(tmp_path, schedule, fn):
     logger = RecordingLogger()
-    cb = Pruning(0.8, schedule=schedule, interval="step", start=2, end=10, frequency=3, verbose=False)
+    cb = Pruning(0.8, scope="layer", schedule=schedule, interval="step", start=2, end=10, frequency=3, verbose=False)
     _, module = fit(tmp_path, [cb], max_steps=12, max_epochs=None, logger=logger, log_every_n_steps=100)
     overall = logger.series("pruning/sparsity")
     assert [s for s, _ in overall] == [2, 5, 8, 10]
@@ -68,7 +68,7 @@ def test_logged_schedule_values_and_counts(tmp_path, schedule, fn):
 
 def test_tied_weight_counted_once_in_logged_sparsity(tmp_path):
     logger = RecordingLogger()
-    cb = Pruning(0.5, schedule="one_shot", verbose=False)
+    cb = Pruning(0.5, scope="layer", schedule="one_shot", verbose=False)
     _, module = fit(tmp_path, [cb], model="gpt", n=None, max_epochs=1, logger=logger)
     names = pruned_names(cb)
     assert "model.tok.weight" in names and "model.lm_head.weight" not in names
@@ -97,7 +97,7 @@ def test_nm_on_conv_groups_input_channels(tmp_path):
 @pytest.mark.parametrize("importance", ["movement", "taylor", "random", "callable"])
 def test_importance_options_reach_target(tmp_path, importance):
     fn = (lambda name, w: -w.abs()) if importance == "callable" else importance
-    cb = Pruning(0.5, importance=fn, interval="step", start=1, frequency=2, verbose=False)
+    cb = Pruning(0.5, scope="layer", importance=fn, interval="step", start=1, frequency=2, verbose=False)
     fit(tmp_path, [cb], max_epochs=2)
     for ref in cb.pruner.refs:
         assert int((ref.tensor == 0).sum()) == ref.tensor.numel() // 2
@@ -106,7 +106,7 @@ def test_importance_options_reach_target(tmp_path, importance):
 def test_callable_importance_decides_what_goes(tmp_path):
     torch.manual_seed(0)
     initial = {n: p.detach().clone() for n, p in LitClassifier(ZOO["mlp"].build()).named_parameters()}
-    cb = Pruning(0.5, importance=lambda name, w: -w.abs(), schedule="one_shot", verbose=False)
+    cb = Pruning(0.5, scope="layer", importance=lambda name, w: -w.abs(), schedule="one_shot", verbose=False)
     fit(tmp_path, [cb], max_epochs=1, lr=0.0)  # lr 0: the weights stay as they were scored
     for ref in cb.pruner.refs:
         w0 = initial[ref.name].abs().flatten()
@@ -116,7 +116,7 @@ def test_callable_importance_decides_what_goes(tmp_path):
 
 def test_random_importance_seeded(tmp_path):
     def masks(seed):
-        cb = Pruning(0.5, importance="random", schedule="one_shot", seed=seed, verbose=False)
+        cb = Pruning(0.5, scope="layer", importance="random", schedule="one_shot", seed=seed, verbose=False)
         fit(tmp_path, [cb], max_epochs=1)
         return cb.pruner.masks
 
@@ -127,7 +127,8 @@ def test_random_importance_seeded(tmp_path):
 
 def test_movement_differs_from_magnitude(tmp_path):
     def mask(importance):
-        cb = Pruning(0.5, importance=importance, interval="step", start=3, end=6, frequency=3, verbose=False)
+        cb = Pruning(0.5, scope="layer", importance=importance, interval="step", start=3, end=6, frequency=3,
+                     verbose=False)
         fit(tmp_path, [cb], max_epochs=2, optimizer="adam", lr=1e-2)
         return cb.pruner.masks["model.net.0.weight"]
 
@@ -136,7 +137,7 @@ def test_movement_differs_from_magnitude(tmp_path):
 
 def test_epoch_interval_updates_at_epoch_boundaries(tmp_path):
     logger = RecordingLogger()
-    cb = Pruning(0.5, schedule="linear", interval="epoch", start=1, end=3, verbose=False)
+    cb = Pruning(0.5, scope="layer", schedule="linear", interval="epoch", start=1, end=3, verbose=False)
     fit(tmp_path, [cb], max_epochs=4, logger=logger)  # 4 batches per epoch
     assert logger.series("pruning/sparsity")[0][0] == 4
     steps = [s for s, _ in logger.series("pruning/sparsity")]
@@ -145,22 +146,32 @@ def test_epoch_interval_updates_at_epoch_boundaries(tmp_path):
 
 
 @pytest.mark.parametrize(("n", "batch_size", "epochs", "expected"),
-                         [(64, 16, 4, [0, 4, 8, 12, 16]), (128, 1, 1, [0, 100, 128])])
-def test_default_frequency_is_an_epoch_or_100_steps(tmp_path, n, batch_size, epochs, expected):
-    logger = RecordingLogger()  # 4 steps per epoch at batch 16; 128 at batch 1
+                         [(64, 16, 4, [0, 4, 8, 12]), (256, 1, 1, [0, 100, 192])])
+def test_defaults_epochs_global_threshold_target_at_three_quarters(tmp_path, n, batch_size, epochs, expected):
+    logger = RecordingLogger()  # 4 steps per epoch at batch 16 (16 in all); 256 at batch 1
     cb = Pruning(0.5, schedule="linear", verbose=False)
-    assert cb.interval == "epoch" and cb.frequency is None
+    assert (cb.interval, cb.frequency, cb.end, cb.scope) == ("epoch", None, None, "global")
     fit(tmp_path, [cb], max_epochs=epochs, batch_size=batch_size, n=n, logger=logger)
+    # updates every epoch (at most every 100 steps); the target is reached at 3/4 of the fit
     assert [s for s, _ in logger.series("pruning/sparsity")] == expected
-    assert logger.series("pruning/sparsity")[-1][1] == pytest.approx(0.5, abs=0.01)
+    assert logger.series("pruning/sparsity")[-1][1] == pytest.approx(0.5, abs=1e-3)
+    last = [m for _, m in logger.records if "pruning/sparsity" in m][-1]
+    per_tensor = [v for k, v in last.items() if k.startswith("pruning/sparsity/")]
+    assert len(set(per_tensor)) > 1  # one global threshold: tensors end at different sparsities
+
+
+def test_default_scope_is_per_layer_for_mappings_and_nm():
+    assert Pruning({r"net\.0": 0.5}, verbose=False).scope == "layer"
+    assert Pruning(pattern="2:4", verbose=False).scope == "layer"
+    assert Pruning(0.5, scope="layer", verbose=False).scope == "layer"
 
 
 def test_gradient_accumulation_and_end_none(tmp_path):
     logger = RecordingLogger()
-    cb = Pruning(0.7, schedule="cubic", interval="step", frequency=2, verbose=False)
+    cb = Pruning(0.7, scope="layer", schedule="cubic", interval="step", frequency=2, verbose=False)
     trainer, _ = fit(tmp_path, [cb], max_epochs=2, accumulate_grad_batches=3, logger=logger)
     assert trainer.global_step == 4  # ceil(4 / 3) * 2
-    assert [s for s, _ in logger.series("pruning/sparsity")] == [0, 2, 4]
+    assert [s for s, _ in logger.series("pruning/sparsity")] == [0, 2, 3]  # end=None: 3/4 of the 4 steps
     for ref in cb.pruner.refs:
         assert int((ref.tensor == 0).sum()) == round(0.7 * ref.tensor.numel())
 
@@ -175,7 +186,7 @@ def test_dict_sparsity_per_tensor_targets(tmp_path):
 
 
 def test_exclude_first_and_last_in_one_line(tmp_path):
-    cb = Pruning(0.5, exclude=["<first>", "<last>"], verbose=False)
+    cb = Pruning(0.5, scope="layer", exclude=["<first>", "<last>"], verbose=False)
     _, module = fit(tmp_path, [cb], max_epochs=1)
     assert pruned_names(cb) == ["model.net.2.weight"]
     assert int((module.model.net[0].weight == 0).sum()) == 0 and int((module.model.net[4].weight == 0).sum()) == 0
@@ -192,7 +203,8 @@ class Snapshot(pl.Callback):
 
 def test_rewind_resets_survivors_to_weights_at_start(tmp_path):
     snap = Snapshot(3)
-    cb = Pruning(0.5, schedule="linear", interval="step", start=3, end=8, frequency=1, rewind=True, verbose=False)
+    cb = Pruning(0.5, scope="layer", schedule="linear", interval="step", start=3, end=8, frequency=1, rewind=True,
+                 verbose=False)
     _, module = fit(tmp_path, [snap, cb], max_steps=8, max_epochs=None)
     params = dict(module.named_parameters())
     for ref in cb.pruner.refs:
@@ -201,7 +213,7 @@ def test_rewind_resets_survivors_to_weights_at_start(tmp_path):
     # untouched tensors keep training
     assert not torch.equal(params["model.net.0.bias"], snap.weights["model.net.0.bias"])
     # without rewind the survivors are the trained weights, not the start ones
-    cb2 = Pruning(0.5, schedule="linear", interval="step", start=3, end=8, frequency=1, verbose=False)
+    cb2 = Pruning(0.5, scope="layer", schedule="linear", interval="step", start=3, end=8, frequency=1, verbose=False)
     snap2 = Snapshot(3)
     _, plain = fit(tmp_path, [snap2, cb2], max_steps=8, max_epochs=None)
     name = cb2.pruner.refs[0].name
@@ -209,9 +221,10 @@ def test_rewind_resets_survivors_to_weights_at_start(tmp_path):
 
 
 CONFIGS = {
-    "magnitude-cubic": dict(sparsity=0.7, schedule="cubic", interval="step", start=3, end=11, frequency=2),
-    "movement-rewind": dict(sparsity=0.6, schedule="linear", interval="step", start=3, end=11, frequency=2,
-                            importance="movement", rewind=True),
+    "magnitude-cubic": dict(sparsity=0.7, scope="layer", schedule="cubic", interval="step", start=3, end=11,
+                            frequency=2),
+    "movement-rewind": dict(sparsity=0.6, scope="layer", schedule="linear", interval="step", start=3, end=11,
+                            frequency=2, importance="movement", rewind=True),
     "taylor-global": dict(sparsity=0.6, schedule="exponential", interval="step", start=2, frequency=3,
                           importance="taylor", scope="global"),
     "random-2:4-epoch": dict(pattern="2:4", interval="epoch", start=1, end=3, importance="random"),
@@ -237,7 +250,8 @@ def test_resume_is_bit_identical(tmp_path, config, cut):
 
 def test_state_key_is_stable_for_callables():
     def make():
-        return Pruning(0.5, parameters=lambda module, name: "net" in name, importance=lambda n, w: w.abs())
+        return Pruning(0.5, scope="layer", parameters=lambda module, name: "net" in name,
+                       importance=lambda n, w: w.abs())
 
     assert make().state_key == make().state_key  # a lambda's address must not leak into the checkpoint key
     assert "0x" not in make().state_key
@@ -245,8 +259,8 @@ def test_state_key_is_stable_for_callables():
 
 def test_two_instances_in_one_trainer_and_checkpoint(tmp_path):
     logger = RecordingLogger()
-    a = Pruning(0.3, parameters=r"net\.0", log_prefix="a", verbose=False)
-    b = Pruning(0.8, pattern="unstructured", parameters=r"net\.[24]", log_prefix="b", verbose=False)
+    a = Pruning(0.3, scope="layer", parameters=r"net\.0", log_prefix="a", verbose=False)
+    b = Pruning(0.8, scope="layer", pattern="unstructured", parameters=r"net\.[24]", log_prefix="b", verbose=False)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     _, module = fit(tmp_path, [a, b, checkpoint], max_epochs=2, logger=logger, enable_checkpointing=True)
     net = module.model.net
@@ -259,9 +273,9 @@ def test_two_instances_in_one_trainer_and_checkpoint(tmp_path):
     # the checkpoint's model weights load into the plain model class
     plain = LitClassifier(ZOO["mlp"].build())
     plain.load_state_dict(saved["state_dict"], strict=True)
-    overlap = Pruning(0.5, parameters=r"net\.2", verbose=False)
+    overlap = Pruning(0.5, scope="layer", parameters=r"net\.2", verbose=False)
     with pytest.raises(ValueError, match="disjoint selections"):
-        fit(tmp_path, [Pruning(0.5, verbose=False), overlap], max_epochs=1)
+        fit(tmp_path, [Pruning(0.5, scope="layer", verbose=False), overlap], max_epochs=1)
 
 
 def masks_enforced_by(optimizer, module):
@@ -275,7 +289,7 @@ def masks_enforced_by(optimizer, module):
 
 
 def test_repeated_fit_keeps_masks_and_leaks_no_hooks(tmp_path):
-    cb = Pruning(0.5, schedule="one_shot", verbose=False)
+    cb = Pruning(0.5, scope="layer", schedule="one_shot", verbose=False)
     trainer, module = fit(tmp_path, [cb], max_epochs=1)
     first = {n: m.clone() for n, m in cb.pruner.masks.items()}
     saved = {k: v.clone() for k, v in module.state_dict().items()}
@@ -293,7 +307,7 @@ def test_repeated_fit_keeps_masks_and_leaks_no_hooks(tmp_path):
 
 def test_bf16_mixed_precision(tmp_path):
     watch = ZeroWatch()
-    cb = Pruning(0.75, interval="step", frequency=2, verbose=False)
+    cb = Pruning(0.75, scope="layer", interval="step", frequency=2, verbose=False)
     fit(tmp_path, [cb, watch], max_epochs=2, precision="bf16-mixed")
     assert watch.revived == 0
     for ref in cb.pruner.refs:
@@ -316,7 +330,7 @@ class ManualModule(LitClassifier):
 
 def test_manual_optimization(tmp_path):
     watch = ZeroWatch()
-    cb = Pruning(0.5, interval="step", frequency=2, importance="movement", start=1, verbose=False)
+    cb = Pruning(0.5, scope="layer", interval="step", frequency=2, importance="movement", start=1, verbose=False)
     fit(tmp_path, [cb, watch], max_epochs=2, module=ManualModule(ZOO["mlp"].build()))
     assert watch.revived == 0
     for ref in cb.pruner.refs:
@@ -332,7 +346,7 @@ def test_manual_optimization(tmp_path):
         (dict(sparsity="half"), TypeError, "`sparsity`"),
         (dict(sparsity={"net": 1.2}), ValueError, r"sparsity\['net'\]"),
         (dict(sparsity={"net": 0.5}, scope="global"), ValueError, "`scope` to be 'layer' when `sparsity` is a"),
-        (dict(sparsity=0.5, schedule="cosine"), ValueError, "`schedule`"),
+        (dict(sparsity=0.5, scope="layer", schedule="cosine"), ValueError, "`schedule`"),
         (dict(sparsity=0.5, start=5, end=5), ValueError, "`end` to be greater than `start`"),
         (dict(sparsity=0.5, start=-1), ValueError, "`start`"),
         (dict(sparsity=0.5, frequency=0), ValueError, "`frequency`"),
@@ -346,7 +360,7 @@ def test_manual_optimization(tmp_path):
         (dict(sparsity=0.5, parameters="("), ValueError, "`parameters`"),
         (dict(sparsity=0.5, exclude=[None]), TypeError, "`exclude`"),
         (dict(sparsity=0.5, rewind="yes"), TypeError, "`rewind`"),
-        (dict(sparsity=0.5, rewind=True, schedule="one_shot"), ValueError, "`rewind`"),
+        (dict(sparsity=0.5, scope="layer", rewind=True, schedule="one_shot"), ValueError, "`rewind`"),
     ],
 )
 def test_misconfiguration_at_construction(kwargs, exc, match):
@@ -376,7 +390,7 @@ def test_misconfiguration_before_any_training_step(tmp_path, kwargs, model, over
 
 def test_verbose_logs_text(tmp_path, caplog):
     with caplog.at_level("INFO"):
-        fit(tmp_path, [Pruning(0.5, schedule="one_shot")], max_epochs=1)
+        fit(tmp_path, [Pruning(0.5, scope="layer", schedule="one_shot")], max_epochs=1)
     assert "Pruning: step 0, sparsity 0.5000 over 3 tensors" in caplog.text
 
 
@@ -396,7 +410,7 @@ def test_model_built_in_configure_model_and_resumed(tmp_path):
     def run(callbacks, ckpt_path=None):
         return fit(tmp_path, callbacks, max_epochs=3, module=LazyModule(), ckpt_path=ckpt_path)[1]
 
-    cfg = dict(sparsity=0.5, schedule="linear", start=2, frequency=2, verbose=False)
+    cfg = dict(sparsity=0.5, scope="layer", schedule="linear", start=2, frequency=2, verbose=False)
     reference = run([Pruning(**cfg)])
     assert int((reference.model.net[0].weight == 0).sum()) == reference.model.net[0].weight.numel() // 2
     with pytest.raises(Interrupted):

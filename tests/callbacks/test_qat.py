@@ -70,7 +70,7 @@ def test_learned_scales_train_and_join_the_optimizer(tmp_path):
 
 @pytest.mark.parametrize("order", ["prune-first", "qat-first"])
 def test_composes_with_pruning_zeros_stay_zero(tmp_path, order):
-    prune = Pruning(0.75, schedule="cubic", interval="step", frequency=2, verbose=False)
+    prune = Pruning(0.75, scope="layer", schedule="cubic", interval="step", frequency=2, verbose=False)
     qat = QuantizationAwareTraining(verbose=False)
     callbacks = [prune, qat] if order == "prune-first" else [qat, prune]
     fit(tmp_path, callbacks, max_epochs=2)
@@ -193,7 +193,7 @@ def test_one_clock_for_every_callback(tmp_path):
     """The same `start` means the same optimizer step in both callbacks, by default in epochs."""
     logger = RecordingLogger()
     qat = QuantizationAwareTraining(start=1, verbose=False)
-    prune = Pruning(0.5, schedule="one_shot", start=1, verbose=False)
+    prune = Pruning(0.5, scope="layer", schedule="one_shot", start=1, verbose=False)
     assert qat.interval == prune.interval == "epoch"
 
     class WhenOn(pl.Callback):

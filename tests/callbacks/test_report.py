@@ -27,7 +27,8 @@ def report(**kwargs):
 
 def test_pruned_and_quantized_fit_reports_measured_numbers(tmp_path):
     rep, logger = report(metrics=["val/acc", "val/loss"]), RecordingLogger()
-    trainer, module = fit(tmp_path, [Pruning(0.75, schedule="one_shot"), QuantizationAwareTraining(), rep],
+    trainer, module = fit(tmp_path, [Pruning(0.75, scope="layer", schedule="one_shot"), QuantizationAwareTraining(),
+                                     rep],
                           num_sanity_val_steps=-1, logger=logger)
     data = json.loads((tmp_path / "compression_report.json").read_text())
     assert set(data) == KEYS and data["schema"] == 1 and data["baseline_kind"] == "before"

@@ -106,7 +106,7 @@ def test_regression_mse_and_label_free(tmp_path):
 def test_callbacks_compress_only_the_student(tmp_path):
     teacher, student = teacher_and_student()
     teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
-    prune = Pruning(0.5, schedule="one_shot", verbose=False)
+    prune = Pruning(0.5, scope="layer", schedule="one_shot", verbose=False)
     qat = QuantizationAwareTraining(verbose=False)
     fit(tmp_path, [prune, qat], module=DistillationModule(student, teacher), max_epochs=1)
     assert all(r.name.startswith("net.") for r in prune.pruner.refs)  # names relative to the student

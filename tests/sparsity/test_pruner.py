@@ -27,7 +27,7 @@ def train_loop(pruner: Pruner, model, steps=20, update_every=5, final=1.0):
 def test_plain_torch_loop_reaches_targets_and_keeps_zeros(importance):
     torch.manual_seed(0)
     model = MLP()
-    pruner = Pruner(select_parameters(model), sparsity=0.8, importance=importance)
+    pruner = Pruner(select_parameters(model), sparsity=0.8, scope="layer", importance=importance)
     train_loop(pruner, model)
     for ref in pruner.refs:
         w = ref.tensor
@@ -40,8 +40,8 @@ def test_movement_prunes_weights_moving_to_zero_not_smallest():
     torch.manual_seed(0)
     a, b = MLP(), MLP()
     b.load_state_dict(a.state_dict())
-    pa = Pruner(select_parameters(a), 0.5, importance="magnitude")
-    pb = Pruner(select_parameters(b), 0.5, importance="movement")
+    pa = Pruner(select_parameters(a), 0.5, scope="layer", importance="magnitude")
+    pb = Pruner(select_parameters(b), 0.5, scope="layer", importance="movement")
     train_loop(pa, a)
     train_loop(pb, b)
     assert not torch.equal(pa.masks["net.0.weight"], pb.masks["net.0.weight"])
@@ -82,15 +82,15 @@ def test_pruner_errors():
     with pytest.raises(ValueError, match="M divides the input size"):
         Pruner(refs, None, pattern="2:3")  # 16 inputs are not groups of 3
     with pytest.raises(ValueError, match="`importance`"):
-        Pruner(refs, 0.5, importance="size")
+        Pruner(refs, 0.5, scope="layer", importance="size")
     with pytest.raises(ValueError, match="`scope`"):
         Pruner(refs, 0.5, scope="model")
     with pytest.raises(ValueError, match="patterns that each match"):
         Pruner(refs, {"nope": 0.5})
-    bad = Pruner(refs, 0.5, importance=lambda name, w: torch.ones(3))
+    bad = Pruner(refs, 0.5, scope="layer", importance=lambda name, w: torch.ones(3))
     with pytest.raises(ValueError, match="tensor of shape"):
         bad.update(1.0)
-    pruner = Pruner(refs, 0.5)
+    pruner = Pruner(refs, 0.5, scope="layer")
     pruner.update(1.0)
     other = Pruner(select_parameters(MLP(hidden=8)), 0.5)
     with pytest.raises(ValueError, match="written for a different model"):
