@@ -108,10 +108,11 @@ def _one(model_name: str, config: str, epochs: int, steps_per_epoch: int, batch:
     if config == "empty-callback":  # control: what Lightning charges for any one extra callback
         callbacks.append(pl.Callback())
     elif config == "litcompress":
-        callbacks.append(Pruning(0.9, schedule="one_shot", start=1, interval="epoch", verbose=False))
+        # per layer, like ModelPruning(use_global_unstructured=False) below
+        callbacks.append(Pruning(0.9, scope="layer", schedule="one_shot", start=1, interval="epoch", verbose=False))
     elif config == "litcompress-gradual":  # cubic schedule, masks recomputed every 25 steps: update cost included
-        callbacks.append(Pruning(0.9, schedule="cubic", start=steps_per_epoch, frequency=25, interval="step",
-                                 verbose=False))
+        callbacks.append(Pruning(0.9, scope="layer", schedule="cubic", start=steps_per_epoch,
+                                 end=epochs * steps_per_epoch, frequency=25, interval="step", verbose=False))
     elif config == "lightning":
         callbacks.append(ModelPruning("l1_unstructured", amount=lambda epoch: 0.9 if epoch == 0 else 0.0,
                                       use_global_unstructured=False, use_lottery_ticket_hypothesis=False,

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = CompressionReport(metrics=["val/acc", "val/f1", "val/loss"], dirpath=str(args.out))
     callbacks = [
         Pruning(args.sparsity, schedule="cubic", start=min(1, args.epochs - 1), end=qat_start, interval="epoch",
-                verbose=False),
+                scope="layer", verbose=False),  # every layer of the small student to the same sparsity
         QuantizationAwareTraining(weight_bits=args.bits, activation_bits=8, start=qat_start, exclude=["<first>"],
                                   freeze_observers=args.epochs - 1 if args.epochs - 1 > qat_start else None,
                                   verbose=False),
