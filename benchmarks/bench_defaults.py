@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-from mnist5k import Classifier, mnist_5k
+from mnist5k import Classifier, mnist_5k, quiet_lightning
 from prune_mnist import HAN_2015, LeNet300100
 
 from litcompress import Pruning
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         args.seeds, args.dense_epochs, args.epochs = [0], 3, 2
     torch.set_num_threads(args.threads)
+    quiet_lightning()
     t0 = time.perf_counter()
     steps = args.epochs * -(-4000 // 64)  # optimizer steps of the fine-tuning (4,000 digits, batch 64)
     rows = _rows(steps, args.epochs)

@@ -6,8 +6,10 @@ Used by `mnist_pipeline.py`, `prune_mnist.py`, `cli.py` (and its YAML configs) a
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -171,3 +173,20 @@ def progress(name: str, enabled: bool = True) -> tuple[bool, list[pl.Callback]]:
     if sys.stdout.isatty():
         return True, []
     return False, [EpochLine(name)]
+
+
+_CHATTER = ("GPU available", "TPU available", "💡 Tip", "to estimate number of stepping batches",
+            "`Trainer.fit` stopped")
+
+
+class _DropChatter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(part in record.getMessage() for part in _CHATTER)
+
+
+def quiet_lightning() -> None:
+    """Keep the examples' output to what they measure: drop Lightning's per-Trainer lines (hardware, tips, "fit
+    stopped") and its use of a deprecated torch pytree API. Warnings about the run itself still show."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropChatter())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")

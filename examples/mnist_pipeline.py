@@ -22,12 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from mnist5k import Classifier, MNIST5k, StudentCNN, TeacherCNN, cosine_adamw, mnist_5k, progress
+from mnist5k import Classifier, MNIST5k, StudentCNN, TeacherCNN, cosine_adamw, mnist_5k, progress, quiet_lightning
 from torchmetrics.functional.classification import multiclass_f1_score
 
 from litcompress import CompressionReport, DistillationModule, Pruning, QuantizationAwareTraining
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-progress-bar", action="store_true",
                         help="no progress at all (default: a bar on a terminal, one line per epoch otherwise)")
     args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    quiet_lightning()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     t0 = time.perf_counter()

@@ -16,7 +16,7 @@ import time
 
 import lightning.pytorch as pl
 import torch
-from mnist5k import Classifier, mnist_5k, progress
+from mnist5k import Classifier, mnist_5k, progress, quiet_lightning
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quiet", action="store_true",
                         help="no progress (default: a bar on a terminal, one line per epoch otherwise)")
     args = parser.parse_args(argv)
+    quiet_lightning()
 
     t0 = time.perf_counter()
     dense, dense_acc = run(args, prune=False)

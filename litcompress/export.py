@@ -42,7 +42,7 @@ def _quiet_export() -> Iterator[None]:
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
             warnings.filterwarnings("ignore", message="_check_is_size will be removed", category=FutureWarning)
             # recurrent layers swap their weight list while traced (torch's own LSTM/GRU, and QAT's weights)
-            warnings.filterwarnings("ignore", message=r"The tensor attributes self\._flat_weights",
+            warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights\[",
                                     category=UserWarning)
             yield
     finally:

@@ -206,3 +206,10 @@ def test_restore_needs_the_matching_callback(tmp_path):
         max_epochs=1, enable_checkpointing=True)
     with pytest.raises(ValueError, match="a checkpoint holding this callback's state"):
         QuantizationAwareTraining(weight_bits=4).restore(ZOO["mlp"].build(), tmp_path / "last.ckpt")
+
+
+def test_export_is_quiet(tmp_path, capfd, caplog, recwarn):
+    export_onnx(ZOO["lstm"].build(), ZOO["lstm"].data().tensors[0][:2], tmp_path / "quiet.onnx")
+    printed = capfd.readouterr()
+    assert "torchvision" not in printed.out + printed.err + caplog.text  # torch's op-registry chatter
+    assert not [str(w.message) for w in recwarn.list], [str(w.message) for w in recwarn.list]
