@@ -28,6 +28,7 @@ EXTRAS = {
     "matplotlib": "report",
     "rich": "report",
     "jsonargparse": "cli",
+    "transformers": "hf",
 }
 """Optional module -> the extra that installs it (``pip install "litcompress[<extra>]"``)."""
 
