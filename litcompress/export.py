@@ -14,8 +14,9 @@ import contextlib
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +27,7 @@ from litcompress._validation import fail
 from litcompress.quantization.access import export_mode
 from litcompress.quantization.compact import load_compressed, save_compressed
 
-__all__ = ["export_onnx", "load_compressed", "save_compressed"]
+__all__ = ["as_call", "export_onnx", "load_compressed", "save_compressed"]
 
 
 @contextlib.contextmanager
@@ -49,8 +50,23 @@ def _quiet_export() -> Iterator[None]:
         registration.setLevel(level)
 
 
+def as_call(example_input: Tensor | Mapping[str, Tensor]) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
+    """``(args, kwargs)`` that call a model on ``example_input``: a tensor positionally, a mapping as keywords.
+
+    >>> as_call(torch.zeros(2, 3))[0][0].shape, as_call({"input_ids": torch.zeros(2, 3)})[1].keys()
+    (torch.Size([2, 3]), dict_keys(['input_ids']))
+    """
+    if isinstance(example_input, Tensor) and example_input.dim() > 0:
+        return (example_input,), {}
+    if isinstance(example_input, Mapping) and example_input and all(
+            isinstance(k, str) and isinstance(v, Tensor) and v.dim() > 0 for k, v in example_input.items()):
+        return (), dict(example_input)
+    fail("example_input", "a tensor whose first dimension is the batch, or a mapping of names to such tensors",
+         type(example_input).__name__, exc=TypeError)
+
+
 def export_onnx(
-    model: nn.Module, example_input: Tensor, path: str | os.PathLike, dynamic_batch: bool = True
+    model: nn.Module, example_input: Tensor | Mapping[str, Tensor], path: str | os.PathLike, dynamic_batch: bool = True
 ) -> Path:
     """Export ``model`` to one self-contained ``.onnx`` file (weights inside, no ``.onnx.data``).
 
@@ -60,7 +76,9 @@ def export_onnx(
 
     Args:
         model: the model (a LightningModule works; its ``forward`` is exported), put in eval mode for export.
-        example_input: one input batch; its shape and dtype define the graph's input.
+        example_input: one input batch; its shape and dtype define the graph's input. A mapping of tensors
+            (e.g. ``{"input_ids": ..., "attention_mask": ...}``) is passed as keyword arguments, as a Hugging Face
+            model takes them, and each becomes a graph input of that name.
         path: where to write the file.
         dynamic_batch: let the first dimension of the input vary.
 
@@ -69,19 +87,21 @@ def export_onnx(
     """
     if not isinstance(model, nn.Module):
         fail("model", "a torch.nn.Module", type(model).__name__, exc=TypeError)
-    if not isinstance(example_input, Tensor):
-        fail("example_input", "a torch.Tensor", type(example_input).__name__, exc=TypeError)
+    args, kwargs = as_call(example_input)
     require(*ONNX_EXPORT, what="export_onnx")
     path = Path(path)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(example_input)  # fail here, with the model's own message, if the input does not fit
-        dynamic = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+            model(*args, **kwargs)  # fail here, with the model's own message, if the input does not fit
+        batch = torch.export.Dim("batch", min=1)
+        dynamic: Any = None
+        if dynamic_batch:
+            dynamic = ({0: batch},) if args else {k: {0: batch} for k in kwargs}
         qdq_ops()  # registered before tracing begins
         with export_mode(model), torch.no_grad(), _quiet_export():
-            torch.onnx.export(model, (example_input,), str(path), dynamo=True, external_data=False,
+            torch.onnx.export(model, args, str(path), kwargs=kwargs, dynamo=True, external_data=False,
                               dynamic_shapes=dynamic, verbose=False)
     finally:
         model.train(was_training)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from torch.utils.data import IterableDataset, default_collate
 from typing_extensions import override
 
 from litcompress._extras import ONNX_RUNTIME, install_hint, missing
@@ -47,9 +48,10 @@ class CompressionReport(Callback):
     Args:
         example_input: one input batch for FLOPs and latency (its first dimension is the batch size), or a batch
             shape such as ``[256, 784]`` (zeros of that shape; handy in YAML); default: the LightningModule's
-            ``example_input_array``. Use real data when latency matters: integer kernels can run faster on zeros
-            (measured: 2.8 ms on zeros, 3.5 ms on real digits for the MNIST pipeline's int8 student in ONNX
-            Runtime).
+            ``example_input_array``, else the first training batch (its inputs: a tuple's first item, a dict's
+            tensors but ``labels``, as a Hugging Face model takes them). Use real data when latency matters:
+            integer kernels can run faster on zeros (measured: 2.8 ms on zeros, 3.5 ms on real digits for the
+            MNIST pipeline's int8 student in ONNX Runtime).
         metrics: logged metric keys to show (e.g. ``"val/acc"``, ``"val/f1"``, ``"val/loss"``).
         latency: time forward passes (torch eager; also ONNX Runtime when the model is quantized).
         repeats: timed passes per latency figure (the median is reported).
@@ -74,7 +76,7 @@ class CompressionReport(Callback):
 
     def __init__(
         self,
-        example_input: Tensor | Sequence[int] | None = None,
+        example_input: Tensor | Mapping[str, Tensor] | Sequence[int] | None = None,
         metrics: Sequence[str] = ("val/acc",),
         *,
         latency: bool = True,
@@ -89,9 +91,10 @@ class CompressionReport(Callback):
                 fail("example_input", "a batch shape of positive ints such as [256, 784]", example_input,
                       exc=TypeError)
             example_input = torch.zeros(*example_input)
-        if example_input is not None and (not isinstance(example_input, Tensor) or example_input.dim() == 0):
-            fail("example_input", "a tensor whose first dimension is the batch, a batch shape, or None",
-                  type(example_input).__name__, exc=TypeError)
+        if example_input is not None and not isinstance(example_input, Mapping) and (
+                not isinstance(example_input, Tensor) or example_input.dim() == 0):
+            fail("example_input", "a tensor whose first dimension is the batch, a mapping of such tensors, a batch "
+                 "shape, or None", type(example_input).__name__, exc=TypeError)
         if isinstance(metrics, str) or not all(isinstance(m, str) for m in metrics):
             fail("metrics", "a list of logged metric names such as ['val/acc']", metrics, exc=TypeError)
         for name, value in (("latency", latency), ("plots", plots)):
@@ -110,14 +113,20 @@ class CompressionReport(Callback):
         self.baseline_note = ""
         self.report: dict[str, Any] | None = None  # the last report written
         self._off = False  # an extra it needs is missing: no report, the fit goes on
+        self._batch: Any = None  # the inputs measured, once resolved
         self._warned_onnx = False
 
-    def _input(self, pl_module: pl.LightningModule) -> Tensor:
-        x = self.example_input if self.example_input is not None else pl_module.example_input_array
+    def _input(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor | dict[str, Tensor]:
+        if self._batch is None:
+            x: Any = self.example_input if self.example_input is not None else pl_module.example_input_array
+            self._batch = _first_batch_inputs(trainer, pl_module) if x is None else x
+        x = self._batch
+        if isinstance(x, Mapping):
+            return {k: v.to(pl_module.device) for k, v in x.items()}
         if not isinstance(x, Tensor):
-            fail("example_input", "a tensor", type(x).__name__, exc=TypeError,
-                  hint="pass CompressionReport(example_input=batch) or set `self.example_input_array` in your "
-                       "LightningModule")
+            fail("example_input", "a tensor or a mapping of tensors", type(x).__name__, exc=TypeError,
+                 hint="pass CompressionReport(example_input=batch) or set `self.example_input_array` in your "
+                      "LightningModule")
         return x.to(pl_module.device)
 
     @staticmethod
@@ -129,7 +138,7 @@ class CompressionReport(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        x = self._input(pl_module)  # raises before any training step when there is no usable input
+        x = self._input(trainer, pl_module)  # raises before any training step when there is no usable input
         absent = missing("safetensors")
         if absent:  # the report is optional: the fit goes on without it
             self._off = True
@@ -181,7 +190,7 @@ class CompressionReport(Callback):
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, directory: Path,
                baseline_dict: dict[str, Any]) -> dict[str, Any]:
         target = _compression_target(pl_module)
-        final = summarize(target, self._input(pl_module), latency=self.latency, repeats=self.repeats,
+        final = summarize(target, self._input(trainer, pl_module), latency=self.latency, repeats=self.repeats,
                           onnx=self._onnx(target))
         baseline = ModelSummary.from_dict(baseline_dict)
         _, label = self._baseline_model(pl_module)
@@ -234,6 +243,32 @@ class CompressionReport(Callback):
         self.baseline = state_dict.get("baseline")
         self.baseline_metrics = dict(state_dict.get("baseline_metrics", {}))
         self.baseline_note = state_dict.get("note", "")
+
+
+def _first_batch_inputs(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+    """The model inputs of the first training batch, read from the dataset in order (the sampler is not touched, so
+    the fit's random draws do not change): ``unpack_batch(batch)[0]`` when the module has it (a
+    :class:`~litcompress.modules.DistillationModule`), else a tuple's first item, a mapping's tensors but its labels,
+    or the batch itself."""
+    hint = "pass CompressionReport(example_input=...) or set `self.example_input_array` in your LightningModule"
+    _ = trainer.estimated_stepping_batches  # loads the train dataloader (Lightning's own lazy setup)
+    loader = trainer.train_dataloader
+    dataset: Any = getattr(loader, "dataset", None)
+    batch_size = getattr(loader, "batch_size", None)
+    if (not isinstance(batch_size, int) or isinstance(dataset, IterableDataset)
+            or not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"))):
+        fail("example_input", "a batch when the train dataloader is not a map-style DataLoader with a batch size",
+             None, exc=TypeError, hint=hint)
+    collate = getattr(loader, "collate_fn", None) or default_collate
+    batch = collate([dataset[i] for i in range(min(batch_size, len(dataset)))])
+    unpack = getattr(pl_module, "unpack_batch", None)
+    if callable(unpack):
+        return unpack(batch)[0]
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
+    if isinstance(batch, Mapping):
+        return {k: v for k, v in batch.items() if isinstance(v, Tensor) and k not in ("labels", "label")}
+    return batch
 
 
 def _headline(before: ModelSummary, after: ModelSummary) -> dict[str, float]:

@@ -18,6 +18,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from litcompress._extras import ONNX_EXPORT, ONNX_RUNTIME, install_hint, missing, require
 from litcompress._validation import check_int, fail
+from litcompress.export import as_call, export_onnx
 from litcompress.quantization.access import fake_quant, quantized_weights
 from litcompress.quantization.compact import save_compressed
 
@@ -91,7 +93,7 @@ class ModelSummary:
 
 def summarize(
     model: nn.Module,
-    example_input: Tensor,
+    example_input: Tensor | Mapping[str, Tensor],
     *,
     latency: bool = True,
     onnx: bool | None = None,
@@ -103,7 +105,8 @@ def summarize(
     Args:
         model: any module; a model trained with litcompress callbacks reports its masks' zeros and its
             quantized weights' bits.
-        example_input: an input batch the model accepts.
+        example_input: an input batch the model accepts: a tensor, or a mapping of tensors passed as keyword
+            arguments (a Hugging Face model's ``input_ids``, ``attention_mask``, ...).
         latency: time forward passes (``False`` skips it: faster, and deterministic output).
         onnx: also time the model exported with :func:`~litcompress.export.export_onnx` in ONNX Runtime;
             ``None`` does so when the model has quantized layers in force.
@@ -116,9 +119,7 @@ def summarize(
     """
     if not isinstance(model, nn.Module):
         fail("model", "a torch.nn.Module", type(model).__name__, exc=TypeError)
-    if not isinstance(example_input, Tensor) or example_input.dim() == 0:
-        fail("example_input", "a tensor whose first dimension is the batch", type(example_input).__name__,
-              exc=TypeError)
+    args, kwargs = as_call(example_input)
     check_int("repeats", repeats, minimum=1)
     check_int("warmup", warmup, minimum=0)
     require("safetensors", what="summarize (it measures the sizes of real files)")
@@ -141,18 +142,19 @@ def summarize(
     was_training = model.training
     model.eval()
     try:
-        flops, sparse_flops = _flops(model, example_input)
+        flops, sparse_flops = _flops(model, args, kwargs)
         with tempfile.TemporaryDirectory() as tmp:
             compact = save_compressed(model, Path(tmp) / "compact.safetensors").stat().st_size
             fp32 = _fp32_file_size(model, Path(tmp) / "fp32.safetensors")
             summary = ModelSummary(total, nonzero, bit_sum / total if total else 32.0, compact, fp32, flops,
-                                   sparse_flops, len(example_input), quantized=is_quantized, layers=layers)
+                                   sparse_flops, len([*args, *kwargs.values()][0]), quantized=is_quantized,
+                                   layers=layers)
             if latency:
-                summary.latency_eager = _time(lambda: model(example_input), repeats, warmup)
+                summary.latency_eager = _time(lambda: model(*args, **kwargs), repeats, warmup)
             if with_onnx:
                 summary.latency_onnx = _onnx_latency(model, example_input, Path(tmp) / "model.onnx", repeats,
                                                      warmup)
-                if is_quantized:
+                if is_quantized and summary.latency_onnx is not None:
                     with fake_quant(model, False):
                         summary.latency_onnx_fp32 = _onnx_latency(model, example_input, Path(tmp) / "fp32.onnx",
                                                                   repeats, warmup)
@@ -162,7 +164,7 @@ def summarize(
 
 
 @torch.no_grad()
-def _flops(model: nn.Module, example_input: Tensor) -> tuple[int, int]:
+def _flops(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tensor]) -> tuple[int, int]:
     """Dense FLOPs of one forward pass, and the FLOPs left when each layer's zero weights are skipped."""
     counter = FlopCounterMode(display=False)
     saved = 0.0
@@ -183,10 +185,11 @@ def _flops(model: nn.Module, example_input: Tensor) -> tuple[int, int]:
         handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
     try:
         with counter:
-            model(example_input)
+            model(*args, **kwargs)
     except Exception as err:
-        fail("example_input", "an input the model accepts", f"a tensor of shape {tuple(example_input.shape)} "
-              f"and dtype {example_input.dtype}", hint=f"the forward pass failed with: {err}")
+        given = (f"a tensor of shape {tuple(args[0].shape)} and dtype {args[0].dtype}" if args else
+                 "tensors " + ", ".join(f"{k} of shape {tuple(v.shape)}" for k, v in kwargs.items()))
+        fail("example_input", "an input the model accepts", given, hint=f"the forward pass failed with: {err}")
     finally:
         for handle in handles:
             handle.remove()
@@ -220,14 +223,24 @@ def _time(fn: Any, repeats: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def _onnx_latency(model: nn.Module, example_input: Tensor, path: Path, repeats: int, warmup: int) -> float:
+def _onnx_latency(model: nn.Module, example_input: Tensor | Mapping[str, Tensor], path: Path, repeats: int,
+                  warmup: int) -> float | None:
+    """Median ONNX Runtime latency of the exported model; ``None``, with a warning saying why, when the model
+    does not export (some models use operations the exporter cannot trace) or ONNX Runtime cannot run it."""
     import onnxruntime as ort
 
-    from litcompress.export import export_onnx
-
-    export_onnx(model, example_input, path)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: example_input.detach().cpu().numpy()}
+    try:
+        export_onnx(model, example_input, path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        args, kwargs = as_call(example_input)
+        values = dict(zip(names, args)) if args else {n: kwargs[n] for n in names}
+        feed = {name: value.detach().cpu().numpy() for name, value in values.items()}
+        session.run(None, feed)
+    except Exception as err:  # the report says why and goes on without this figure
+        warnings.warn(f"summarize: no ONNX Runtime latency for {type(model).__name__}: {type(err).__name__}: "
+                      f"{str(err).splitlines()[0][:300]}", stacklevel=3)
+        return None
     return _time(lambda: session.run(None, feed), repeats, warmup)

@@ -117,8 +117,16 @@ def test_bad_input_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"`example_input` to be an input the model accepts.*shape \(2, 3\)"):
         fit(tmp_path, [report(example_input=torch.randn(2, 3)), steps])
     assert steps.batches == 0
-    with pytest.raises(TypeError, match=r"`example_input`.*example_input_array"):
-        fit(tmp_path, [CompressionReport(), steps])
+    data = classification_data((16,))
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(zip(*data.tensors))
+
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         callbacks=[CompressionReport(), steps], default_root_dir=tmp_path)
+    with pytest.raises(TypeError, match=r"`example_input` to be a batch when the train dataloader is not a map-style"):
+        trainer.fit(LitClassifier(MLP()), torch.utils.data.DataLoader(Stream(), batch_size=16))
     assert steps.batches == 0
     for kwargs, exc, match in (({"metrics": "val/acc"}, TypeError, "`metrics`"),
                                ({"repeats": 0}, ValueError, "`repeats`"),
@@ -134,7 +142,7 @@ class BreakInput(pl.Callback):
         self.rep = rep
 
     def on_train_start(self, trainer, pl_module):  # after the baseline was measured
-        self.rep.example_input = torch.randn(2, 3)  # the final measurement will fail
+        self.rep._batch = torch.randn(2, 3)  # the final measurement will fail
 
 
 def test_a_failing_report_never_crashes_the_fit(tmp_path):
@@ -165,3 +173,41 @@ def test_tradeoff_plot_labels_match_the_table(tmp_path, monkeypatch, distil):
         module = DistillationModule(MLP(), MLP(hidden=64), num_classes=4)
     fit(tmp_path, [report(metrics=["val/acc"], plots=True)], module=module, max_epochs=1, num_sanity_val_steps=-1)
     assert seen == [["teacher", "student"] if distil else ["before", "after"]]
+
+
+def test_without_input_the_first_training_batch_is_measured_and_draws_are_unchanged(tmp_path):
+    rep = CompressionReport(latency=False, plots=False)
+    _, with_report = fit(tmp_path, [rep], module=LitClassifier(MLP()), max_epochs=2)
+    assert rep.report["final"]["batch_size"] == 16 and rep.report["final"]["flops"] > 0
+    _, without = fit(tmp_path, [], module=LitClassifier(MLP()), max_epochs=2)
+    assert all(torch.equal(a, b) for a, b in zip(with_report.state_dict().values(), without.state_dict().values()))
+
+
+class DictBatches(torch.utils.data.Dataset):
+    def __init__(self):
+        self.x, self.y = classification_data((16,)).tensors
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"features": self.x[i], "labels": self.y[i]}
+
+
+class DictModule(LitClassifier):
+    def forward(self, features):  # keyword inputs, as a Hugging Face model takes them
+        return self.model(features)
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self(batch["features"]), batch["labels"])
+
+
+def test_dict_batches_are_measured_as_keyword_inputs(tmp_path):
+    rep = CompressionReport(latency=True, repeats=2, plots=False, metrics=[])
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         callbacks=[Pruning(0.5, schedule="one_shot", verbose=False), QuantizationAwareTraining(
+                             verbose=False), rep], default_root_dir=tmp_path)
+    trainer.fit(DictModule(MLP()), torch.utils.data.DataLoader(DictBatches(), batch_size=8))
+    final = rep.report["final"]
+    assert final["batch_size"] == 8 and final["latency_eager"] > 0 and final["latency_onnx"] > 0  # ORT ran it
+    assert final["sparsity"] > 0.4 and final["quantized"]
