@@ -1,8 +1,9 @@
 """`TeacherCache`: reuse a frozen teacher's outputs across epochs, keyed on the input itself.
 
-Keys are content hashes of each sample's input bytes, not sample indices: an input changed by random
-augmentation gets a new key, so a stale target is never served. When a later pass over the data finds few of
-its inputs in the cache (augmentation at work), :meth:`end_epoch` reports it and the cache switches itself off.
+Keys are content hashes of each sample's input bytes (for a dict of inputs, the rows of all its tensors), not
+sample indices: an input changed by random augmentation gets a new key, so a stale target is never served. When a
+later pass over the data finds few of its inputs in the cache (augmentation at work), :meth:`end_epoch` reports it
+and the cache switches itself off.
 
 Outputs are stored in ``dtype``, or with ``top_k`` as each output row's (a sample's logits, or each position's
 logits for sequences) ``k`` largest logits, their class indices, and one fill logit for every other class. The fill
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -38,7 +39,7 @@ from torch import Tensor
 
 from litcompress._validation import check_choice, check_fraction, check_int, fail
 
-__all__ = ["TeacherCache", "check_storage", "topk_compress", "topk_expand"]
+__all__ = ["TeacherCache", "cache_from_options", "check_storage", "topk_compress", "topk_expand"]
 
 _COUNTERS = ("passes", "full", "hits", "lookups", "batches", "refused")  # the pass statistics, saved with the state
 
@@ -54,6 +55,32 @@ def check_storage(max_bytes: Any, dtype: Any, top_k: Any, prefix: str = "") -> t
         fail(prefix + "dtype", "a floating-point torch.dtype", dtype, exc=TypeError,
               hint="use torch.float16, torch.bfloat16 or torch.float32")
     return dtype
+
+
+def cache_from_options(enabled: Any, max_bytes: Any, dtype: Any, top_k: Any, in_checkpoint: Any,
+                       temperature: float, features: bool = False, regression: bool = False) -> TeacherCache | None:
+    """Validate :class:`~litcompress.DistillationModule`'s ``cache_*`` arguments (named so in messages); returns
+    the cache, or ``None`` when ``enabled`` is False.
+
+    >>> cache_from_options(True, 1024, "float16", None, False, temperature=4.0).dtype
+    torch.float16
+    """
+    if not isinstance(enabled, bool):
+        fail("cache_teacher", "a bool", enabled, exc=TypeError)
+    if enabled and features:
+        fail("cache_teacher", "False with `features`", enabled,
+              hint="intermediate teacher features are not cached; drop one of the two")
+    dtype = check_storage(max_bytes, dtype, top_k, prefix="cache_")
+    if not isinstance(in_checkpoint, bool):
+        fail("cache_in_checkpoint", "a bool", in_checkpoint, exc=TypeError)
+    if in_checkpoint and not enabled:
+        fail("cache_in_checkpoint", "False unless `cache_teacher=True`", True, hint="set cache_teacher=True")
+    if top_k is not None and not enabled:
+        fail("cache_top_k", "None unless `cache_teacher=True`", top_k, hint="set cache_teacher=True")
+    if top_k is not None and regression:
+        fail("cache_top_k", "None with task_loss='mse'", top_k,
+              hint="regression outputs are not logits; cache them in full")
+    return TeacherCache(max_bytes, dtype, top_k=top_k, temperature=temperature) if enabled else None
 
 
 class TeacherCache:
@@ -95,12 +122,28 @@ class TeacherCache:
         self.hits = self.lookups = self.batches = self.refused = 0  # this epoch: rows, rows, batches, rows
 
     @staticmethod
-    def keys(inputs: Tensor) -> list[bytes]:
-        """One content hash per sample (the first dimension), including shape and dtype."""
-        flat = inputs.detach().cpu().contiguous()
-        header = f"{tuple(flat.shape[1:])}{flat.dtype}".encode()
-        rows = flat.reshape(len(flat), -1).view(torch.uint8)  # the raw bytes, whatever the dtype
-        return [hashlib.blake2b(header + row.numpy().tobytes(), digest_size=16).digest() for row in rows]
+    def keys(inputs: Tensor | Mapping[str, Any]) -> list[bytes]:
+        """One content hash per sample (the first dimension), including shape and dtype.
+
+        For a dict of inputs (keyword arguments), each sample's key covers every tensor's row with its name; other
+        values (flags, strings) go into every key whole, by their ``repr``.
+        """
+        named = {"": inputs} if isinstance(inputs, Tensor) else dict(sorted(inputs.items()))
+        tensors = {k: v.detach().cpu().contiguous() for k, v in named.items() if isinstance(v, Tensor)}
+        sizes = {len(t) if t.dim() else -1 for t in tensors.values()}
+        if len(sizes) != 1 or -1 in sizes:
+            fail("inputs", "a tensor, or a dict whose tensors share the batch dimension, for the teacher cache",
+                  {k: tuple(t.shape) for k, t in tensors.items()}, hint="set cache_teacher=False for these inputs")
+        plain = {k: v for k, v in named.items() if k not in tensors}
+        if not all(_is_plain(v) for v in plain.values()):
+            fail("inputs", "tensors and plain values (numbers, strings, None) for the teacher cache",
+                  {k: type(v).__name__ for k, v in plain.items()}, hint="set cache_teacher=False for these inputs")
+        header = "".join(f"{k + ':' if k else ''}{tuple(t.shape[1:])}{t.dtype}" for k, t in tensors.items())
+        header += repr(plain) if plain else ""
+        n = sizes.pop()
+        rows = [t.reshape(n, -1).view(torch.uint8).numpy() for t in tensors.values()]  # raw bytes, whatever the dtype
+        return [hashlib.blake2b(header.encode() + b"".join(r[i].tobytes() for r in rows), digest_size=16).digest()
+                for i in range(n)]
 
     def lookup(self, keys: list[bytes]) -> Tensor | None:
         """The stacked float32 outputs when every key is cached, else ``None`` (hit statistics are updated)."""
@@ -202,6 +245,12 @@ class TeacherCache:
         for key, *row in zip(state["keys"], *columns):
             self.store[bytes(key.tolist())] = tuple(row)
             self.bytes += sum(t.numel() * t.element_size() for t in row)
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str, bytes))
 
 
 def topk_compress(logits: Tensor, k: int, temperature: float = 1.0,

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from litcompress._validation import check_choice, fail, fail_state
+from litcompress.distillation.batches import output_logits
 
 __all__ = ["TeacherEnsemble"]
 
@@ -46,7 +47,7 @@ class TeacherEnsemble(nn.Module):
         self.temperature, self.average = float(temperature), average
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        outputs = [m(*args, **kwargs) for m in self.members]
+        outputs = [output_logits(m(*args, **kwargs)) for m in self.members]  # tensors or ModelOutputs' logits
         shapes = {tuple(o.shape) for o in outputs}
         if len(shapes) > 1:
             fail_state(f"ensemble members returned outputs of different shapes {sorted(shapes)}", "TeacherEnsemble",

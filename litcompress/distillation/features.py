@@ -15,10 +15,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from litcompress._validation import fail
+from litcompress._validation import fail, fail_state
 
 __all__ = [
     "CHANNELS_FIRST",
@@ -29,6 +30,7 @@ __all__ = [
     "channel_dim",
     "feature_loss",
     "feature_pairs",
+    "feature_terms",
     "make_adapter",
     "make_adapters",
     "output_width",
@@ -91,8 +93,10 @@ def make_adapters(pairs: Mapping[str, str], student: nn.Module, teacher: nn.Modu
 def _first_tensor(output: object) -> Tensor:
     if isinstance(output, Tensor):
         return output
+    if isinstance(output, Mapping):  # a Hugging Face ModelOutput: its first field (`last_hidden_state`, ...)
+        output = [v for v in output.values() if isinstance(v, Tensor)][:1]
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]  # LSTM (output, state), attention (output, weights)
+        return output[0]  # LSTM (output, state), attention (output, weights), transformer blocks (hidden, ...)
     raise TypeError(f"Expected a module output that is a tensor or starts with one, but got {type(output).__name__}.")
 
 
@@ -119,14 +123,46 @@ def capture(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, Tensor
             handle.remove()
 
 
+def feature_terms(pairs: Mapping[str, str], student_features: Mapping[str, Tensor],
+                  teacher_features: Mapping[str, Tensor], student: nn.Module, adapters: nn.ModuleDict,
+                  kind: str) -> Tensor:
+    """Sum over the ``pairs`` of :func:`feature_loss` between the adapted student features (through
+    ``adapters[adapter_key(name)]``, except for ``"attention"``) and the detached teacher features."""
+    total: Tensor | None = None
+    for s_name, t_name in pairs.items():
+        s_feat, t_feat = student_features[s_name], teacher_features[t_name].detach()
+        if kind != "attention":
+            s_feat = adapters[adapter_key(s_name)](s_feat)
+        term = feature_loss(s_feat, t_feat, kind, channel_dim(student.get_submodule(s_name)))
+        total = term if total is None else total + term
+    return total if total is not None else torch.zeros(())
+
+
 def output_width(module: nn.Module) -> int | None:
-    """Feature width of a layer's output for known kinds (``None`` when unknown)."""
-    for attr in ("out_features", "out_channels", "hidden_size", "embed_dim", "num_features", "embedding_dim"):
-        value = getattr(module, attr, None)
+    """Feature width of a layer's output for known kinds (``None`` when unknown).
+
+    A block of another kind that holds layer norms (a transformer block or stack: Hugging Face's ``GPT2Block``,
+    ``BertLayer``, ...) has the width of its last one: the width of the residual stream.
+
+    >>> output_width(nn.Linear(4, 8)), output_width(nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.ReLU()))
+    (8, 6)
+    >>> output_width(nn.ReLU()) is None
+    True
+    """
+    for attr in ("out_features", "out_channels", "hidden_size", "embed_dim", "num_features", "embedding_dim", "nf"):
+        value = getattr(module, attr, None)  # `nf`: the output width of Hugging Face's GPT-2 `Conv1D`
         if isinstance(value, int):
             return value
-    if isinstance(module, nn.LayerNorm):
+    norms = [width for m in module.modules() if (width := _norm_width(m)) is not None]
+    return norms[-1] if norms else None
+
+
+def _norm_width(module: nn.Module) -> int | None:
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and module.normalized_shape:
         return int(module.normalized_shape[-1])
+    weight = getattr(module, "weight", None)  # norms of other libraries (LlamaRMSNorm, T5LayerNorm, ...)
+    if type(module).__name__.endswith(("LayerNorm", "RMSNorm")) and isinstance(weight, Tensor) and weight.dim() == 1:
+        return int(weight.shape[0])
     return None
 
 
@@ -139,6 +175,11 @@ class _ChannelAdapter(nn.Module):
         self.proj = nn.Linear(width_in, width_out, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        width = x.shape[1 if self.channels_first and x.dim() > 2 else -1]
+        if width != self.proj.in_features:
+            fail_state(f"a feature of width {width} reached an adapter made for width {self.proj.in_features}",
+                       "features", "distil layers whose output width is known (the width was inferred from the "
+                       "layer's kind or its last layer norm)", exc=ValueError)
         if self.channels_first and x.dim() > 2:
             return self.proj(x.movedim(1, -1)).movedim(-1, 1)
         return self.proj(x)

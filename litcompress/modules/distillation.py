@@ -14,24 +14,16 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from typing_extensions import override
 
-from litcompress._validation import check_choice, check_fraction, check_int, fail
-from litcompress.distillation.cache import TeacherCache, check_storage
-from litcompress.distillation.ensemble import TeacherEnsemble
-from litcompress.distillation.features import (
-    FEATURE_LOSSES,
-    adapter_key,
-    capture,
-    channel_dim,
-    feature_loss,
-    feature_pairs,
-    make_adapters,
-)
+from litcompress._validation import fail
+from litcompress.distillation import batches as _batches
+from litcompress.distillation.cache import TeacherCache, cache_from_options
+from litcompress.distillation.features import FEATURE_LOSSES, capture, feature_pairs, feature_terms, make_adapters
 from litcompress.distillation.losses import kd_loss, mse_distillation_loss
+from litcompress.distillation.options import check_models, check_options
 
 __all__ = ["DistillationModule"]
 
 TaskLoss = Callable[[Tensor, Tensor], Tensor]
-
 
 
 class DistillationModule(pl.LightningModule):
@@ -50,8 +42,17 @@ class DistillationModule(pl.LightningModule):
     :class:`~litcompress.callbacks.Pruning` and :class:`~litcompress.callbacks.QuantizationAwareTraining`
     callbacks compress the student only.
 
-    Subclass to change any step; each is a small method: :meth:`unpack_batch`, :meth:`student_forward`,
-    :meth:`teacher_forward`, :meth:`task_loss`, :meth:`distillation_loss`, :meth:`configure_optimizers`.
+    Hugging Face models work as they are. A dict batch is passed as keyword arguments (``model(**inputs)``); its
+    ``labels`` never reach the teacher, and reach the student when the task loss is cross entropy, which is then
+    the student's own ``loss`` output (cross entropy against ``labels`` if it returns none). Outputs give their
+    ``logits``. Token KD skips positions whose ``attention_mask`` is 0 or whose label is ``ignore_index``. With
+    ``shift_labels``, a dict batch's labels are aligned as a causal LM's loss aligns them: ``val/acc`` compares
+    ``logits[:, t]`` with ``labels[:, t + 1]`` (KD skips ``t`` when that label is ``ignore_index``); otherwise
+    (sequence classification, tuple batches) labels are compared as they are.
+
+    Subclass to change any step; each is a small method: :meth:`unpack_batch`, :meth:`student_inputs`,
+    :meth:`student_forward`, :meth:`teacher_forward`, :meth:`logits`, :meth:`model_loss`, :meth:`task_loss`,
+    :meth:`distillation_loss`, :meth:`configure_optimizers`.
 
     Args:
         student: the model to train; ``forward`` runs it.
@@ -63,7 +64,10 @@ class DistillationModule(pl.LightningModule):
         task_loss: ``"cross_entropy"`` (default), ``"mse"`` (regression: distillation becomes MSE too),
             a callable ``fn(student_output, target)``, or ``None`` for label-free distillation (``alpha=1``).
         ignore_index: target value of padding positions in sequence outputs ``(B, T, V)``; they count in
-            neither loss.
+            neither loss (a Hugging Face model's own loss ignores -100, its convention).
+        shift_labels: a dict batch's ``labels`` are the input tokens, so the logits at position ``t`` predict the
+            label at ``t + 1`` (causal LMs); ``None``: True for Hugging Face causal LMs (``...ForCausalLM``,
+            ``...LMHeadModel``).
         lr: learning rate of the default AdamW optimizer.
         weight_decay: weight decay of the default AdamW optimizer.
         num_classes: classes (or vocabulary size) for the validation metrics; inferred when omitted.
@@ -132,34 +136,15 @@ class DistillationModule(pl.LightningModule):
         transfer: Literal["mixup"] | None = None,
         transfer_size: int = 64,
         seed: int = 0,
+        shift_labels: bool | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(student, nn.Module):
-            fail("student", "a torch.nn.Module", type(student).__name__, exc=TypeError)
-        if isinstance(teacher, (list, tuple)):
-            if len(teacher) < 2 or not all(isinstance(t, nn.Module) for t in teacher):
-                fail("teacher", "a module or a list of two or more modules", teacher, exc=TypeError)
-            if any(t is student for t in teacher):
-                fail("teacher", "models other than the student", "a list holding the student")
-            teacher = TeacherEnsemble(teacher, temperature if isinstance(temperature, (int, float)) else 1.0,
-                                      "outputs" if task_loss == "mse" else "probabilities")
-        if teacher is not None and not isinstance(teacher, nn.Module):
-            fail("teacher", "a torch.nn.Module, a list of them, or None", type(teacher).__name__, exc=TypeError)
-        if teacher is student:
-            fail("teacher", "a model other than the student", "the student itself")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            fail("temperature", "a float > 0", temperature)
-        check_fraction("alpha", alpha, closed_right=True)
-        if task_loss is None and alpha < 1:
-            fail("alpha", "1.0 when `task_loss` is None (label-free distillation has no task term)", alpha)
-        if task_loss is not None and not callable(task_loss) and task_loss not in ("cross_entropy", "mse"):
-            fail("task_loss", "'cross_entropy', 'mse', a callable fn(output, target) or None", task_loss)
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            fail("lr", "a float > 0", lr)
-        if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
-            fail("weight_decay", "a float >= 0", weight_decay)
-        check_int("ignore_index", ignore_index)
-        check_int("num_classes", num_classes, minimum=2, allow_none=True)
+        teacher = check_models(student, teacher, temperature, task_loss)
+        check_options(temperature=temperature, alpha=alpha, task_loss=task_loss, ignore_index=ignore_index, lr=lr,
+                      weight_decay=weight_decay, num_classes=num_classes, transfer=transfer,
+                      transfer_size=transfer_size, seed=seed, shift_labels=shift_labels,
+                      feature_loss=feature_loss if features else None, feature_weight=feature_weight,
+                      feature_losses=FEATURE_LOSSES)
         self.student = student
         object.__setattr__(self, "_teacher", None)  # outside the module tree: no state_dict keys, no DDP, no optim
         self.teacher = teacher
@@ -167,37 +152,17 @@ class DistillationModule(pl.LightningModule):
         self.ignore_index, self.lr, self.weight_decay = ignore_index, lr, weight_decay
         self.num_classes = num_classes
         self.features = feature_pairs(features, student, teacher)
-        if self.features:
-            check_choice("feature_loss", feature_loss, FEATURE_LOSSES)
-            if isinstance(feature_weight, bool) or not isinstance(feature_weight, (int, float)) or feature_weight < 0:
-                fail("feature_weight", "a float >= 0", feature_weight)
         self.feature_loss_kind, self.feature_weight = feature_loss, float(feature_weight)
         # student-side state: trained with the student, saved in checkpoints
         self.adapters = (make_adapters(self.features, student, teacher)
                          if teacher is not None and feature_loss != "attention" else nn.ModuleDict())
-        if not isinstance(cache_teacher, bool):
-            fail("cache_teacher", "a bool", cache_teacher, exc=TypeError)
-        if cache_teacher and self.features:
-            fail("cache_teacher", "False with `features`", cache_teacher,
-                  hint="intermediate teacher features are not cached; drop one of the two")
-        cache_dtype = check_storage(cache_max_bytes, cache_dtype, cache_top_k, prefix="cache_")
-        if not isinstance(cache_in_checkpoint, bool):
-            fail("cache_in_checkpoint", "a bool", cache_in_checkpoint, exc=TypeError)
-        if cache_in_checkpoint and not cache_teacher:
-            fail("cache_in_checkpoint", "False unless `cache_teacher=True`", True, hint="set cache_teacher=True")
-        if cache_top_k is not None and not cache_teacher:
-            fail("cache_top_k", "None unless `cache_teacher=True`", cache_top_k, hint="set cache_teacher=True")
-        if cache_top_k is not None and task_loss == "mse":
-            fail("cache_top_k", "None with task_loss='mse'", cache_top_k,
-                  hint="regression outputs are not logits; cache them in full")
-        self.teacher_cache = (TeacherCache(cache_max_bytes, cache_dtype, top_k=cache_top_k,
-                                           temperature=self.temperature) if cache_teacher else None)
+        self.teacher_cache = cache_from_options(cache_teacher, cache_max_bytes, cache_dtype, cache_top_k,
+                                                cache_in_checkpoint, self.temperature, features=bool(self.features),
+                                                regression=task_loss == "mse")
         self.cache_in_checkpoint = cache_in_checkpoint
-        if transfer is not None:
-            check_choice("transfer", transfer, ("mixup",))
-        check_int("transfer_size", transfer_size, minimum=1)
-        check_int("seed", seed)
         self.transfer, self.transfer_size, self.seed = transfer, transfer_size, seed
+        self.shift_labels = _batches.is_causal_lm(student) if shift_labels is None else shift_labels
+        self._student_takes_labels = _batches.accepts_keyword(student, _batches.LABELS)
         self.val_metrics: MetricCollection | None = None  # built at the first validation batch (class count)
         self.teacher_val_metrics: MetricCollection | None = None
         self.val_agreement: MulticlassAccuracy | None = None
@@ -250,26 +215,39 @@ class DistillationModule(pl.LightningModule):
         return self.student(*args, **kwargs)
 
     def unpack_batch(self, batch: Any) -> tuple[Any, Any]:
-        """Split a batch into ``(inputs, targets)``; ``targets`` is ``None`` for unlabeled batches."""
-        if isinstance(batch, (tuple, list)):
-            return (batch[0], batch[1]) if len(batch) > 1 else (batch[0], None)
-        return batch, None
+        """Split a batch into ``(inputs, targets)``: a tuple's first two items, or a dict's ``labels`` and the dict
+        of the other keys; ``targets`` is ``None`` for unlabeled batches."""
+        return _batches.split_batch(batch)
 
-    def student_forward(self, inputs: Any) -> Tensor:
-        return self.student(inputs)
+    def student_inputs(self, inputs: Any, targets: Any) -> Any:
+        """What the student is given: the inputs, plus a dict batch's ``labels`` when its own loss is used."""
+        return {**inputs, _batches.LABELS: targets} if self._own_loss(inputs, targets) else inputs
 
-    def teacher_forward(self, inputs: Any) -> Tensor:
+    def student_forward(self, inputs: Any) -> Any:
+        """The student's raw output: ``student(**inputs)`` for a dict of inputs, ``student(inputs)`` otherwise."""
+        return _batches.call_model(self.student, inputs)
+
+    def teacher_forward(self, inputs: Any) -> Any:
+        """The teacher's raw output, as :meth:`student_forward` (``labels`` are never passed) under ``no_grad``."""
         assert self.teacher is not None  # `setup` refuses to fit without one
         with torch.no_grad():
-            return self.teacher(inputs)
+            return _batches.call_model(self.teacher, inputs)
 
-    def _mask(self, outputs: Tensor, targets: Tensor | None) -> Tensor | None:
-        if targets is None or outputs.dim() < 3:
-            return None
-        return targets != self.ignore_index  # (B, T): padding positions count in neither loss
+    def logits(self, output: Any) -> Tensor:
+        """The logits of a model's output: a tensor as it is, else its ``logits`` attribute or key (a Hugging Face
+        ``ModelOutput``). Override for models that return something else."""
+        return _batches.output_logits(output)
+
+    def model_loss(self, output: Any) -> Tensor | None:
+        """The loss the student computed itself from the ``labels`` it was given (``output.loss``), or ``None``."""
+        return _batches.output_loss(output)
+
+    def _own_loss(self, inputs: Any, targets: Any) -> bool:
+        return (isinstance(inputs, Mapping) and targets is not None and self.task_loss_kind == "cross_entropy"
+                and self._student_takes_labels and (self.alpha < 1 or not self.training))
 
     def task_loss(self, student_out: Tensor, targets: Tensor) -> Tensor:
-        """Loss against the labels (cross entropy over the last dimension, MSE, or the user's function)."""
+        """Loss against the targets aligned with the outputs (cross entropy over the last dim, MSE, or your fn)."""
         if callable(self.task_loss_kind):
             return self.task_loss_kind(student_out, targets)
         if self.task_loss_kind == "mse":
@@ -277,48 +255,52 @@ class DistillationModule(pl.LightningModule):
         return F.cross_entropy(student_out.reshape(-1, student_out.shape[-1]).float(), targets.reshape(-1),
                                ignore_index=self.ignore_index)
 
-    def distillation_loss(self, student_out: Tensor, teacher_out: Tensor, targets: Tensor | None) -> Tensor:
-        """Soft-target KL scaled by ``T^2`` (MSE for regression)."""
+    def _task_term(self, raw: Any, logits: Tensor, aligned: Tensor, own: bool) -> Tensor:
+        loss = self.model_loss(raw) if own else None
+        return loss if loss is not None else self.task_loss(logits, aligned)
+
+    def distillation_loss(self, student_out: Tensor, teacher_out: Tensor, targets: Tensor | None,
+                          mask: Tensor | None = None) -> Tensor:
+        """Soft-target KL scaled by ``T^2`` (MSE for regression) over the positions ``mask`` keeps (token logits;
+        by default those whose ``targets`` are not ``ignore_index``)."""
         if self.task_loss_kind == "mse":
             return mse_distillation_loss(student_out, teacher_out)
-        return kd_loss(student_out, teacher_out, self.temperature, self._mask(student_out, targets))
+        if mask is None:  # `losses` passes the batch's mask; by default, the targets' padding
+            mask = _batches.position_mask(student_out, targets, None, self.ignore_index)
+        return kd_loss(student_out, teacher_out, self.temperature, mask)
 
     def feature_distillation_loss(self, student_features: dict[str, Tensor],
                                   teacher_features: dict[str, Tensor]) -> Tensor:
         """Sum over the ``features`` pairs of the distance between adapted student and teacher features."""
-        total: Tensor | None = None
-        for s_name, t_name in self.features.items():
-            s_feat, t_feat = student_features[s_name], teacher_features[t_name].detach()
-            if self.feature_loss_kind != "attention":
-                s_feat = self.adapters[adapter_key(s_name)](s_feat)
-            dim = channel_dim(self.student.get_submodule(s_name))
-            term = feature_loss(s_feat, t_feat, self.feature_loss_kind, dim)
-            total = term if total is None else total + term
-        return total if total is not None else torch.zeros(())
+        return feature_terms(self.features, student_features, teacher_features, self.student, self.adapters,
+                             self.feature_loss_kind)
 
     def losses(self, batch: Any) -> dict[str, Tensor]:
         """All loss parts for one batch: ``loss``, ``kd_loss`` and (when used) ``task_loss``, ``feature_loss``."""
         inputs, targets = self.unpack_batch(batch)
+        own = self._own_loss(inputs, targets)
         with capture(self.student, list(self.features)) as s_feats:
-            student_out = self.student_forward(inputs)
+            student_raw = self.student_forward(self.student_inputs(inputs, targets))
+        student_out = self.logits(student_raw)
         assert self.teacher is not None  # `setup` refuses to fit without one
         with capture(self.teacher, list(self.features.values())) as t_feats:
             teacher_out = self._teacher_outputs(inputs)
-        parts = {"kd_loss": self.distillation_loss(student_out, teacher_out, targets)}
+        aligned, mask = _batches.targets_and_mask(student_out, targets, inputs, self.shift_labels, self.ignore_index)
+        parts = {"kd_loss": self.distillation_loss(student_out, teacher_out, aligned, mask)}
         loss = self.alpha * parts["kd_loss"]
         if self.features:
             parts["feature_loss"] = self.feature_distillation_loss(s_feats, t_feats)
             loss = loss + self.feature_weight * parts["feature_loss"]
         if self.transfer is not None and self.training:
             mixed = self.mixup_inputs(inputs)
-            parts["transfer_loss"] = self.distillation_loss(self.student_forward(mixed), self.teacher_forward(mixed),
-                                                            None)
+            parts["transfer_loss"] = self.distillation_loss(self.logits(self.student_forward(mixed)),
+                                                            self.logits(self.teacher_forward(mixed)), None)
             loss = loss + self.alpha * parts["transfer_loss"]
         if self.alpha < 1:
             if targets is None:
-                fail("batch", "(inputs, targets) when alpha < 1", "a batch without targets",
+                fail("batch", "(inputs, targets) or a dict with 'labels' when alpha < 1", "a batch without targets",
                       hint="set alpha=1.0 and task_loss=None for label-free distillation")
-            parts["task_loss"] = self.task_loss(student_out, targets)
+            parts["task_loss"] = self._task_term(student_raw, student_out, aligned, own)
             loss = loss + (1 - self.alpha) * parts["task_loss"]
         parts["loss"] = loss
         return parts
@@ -328,23 +310,20 @@ class DistillationModule(pl.LightningModule):
         if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
             fail("transfer", "None for inputs that are not floating-point tensors", self.transfer,
                   hint="mixup mixes inputs; token ids or structured batches cannot be mixed")
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step)
-        n, k = inputs.shape[0], self.transfer_size
-        a, b = torch.randint(n, (k,), generator=g), torch.randint(n, (k,), generator=g)
-        lam = torch.rand((k,) + (1,) * (inputs.dim() - 1), generator=g).to(inputs.device, inputs.dtype)
-        return lam * inputs[a.to(inputs.device)] + (1 - lam) * inputs[b.to(inputs.device)]
+        return _batches.mix_inputs(inputs, self.transfer_size, torch.Generator().manual_seed(self.seed * 1_000_003
+                                                                                    + self.global_step))
 
     def _teacher_outputs(self, inputs: Any) -> Tensor:
         cache = self.teacher_cache
-        if cache is None or not self.training or not isinstance(inputs, Tensor):
-            return self.teacher_forward(inputs)
+        if cache is None or not self.training or not isinstance(inputs, (Tensor, Mapping)):
+            return self.logits(self.teacher_forward(inputs))
         if not cache.enabled:  # the same representation as while it was on
-            return cache.round_trip(self.teacher_forward(inputs))
-        keys = cache.keys(inputs)
+            return cache.round_trip(self.logits(self.teacher_forward(inputs)))
+        keys = cache.keys(inputs)  # a dict batch: every tensor the teacher sees (its labels are not among them)
         cached = cache.lookup(keys)
         if cached is not None:
             return cached.to(self.device)
-        return cache.add(keys, self.teacher_forward(inputs))  # as a hit would give them
+        return cache.add(keys, self.logits(self.teacher_forward(inputs)))  # as a hit would give them
 
     def _end_cache_epoch(self, cache: TeacherCache) -> None:
         trainer, limit = self.trainer, self.trainer.limit_train_batches  # a limited or sharded epoch: not all data
@@ -382,8 +361,10 @@ class DistillationModule(pl.LightningModule):
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         inputs, targets = self.unpack_batch(batch)
-        student_out = self.student_forward(inputs)
-        teacher_out = self.teacher_forward(inputs) if self.teacher is not None else None
+        own = self._own_loss(inputs, targets)
+        student_raw = self.student_forward(self.student_inputs(inputs, targets))
+        student_out = self.logits(student_raw)
+        teacher_out = self.logits(self.teacher_forward(inputs)) if self.teacher is not None else None
         if self.task_loss_kind == "mse" or student_out.dim() < 2:
             return
         if self.val_metrics is None:
@@ -394,15 +375,19 @@ class DistillationModule(pl.LightningModule):
             self.teacher_val_metrics = metrics.clone(prefix="teacher/val/").to(self.device)
             self.val_agreement = MulticlassAccuracy(classes, average="micro").to(self.device)
         assert self.teacher_val_metrics is not None and self.val_agreement is not None  # built with val_metrics
-        if targets is not None:
+        aligned, mask = _batches.targets_and_mask(student_out, targets, inputs, self.shift_labels, self.ignore_index)
+        if aligned is not None:
             for out, collection, prefix in ((student_out, self.val_metrics, ""),
                                             (teacher_out, self.teacher_val_metrics, "teacher/")):
                 if out is not None:
-                    collection(out.argmax(-1).reshape(-1), targets.reshape(-1))
+                    collection(out.argmax(-1).reshape(-1), aligned.reshape(-1))
                     self.log_dict(collection)
-                    self.log(f"{prefix}val/loss", self.task_loss(out, targets))
+                    self.log(f"{prefix}val/loss", self._task_term(student_raw, out, aligned, own and not prefix))
         if teacher_out is not None:
-            self.val_agreement(student_out.argmax(-1).reshape(-1), teacher_out.argmax(-1).reshape(-1))
+            s_top, t_top = student_out.argmax(-1), teacher_out.argmax(-1)
+            if mask is not None:  # positions that count (not padding)
+                s_top, t_top = s_top[mask], t_top[mask]
+            self.val_agreement(s_top.reshape(-1), t_top.reshape(-1))
             self.log("val/agreement", self.val_agreement)
 
     @override

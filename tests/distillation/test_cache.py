@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 
@@ -15,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from litcompress import DistillationModule
-from litcompress.distillation import TeacherCache, topk_compress, topk_expand
+from litcompress.distillation import TeacherCache, split_batch, topk_compress, topk_expand
 from tests.helpers import TeacherCalls, fit
 from tests.models import MLP, TinyGPT, classification_data, lm_data, trainer_kwargs
 
@@ -253,3 +254,22 @@ def test_a_full_cache_does_not_blame_augmentation(tmp_path):
                                       "teacher runs for the inputs left out. A larger bound caches more."]
     assert module.teacher_cache.enabled and len(module.teacher_cache.store) == 20
     assert calls.per_epoch[1] == calls.per_epoch[2] == 3  # the first batch is cached, the other three are not
+
+
+def test_keys_of_dict_inputs_cover_every_tensor_the_teacher_sees():
+    ids, mask = torch.arange(12).reshape(4, 3), torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]])
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids}
+    inputs, _ = split_batch(batch)
+    keys = TeacherCache.keys(inputs)
+    assert len(set(keys)) == 4 and TeacherCache.keys({k: v.clone() for k, v in inputs.items()}) == keys
+    assert TeacherCache.keys(split_batch(dict(batch, labels=ids + 1))[0]) == keys  # labels: not the teacher's
+    unpadded = dict(inputs, attention_mask=torch.ones_like(mask))
+    assert [a != b for a, b in zip(TeacherCache.keys(unpadded), keys)] == [True, False, True, False]
+    assert TeacherCache.keys(ids) != keys and TeacherCache.keys(dict(inputs, flag=True)) != keys
+    x = torch.arange(6.0).reshape(2, 3)
+    first = hashlib.blake2b(b"(3,)torch.float32" + x[0].numpy().tobytes(), digest_size=16).digest()
+    assert TeacherCache.keys(x)[0] == first  # a tensor's keys are as before: saved cache contents stay valid
+    with pytest.raises(ValueError, match="`inputs` to be a tensor, or a dict whose tensors share the batch"):
+        TeacherCache.keys(dict(inputs, bias=torch.zeros(3)))
+    with pytest.raises(ValueError, match="tensors and plain values"):
+        TeacherCache.keys(dict(inputs, past=[torch.zeros(4)]))

@@ -1,0 +1,73 @@
+"""The arguments of :class:`~litcompress.DistillationModule`, checked in pure torch (messages name them as it does).
+
+>>> from torch import nn
+>>> type(check_models(nn.Linear(2, 2), [nn.Linear(2, 2), nn.Linear(2, 2)], temperature=2.0)).__name__
+'TeacherEnsemble'
+>>> check_options(temperature=0.0)
+Traceback (most recent call last):
+    ...
+ValueError: Expected argument `temperature` to be a float > 0, but got 0.0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from litcompress._validation import check_choice, check_fraction, check_int, fail
+from litcompress.distillation.ensemble import TeacherEnsemble
+
+__all__ = ["check_models", "check_options"]
+
+
+def check_models(student: Any, teacher: Any, temperature: Any = 1.0, task_loss: Any = "cross_entropy"
+                 ) -> nn.Module | None:
+    """Check the student and the teacher (a model, a list of two or more, or ``None``); returns the teacher, a
+    :class:`TeacherEnsemble` for a list (averaging outputs for ``task_loss="mse"``, probabilities otherwise)."""
+    if not isinstance(student, nn.Module):
+        fail("student", "a torch.nn.Module", type(student).__name__, exc=TypeError)
+    if isinstance(teacher, (list, tuple)):
+        if len(teacher) < 2 or not all(isinstance(t, nn.Module) for t in teacher):
+            fail("teacher", "a module or a list of two or more modules", teacher, exc=TypeError)
+        if any(t is student for t in teacher):
+            fail("teacher", "models other than the student", "a list holding the student")
+        teacher = TeacherEnsemble(teacher, temperature if isinstance(temperature, (int, float)) else 1.0,
+                                  "outputs" if task_loss == "mse" else "probabilities")
+    if teacher is not None and not isinstance(teacher, nn.Module):
+        fail("teacher", "a torch.nn.Module, a list of them, or None", type(teacher).__name__, exc=TypeError)
+    if teacher is student:
+        fail("teacher", "a model other than the student", "the student itself")
+    return teacher
+
+
+def _check_float(name: str, value: Any, strict: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 if strict else value >= 0):
+        fail(name, f"a float {'>' if strict else '>='} 0", value)
+
+
+def check_options(*, temperature: Any = 4.0, alpha: Any = 0.9, task_loss: Any = "cross_entropy",
+                  ignore_index: Any = -100, lr: Any = 1e-3, weight_decay: Any = 0.0, num_classes: Any = None,
+                  transfer: Any = None, transfer_size: Any = 64, seed: Any = 0, shift_labels: Any = None,
+                  feature_loss: Any = None, feature_weight: Any = 1.0, feature_losses: Sequence[str] = ()) -> None:
+    """Check the scalar arguments (``feature_loss`` and ``feature_weight`` only when ``feature_loss`` is given)."""
+    _check_float("temperature", temperature, strict=True)
+    check_fraction("alpha", alpha, closed_right=True)
+    if task_loss is None and alpha < 1:
+        fail("alpha", "1.0 when `task_loss` is None (label-free distillation has no task term)", alpha)
+    if task_loss is not None and not callable(task_loss) and task_loss not in ("cross_entropy", "mse"):
+        fail("task_loss", "'cross_entropy', 'mse', a callable fn(output, target) or None", task_loss)
+    _check_float("lr", lr, strict=True)
+    _check_float("weight_decay", weight_decay, strict=False)
+    check_int("ignore_index", ignore_index)
+    check_int("num_classes", num_classes, minimum=2, allow_none=True)
+    if feature_loss is not None:
+        check_choice("feature_loss", feature_loss, feature_losses)
+        _check_float("feature_weight", feature_weight, strict=False)
+    if transfer is not None:
+        check_choice("transfer", transfer, ("mixup",))
+    check_int("transfer_size", transfer_size, minimum=1)
+    check_int("seed", seed)
+    if shift_labels is not None and not isinstance(shift_labels, bool):
+        fail("shift_labels", "a bool or None", shift_labels, exc=TypeError)
