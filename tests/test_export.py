@@ -213,3 +213,53 @@ def test_export_is_quiet(tmp_path, capfd, caplog, recwarn):
     printed = capfd.readouterr()
     assert "torchvision" not in printed.out + printed.err + caplog.text  # torch's op-registry chatter
     assert not [str(w.message) for w in recwarn.list], [str(w.message) for w in recwarn.list]
+
+
+def test_compact_file_stores_a_tied_weight_once_and_ties_it_again(tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    from litcompress.export import load_compressed, save_compressed
+    from tests.models import TinyGPT
+
+    torch.manual_seed(0)
+    model = TinyGPT().eval()  # dense: a shared tensor under two keys used to be safetensors' raw error
+    path = save_compressed(model, tmp_path / "tied.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        assert json.loads(f.metadata()["layout"])["lm_head.weight"] == {"shape": [32, 16], "dtype": "float32",
+                                                                        "alias": "tok.weight"}
+        assert "lm_head.weight:values" not in set(f.keys())
+    fresh = TinyGPT()
+    fresh.lm_head.weight = torch.nn.Parameter(fresh.lm_head.weight.detach().clone())  # built untied
+    load_compressed(fresh, path).eval()
+    assert fresh.lm_head.weight is fresh.tok.weight  # tied again, as the file says
+    x = ZOO["gpt"].data().tensors[0][:4]
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+
+
+def test_compact_files_of_the_first_format_still_load(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from litcompress.export import load_compressed, save_compressed
+    from litcompress.quantization import QuantConfig, convert_, fake_quant
+
+    torch.manual_seed(0)
+    model = ZOO["mlp"].build()
+    convert_(model, QuantConfig(activation_bits=None), ["net.0", "net.2"])
+    with fake_quant(model, True):
+        path = save_compressed(model, tmp_path / "v2.safetensors")
+        expected = model.net[0].weight_quantizers["weight"](model.net[0].weight).detach()
+    with safe_open(str(path), framework="pt") as f:
+        layout = json.loads(f.metadata()["layout"])
+    assert layout["net.0.weight"]["axis"] == 0
+    for entry in layout.values():  # version 1 wrote no axis (per-channel scales were along axis 0)
+        entry.pop("axis", None)
+    old = tmp_path / "v1.safetensors"
+    save_file(load_file(str(path)), str(old),
+              metadata={"format": "litcompress.compact/1", "layout": json.dumps(layout)})
+    assert torch.equal(load_compressed(ZOO["mlp"].build(), old).net[0].weight, expected)

@@ -1,7 +1,8 @@
 import pytest
+import torch
 from torch import nn
 
-from litcompress.selection import select_parameters
+from litcompress.selection import HFConv1D, select_parameters
 from tests.models import MLP, ZOO, RNNClassifier, TinyGPT, TransformerClassifier
 
 
@@ -66,3 +67,50 @@ def test_model_with_nothing_to_prune():
         select_parameters(nn.Sequential(nn.LayerNorm(4), nn.ReLU()))
     with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         select_parameters("model")
+
+
+class Conv1D(nn.Module):
+    """Stands in for transformers.pytorch_utils.Conv1D (found by name and module, transformers never imported)."""
+
+    __module__ = "transformers.pytorch_utils"
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+
+def test_hf_conv1d_is_a_default_kind_with_inputs_along_dim_0():
+    model = nn.Sequential(Conv1D(8, 4), nn.ReLU(), nn.Linear(8, 2))
+    assert isinstance(model[0], HFConv1D) and not isinstance(model[2], HFConv1D)
+    refs = select_parameters(model)
+    assert [(r.name, r.input_dim, r.output_dim) for r in refs] == [("0.weight", 0, 1), ("2.weight", 1, 0)]
+    assert [(r.name, r.input_dim) for r in select_parameters(model, parameters=r"0\.")] == [("0.weight", 0)]
+
+
+def test_tied_tensor_has_aliases_and_any_of_its_names_selects_it():
+    model = TinyGPT()  # tok (Embedding) and lm_head (Linear) share one weight
+    (tied,) = [r for r in select_parameters(model) if r.name == "tok.weight"]
+    assert tied.module_name == "lm_head" and [(a.module_name, a.name) for a in tied.aliases] == [("tok", "tok.weight")]
+    assert tied.owners == (tied, *tied.aliases)
+    assert names(model, parameters="lm_head") == ["tok.weight"]
+    assert "tok.weight" not in names(model, exclude="lm_head")
+    # <first> / <last> are layers: the tied tensor is the last layer (lm_head), wherever it was first registered
+    assert "tok.weight" not in names(model, exclude="<last>")
+    assert "tok.weight" in names(model, exclude="<first>")
+
+
+class Dense(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_features, self.out_features = 4, 3
+        self.weight = nn.Parameter(torch.randn(3, 4))
+
+
+def test_linear_like_layer_of_no_known_kind_is_named_not_skipped():
+    model = nn.Sequential(nn.Linear(4, 4), Dense())
+    with pytest.raises(ValueError, match=r"with a Linear's interface .* but got '1\.weight \(Dense\)'"):
+        select_parameters(model)
+    assert names(model, exclude=r"^1\.") == ["0.weight"]  # kept as it is, on purpose
+    assert names(model, parameters=".") == ["0.weight", "1.weight"]  # or selected by name

@@ -60,9 +60,11 @@ class Pruning(_CompressionCallback):
             weights along the input dimension).
         importance: ``"magnitude"``, ``"movement"`` (accumulated ``-w * grad``), ``"taylor"`` (``|w * grad|``
             since the last update), ``"random"``, or a callable ``fn(name, weight) -> scores`` (higher kept).
-        parameters: which tensors. ``None``: the weights of Linear, Conv1d/2d/3d, LSTM/GRU/RNN and
-            MultiheadAttention. Regexes (``re.search`` on parameter names) or ``fn(module, name) -> bool`` select
-            any parameter with 2 or more dimensions.
+        parameters: which tensors. ``None``: the weights of Linear, Hugging Face's Conv1D (GPT-2's projections,
+            N:M groups along their input dimension 0), Conv1d/2d/3d, LSTM/GRU/RNN and MultiheadAttention; a layer
+            with a Linear's interface of another kind is an error naming it, never silently skipped. Regexes
+            (``re.search`` on parameter names) or ``fn(module, name) -> bool`` select any parameter with 2 or more
+            dimensions. A tied tensor is pruned once, in all its owners.
         exclude: regexes of names to keep dense; ``"<first>"`` / ``"<last>"`` name the first / last selected
             layer, so ``exclude=["<first>", "<last>"]`` keeps both ends of the network dense.
         rewind: lottery-ticket rewinding: when the schedule reaches its final value, the surviving weights are

@@ -57,8 +57,9 @@ class QuantizationAwareTraining(_CompressionCallback):
             litcompress callback) or ``"step"`` (optimizer steps). Either way the switch happens at an optimizer
             step (``trainer.global_step``).
         parameters: which layers, as for :class:`~litcompress.callbacks.Pruning`: ``None`` selects Linear,
-            Conv1d/2d/3d, Embedding, LSTM/GRU/RNN and MultiheadAttention; regexes or ``fn(module, name)`` pick
-            weight tensors by name.
+            Hugging Face's Conv1D (GPT-2), Conv1d/2d/3d, Embedding, LSTM/GRU/RNN and MultiheadAttention; regexes or
+            ``fn(module, name)`` pick weight tensors by name. A weight tied between layers (an embedding and its LM
+            head) is quantized in all of them by one quantizer, so the model trains as it is deployed.
         exclude: weight names to keep in float; ``["<first>", "<last>"]`` keeps both ends of the network.
         momentum: weight of a new batch in the range average.
         scale_lr: learning rate of learned step sizes (default: the first parameter group's).
@@ -112,7 +113,12 @@ class QuantizationAwareTraining(_CompressionCallback):
 
     # ------------------------------------------------------------------ quantizers
     def _weight_quantizers(self) -> list[tuple[QuantizedLayer, str, WeightQuantizer]]:
-        return [(m, a, q) for m in self.layers.values() for a, q in m.weight_quantizers.items()]
+        """Each weight quantizer once (a tied weight's quantizer serves several layers), with a layer holding it."""
+        found: dict[int, tuple[QuantizedLayer, str, WeightQuantizer]] = {}
+        for m in self.layers.values():
+            for a, q in m.weight_quantizers.items():
+                found.setdefault(id(q), (m, a, q))
+        return list(found.values())
 
     def _input_quantizers(self) -> list[ActivationQuantizer]:
         return [q for m in self.layers.values() for q in m.input_quantizers.values()]
@@ -131,14 +137,18 @@ class QuantizationAwareTraining(_CompressionCallback):
         attention = {n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)}
         layers: dict[str, list[str]] = {}
         for ref in refs:
-            owner, attr = ref.module_name, ref.attr
-            parent = owner.rpartition(".")[0] if "." in owner else ""
-            if owner.endswith("out_proj") and (parent in attention):
-                owner, attr = parent, "out_proj.weight"  # attention runs its output projection itself
-            if not isinstance(modules[owner], QUANTIZABLE_KINDS):
-                fail("parameters", "weights of " + ", ".join(k.__name__ for k in QUANTIZABLE_KINDS), ref.name,
-                      hint="quantization-aware training converts whole layers of these kinds")
-            layers.setdefault(owner, []).append(attr)
+            for alias in ref.owners:  # a tied weight is quantized in every layer that holds it, by one quantizer
+                owner, attr = alias.module_name, alias.attr
+                parent = owner.rpartition(".")[0] if "." in owner else ""
+                if owner.endswith("out_proj") and (parent in attention):
+                    owner, attr = parent, "out_proj.weight"  # attention runs its output projection itself
+                if not isinstance(modules[owner], QUANTIZABLE_KINDS):
+                    tied = f" (tied to `{ref.name}`, which would train quantized elsewhere)" if alias is not ref else ""
+                    fail("parameters", "weights of " + ", ".join(k.__name__ for k in QUANTIZABLE_KINDS),
+                          alias.name + tied, hint="quantization-aware training converts whole layers of these kinds; "
+                          "`exclude` the weight to keep it in float")
+                if attr not in layers.setdefault(owner, []):
+                    layers[owner].append(attr)
         fresh = {n: a for n, a in layers.items() if not isinstance(modules[n], QuantizedLayer)}
         convert_(target, self.config, fresh)  # layers converted by an earlier fit keep their quantizers
         converted = quantized_layers(target)

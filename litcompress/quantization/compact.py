@@ -2,9 +2,12 @@
 
 Each tensor of ``model.state_dict()`` is stored in the smallest of these forms:
 
-- quantized layers: integer weights (``int8``; two values per byte when 4 bits or fewer) and their scales;
+- quantized layers: integer weights (``int8``; two values per byte when 4 bits or fewer) and their scales, per
+  tensor or per channel along the axis the layout records (``"axis"``: 0 for Linear/Conv, 1 for Conv1D);
 - other tensors: as they are;
-- either one, when pruning made it sparse: a bitmask (1 bit per element) and the nonzero values only.
+- either one, when pruning made it sparse: a bitmask (1 bit per element) and the nonzero values only;
+- a tensor held under several keys (tied weights, such as an input embedding and its LM head): stored once, under
+  its first key; the layout marks the others ``{"alias": <first key>}`` and loading ties them again.
 
 The layout is described in the file's metadata (JSON); nothing is ever unpickled.
 """
@@ -25,7 +28,8 @@ from litcompress.quantization.access import quantized_weights
 
 __all__ = ["load_compressed", "save_compressed"]
 
-_FORMAT = "litcompress.compact/1"
+_FORMAT = "litcompress.compact/2"
+_READABLE = ("litcompress.compact/1", _FORMAT)  # version 1: no aliases, per-channel scales along axis 0
 _BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 
@@ -50,8 +54,27 @@ def _unpack_int4(packed: Tensor, n: int) -> Tensor:
     return out.to(torch.int16).sub(8).to(torch.int8)
 
 
+def _scale_shape(scale: Tensor, ndim: int, axis: int) -> Tensor:
+    if not scale.dim():
+        return scale
+    shape = [1] * ndim
+    shape[axis] = -1
+    return scale.reshape(shape)
+
+
+def _same_tensor_key(value: Tensor) -> tuple[Any, ...] | None:
+    """What identifies ``value``'s memory exactly (two keys, one tensor); ``None`` for an empty tensor."""
+    if not value.numel():
+        return None
+    return (value.device, value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
+            value.stride(), value.dtype)
+
+
 def save_compressed(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``model``'s weights in compact form (see the module docstring); returns the path.
+
+    A tensor tied between modules is written once (the other keys are aliases of it), so the file of a model
+    whose input embedding and LM head share a weight holds that weight once.
 
     >>> import torch
     >>> from torch import nn
@@ -70,16 +93,29 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> Path:
 
     if not isinstance(model, nn.Module):
         fail("model", "a torch.nn.Module", type(model).__name__, exc=TypeError)
-    quantized = quantized_weights(model)
+    quantized = {id(w): (q, w) for q, w in quantized_weights(model).values()}
     tensors: dict[str, Tensor] = {}
     layout: dict[str, dict[str, Any]] = {}
-    for name, value in model.state_dict().items():
-        value = value.detach().cpu()
+    first: dict[Any, str] = {}  # a tensor's identity -> the first key it was stored under
+    storages: set[int] = set()
+    for name, live in model.state_dict(keep_vars=True).items():
+        value = live.detach()
         entry: dict[str, Any] = {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
-        if name in quantized:
-            q, w = quantized[name]
+        key = _same_tensor_key(value)
+        same = first.get(id(live)) or first.get(key)
+        if same is not None:  # tied: the same tensor under another key
+            layout[name] = entry | {"alias": same}
+            continue
+        first[id(live)] = name
+        if key is not None:
+            first[key] = name
+        value = value.cpu()
+        if id(live) in quantized:
+            q, w = quantized[id(live)]
             ints, scale = q.integers(w.detach())
             values, entry["bits"] = ints.cpu(), q.config.weight_bits
+            if scale.dim():
+                entry["axis"] = q.axis
             tensors[f"{name}:scale"] = scale.cpu().contiguous()
         else:
             values = value
@@ -93,7 +129,11 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> Path:
         if entry.get("bits", 8) <= 4:
             entry["count"] = flat.numel()
             flat = _pack_int4(flat)
-        tensors[f"{name}:values"] = flat.contiguous()
+        flat = flat.contiguous()
+        if flat.numel() and flat.untyped_storage().data_ptr() in storages:  # overlaps a tensor stored already
+            flat = flat.clone()
+        storages.add(flat.untyped_storage().data_ptr())
+        tensors[f"{name}:values"] = flat
         layout[name] = entry
     path = Path(path)
     save_file(tensors, str(path), metadata={"format": _FORMAT, "layout": json.dumps(layout)})
@@ -106,6 +146,8 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     The model comes first, as in :func:`save_compressed` and safetensors' own ``load_model(model, filename)``.
 
     Quantized weights come back as ``integers * scale``: exactly the fake-quantized weights that were trained.
+    Keys the file marks as aliases of another (tied weights) get that tensor, and are tied again: a parameter
+    of ``model`` that is a separate tensor there is replaced by the one it aliases, so both owners share it.
 
     Raises:
         ValueError: the file is truncated, not a safetensors file, not written by :func:`save_compressed`, or
@@ -127,7 +169,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     except Exception as err:  # safetensors raises its own error types for truncated or foreign files
         fail("path", "a complete safetensors file written by save_compressed", str(path),
               hint=f"reading it failed: {err}")
-    if metadata.get("format") != _FORMAT:
+    if metadata.get("format") not in _READABLE:
         fail("path", f"a file written by save_compressed (format {_FORMAT!r})", str(path),
               hint=f"its metadata says format={metadata.get('format')!r}")
     layout = json.loads(metadata["layout"])
@@ -141,6 +183,8 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         shape = torch.Size(entry["shape"])
         if shape != state[name].shape:
             fail("model", f"`{name}` of shape {tuple(shape)}", tuple(state[name].shape))
+        if "alias" in entry:
+            continue
         values = stored[f"{name}:values"]
         n = shape.numel()
         if "count" in entry:
@@ -152,9 +196,24 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             values = full
         values = values.reshape(shape)
         if "bits" in entry:
-            scale = stored[f"{name}:scale"]
-            scale = scale.reshape(-1, *[1] * (len(shape) - 1)) if scale.dim() else scale
+            scale = _scale_shape(stored[f"{name}:scale"], len(shape), entry.get("axis", 0))
             values = values.float() * scale
         restored[name] = values.to(state[name].dtype)
+    aliases = {name: entry["alias"] for name, entry in layout.items() if "alias" in entry}
+    for name, target in aliases.items():
+        restored[name] = restored[target]
     model.load_state_dict(restored, strict=True)
+    _tie(model, aliases)
     return model
+
+
+def _tie(model: nn.Module, aliases: dict[str, str]) -> None:
+    """Make each aliased parameter the very tensor it aliases (a model built untied is tied as the file says)."""
+    for name, target in aliases.items():
+        owner, _, attr = name.rpartition(".")
+        try:
+            module, shared = model.get_submodule(owner), model.get_parameter(target)
+        except AttributeError:  # not parameters (buffers, or keys a custom state_dict made): values are loaded
+            continue
+        if attr in dict(module.named_parameters(recurse=False)) and getattr(module, attr) is not shared:
+            setattr(module, attr, shared)

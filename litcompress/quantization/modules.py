@@ -2,8 +2,9 @@
 
 :func:`convert_` swaps a layer's class to a subclass (``nn.Linear`` -> :class:`QATLinear`, ...): the object, its
 ``Parameter`` objects (so optimizers stay valid) and its ``state_dict`` keys stay the same; only ``forward``
-changes, to fake-quantize weights and (for Linear, Conv and attention projections) inputs. :func:`revert_`
-swaps back. Quantizers are plain attributes, not submodules, buffers or parameters.
+changes, to fake-quantize weights and (for Linear, Conv, Hugging Face's Conv1D and attention projections) inputs.
+:func:`revert_` swaps back. Quantizers are plain attributes, not submodules, buffers or parameters. A weight tied
+between several converted layers (an embedding and its LM head) has one quantizer, shared by every owner.
 
 >>> import torch
 >>> from torch import nn
@@ -30,12 +31,14 @@ from torch import Tensor, nn
 from litcompress._compat import ATTENTION_OUT_PROJ, conv_forward, rnn_forward
 from litcompress._validation import fail
 from litcompress.quantization.quantizers import ActivationQuantizer, QuantConfig, WeightQuantizer
+from litcompress.selection import HFConv1D, weight_attributes
 
 __all__ = [
     "QATGRU",
     "QATLSTM",
     "QATRNN",
     "QUANTIZABLE_KINDS",
+    "QATConv1D",
     "QATConv1d",
     "QATConv2d",
     "QATConv3d",
@@ -53,11 +56,13 @@ class QuantizedLayer(nn.Module):
 
     Each converted class puts it before the layer class it extends (``class QATLinear(QuantizedLayer, nn.Linear)``);
     it derives from ``nn.Module`` only so that its methods see the ``Module`` interface, and defines no
-    ``__init__``: layers are converted by swapping their class (:func:`convert_`), never constructed.
+    ``__init__``: layers are converted by swapping their class (:func:`convert_`), never constructed. (Only
+    :class:`QATConv1D` extends no layer class: transformers is never imported; it runs the original's forward.)
 
     Attributes:
         weight_quantizers: quantizer per weight it fake-quantizes, keyed by attribute (``"weight"``,
-            ``"weight_hh_l0"``, ``"out_proj.weight"`` for an attention layer's output projection).
+            ``"weight_hh_l0"``, ``"out_proj.weight"`` for an attention layer's output projection); a tied weight's
+            quantizer is the same object in every layer that holds the weight.
         input_quantizers: quantizer per activation it fake-quantizes (``"input"``; ``"output"`` for convolutions;
             ``"query"``, ``"key"``, ``"value"``, ``"out_proj"`` for attention); empty when weight-only.
         fake_quant_enabled: whether ``forward`` fake-quantizes (off: the original layer's forward, bit for bit).
@@ -133,6 +138,36 @@ class QATConv2d(_QATConv, nn.Conv2d):
 
 class QATConv3d(_QATConv, nn.Conv3d):
     pass
+
+
+class QATConv1D(QuantizedLayer):
+    """Hugging Face's ``transformers.pytorch_utils.Conv1D`` (GPT-2's projections): ``x @ W + b``, ``W`` stored
+    ``(in_features, out_features)``. Weights are quantized per output channel along axis 1, inputs as for
+    :class:`QATLinear`; exported as a MatMul (N-D inputs) that ONNX Runtime runs as ``MatMulIntegerToFloat``.
+    With fake quantization off it runs the original class's own forward."""
+
+    if TYPE_CHECKING:  # the attributes of transformers' Conv1D, whose class this object had
+        weight: nn.Parameter
+        bias: nn.Parameter | None
+        nf: int
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.fake_quant_enabled:
+            return self.original_class.forward(self, x)
+        w = self._quantize_weight("weight", self.weight)
+        x = self._quantize_input("input", x)
+        if self._exporting() and x.dim() > 2:  # MatMul (+ Add): MatMulIntegerToFloat in ONNX Runtime
+            y = x @ w
+            return y if self.bias is None else y + self.bias
+        flat = x.reshape(-1, x.shape[-1])  # the original's own arithmetic (addmm), so results match it exactly
+        y = flat @ w if self.bias is None else torch.addmm(self.bias, flat, w)
+        return y.view(*x.shape[:-1], w.shape[1])
+
+    def extra_repr(self) -> str:
+        return f"nf={self.nf}, nx={self.weight.shape[0]}"
+
+
+HFConv1D.register(QATConv1D)  # still a Conv1D to selection (its input dimension is 0) once converted
 
 
 class QATEmbedding(QuantizedLayer, nn.Embedding):
@@ -239,9 +274,20 @@ _CLASSES: dict[type[nn.Module], type[QuantizedLayer]] = {
     ATTENTION_OUT_PROJ: QATLinear,
 }
 QUANTIZABLE_KINDS: tuple[type[nn.Module], ...] = (
-    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.RNNBase, nn.MultiheadAttention,
+    nn.Linear, HFConv1D, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.RNNBase, nn.MultiheadAttention,
 )
 """Layer kinds :func:`convert_` handles (exact classes; a subclass with its own ``forward`` is refused)."""
+
+
+def _target_class(original: type[nn.Module]) -> type[QuantizedLayer] | None:
+    if original in _CLASSES:
+        return _CLASSES[original]
+    return QATConv1D if HFConv1D.matches(original) else None
+
+
+def _output_axes(module: nn.Module) -> dict[str, int]:
+    """Per weight attribute, the dimension of its output channels (where per-channel scales lie)."""
+    return {attr: 1 - dim for attr, dim in weight_attributes(module)}
 
 
 def _weights_of(module: nn.Module) -> list[str]:
@@ -260,7 +306,7 @@ def _input_keys(module: nn.Module) -> tuple[str, ...]:
         return ("query", "key", "value", "out_proj")
     if isinstance(module, _QATConv):
         return ("input", "output")
-    if isinstance(module, QATLinear):
+    if isinstance(module, (QATLinear, QATConv1D)):
         return ("input",)
     return ()  # embeddings take indices; recurrent layers are weight-only
 
@@ -270,6 +316,9 @@ def convert_(
 ) -> dict[str, QuantizedLayer]:
     """Convert layers of ``model`` in place and attach their quantizers; returns the converted layers by name.
 
+    A weight tied between layers (one ``Parameter`` in several modules) gets one quantizer, shared by all of
+    them, including layers converted earlier: every owner computes with the same fake-quantized tensor.
+
     Args:
         model: the model.
         config: how to quantize.
@@ -278,12 +327,18 @@ def convert_(
     """
     modules: dict[str, nn.Module] = dict(model.named_modules())
     selected: Mapping[str, Sequence[str] | None] = layers if isinstance(layers, Mapping) else dict.fromkeys(layers)
+    shared: dict[int, WeightQuantizer] = {}  # tensor id -> its quantizer (tied weights: one for every owner)
+    for name, module in modules.items():
+        if isinstance(module, QuantizedLayer) and name not in selected:
+            for key, quantizer in module.weight_quantizers.items():
+                shared.setdefault(id(module.weight_tensor(key)), quantizer)
     converted: dict[str, QuantizedLayer] = {}
     for name, attrs in selected.items():
         module = modules[name]
+        axes = _output_axes(module)
         if not isinstance(module, QuantizedLayer):
             original = type(module)
-            target = _CLASSES.get(original)
+            target = _target_class(original)
             if target is None:
                 fail("parameters", "layers of the kinds " + ", ".join(k.__name__ for k in QUANTIZABLE_KINDS),
                       f"{name} ({original.__name__})",
@@ -294,8 +349,13 @@ def convert_(
             module.__class__ = target
             assert isinstance(module, QuantizedLayer)  # the same object, now of its quantized class
             module.original_class = original
-        attrs = list(attrs) if attrs is not None else _weights_of(module)
-        module.weight_quantizers = {a: WeightQuantizer(config, f"{name}.{a}") for a in attrs}
+        quantizers: dict[str, WeightQuantizer] = {}
+        for attr in list(attrs) if attrs is not None else _weights_of(module):
+            weight = module.weight_tensor(attr)
+            if id(weight) not in shared:
+                shared[id(weight)] = WeightQuantizer(config, f"{name}.{attr}", axes.get(attr, 0))
+            quantizers[attr] = shared[id(weight)]
+        module.weight_quantizers = quantizers
         module.input_quantizers = (
             {k: ActivationQuantizer(config, f"{name}:{k}") for k in _input_keys(module)}
             if config.activation_bits is not None else {}

@@ -62,7 +62,18 @@ class QuantConfig:
 
 
 class WeightQuantizer:
-    """Fake-quantizes one weight tensor (symmetric; per channel along ``axis`` or per tensor)."""
+    """Fake-quantizes one weight tensor (symmetric; per channel along ``axis`` or per tensor).
+
+    ``axis`` is the weight's output-channel dimension: 0 for ``nn.Linear``/Conv/Embedding, 1 for Hugging Face's
+    ``Conv1D`` (weight stored ``(in, out)``). It is used for the scales, the integer weights, the ONNX
+    ``DequantizeLinear`` and the compact file alike. One quantizer may serve several layers that share (tie) the
+    weight, so every owner sees the same fake-quantized tensor.
+
+    >>> q = WeightQuantizer(QuantConfig(), "w", axis=1)
+    >>> ints, scale = q.integers(torch.tensor([[1.0, -0.5], [-2.0, 0.25]]))
+    >>> ints.tolist(), scale.shape  # one scale per column: per output channel of an (in, out) weight
+    ([[64, -127], [-127, 64]], torch.Size([2]))
+    """
 
     def __init__(self, config: QuantConfig, name: str, axis: int = 0) -> None:
         self.config, self.name = config, name
@@ -104,7 +115,11 @@ class WeightQuantizer:
     def integers(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """The integer weights (``int8``) and their scales: what a deployed model stores."""
         scale = self.current_scale(w).float()
-        shaped = scale.reshape(-1, *[1] * (w.dim() - 1)) if scale.dim() else scale
+        shaped = scale
+        if scale.dim() and self.axis is not None:
+            shape = [1] * w.dim()
+            shape[self.axis] = -1
+            shaped = scale.reshape(shape)
         q = torch.clamp(torch.round(w.detach().float() / shaped), self.qmin, self.qmax).to(torch.int8)
         return q, scale
 
@@ -125,7 +140,8 @@ class WeightQuantizer:
         if self._export is not None:  # Q/DQ graph for ONNX: DequantizeLinear on an int8 initializer
             q, scale, zeros = self._export
             if scale.dim():
-                return qdq_ops().dequantize_per_channel(q, scale, zeros, 0, self.qmin, self.qmax, torch.int8)
+                axis = 0 if self.axis is None else self.axis
+                return qdq_ops().dequantize_per_channel(q, scale, zeros, axis, self.qmin, self.qmax, torch.int8)
             return qdq_ops().dequantize_per_tensor(q, float(scale), 0, self.qmin, self.qmax, torch.int8)
         if self.scale is not None and self.scale.requires_grad:
             return lsq_fake_quantize(w, self.scale, self.qmin, self.qmax, self.axis)

@@ -418,3 +418,26 @@ def test_model_built_in_configure_model_and_resumed(tmp_path):
     resumed = run([Pruning(**cfg)], ckpt_path=tmp_path / "cut.ckpt")
     for a, b in zip(reference.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+class Dense(torch.nn.Module):
+    """A layer with a Linear's interface that is not an nn.Linear: Pruning cannot know its layout."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = n_in, n_out
+        self.weight = torch.nn.Parameter(torch.randn(n_out, n_in) * 0.1)
+
+    def forward(self, x):
+        return x @ self.weight.t()
+
+
+def test_default_selection_names_a_layer_kind_it_would_skip(tmp_path):
+    module = LitClassifier(torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), Dense(8, 4)))
+    counter = StepCounter()
+    with pytest.raises(ValueError, match=r"Linear's interface .* but got 'model\.2\.weight \(Dense\)'"):
+        fit(tmp_path, [Pruning(0.5, verbose=False), counter], module=module, max_epochs=1)
+    assert counter.batches == 0
+    cb = Pruning(0.5, exclude=r"model\.2\.", scope="layer", schedule="one_shot", verbose=False)  # on purpose
+    fit(tmp_path, [cb], module=module, max_epochs=1)
+    assert [r.name for r in cb.pruner.refs] == ["model.0.weight"]

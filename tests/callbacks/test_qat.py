@@ -21,7 +21,10 @@ def weights_on_grid(cb):
             w = module.weight_tensor(attr).detach()
             scale = q.current_scale(w)
             wq = q(w).detach()
-            ints = wq / (scale.reshape(-1, *[1] * (w.dim() - 1)) if scale.dim() else scale)
+            shape = [1] * w.dim()
+            if scale.dim():
+                shape[q.axis] = -1  # the weight's output channels: 0, or 1 for Hugging Face's Conv1D
+            ints = wq / scale.reshape(shape)
             assert torch.allclose(ints, ints.round(), atol=1e-3), attr
             assert int(ints.round().abs().max()) <= q.qmax
 
@@ -207,3 +210,19 @@ def test_one_clock_for_every_callback(tmp_path):
     fit(tmp_path, [qat, prune, when], max_epochs=3, logger=logger)  # 4 optimizer steps per epoch
     assert when.first_on == 4
     assert logger.series("pruning/sparsity")[0] == (4, pytest.approx(0.5, abs=0.01))
+
+
+@pytest.mark.parametrize("scale", ["minmax", "learned"])
+def test_tied_weight_is_quantized_in_both_owners_by_one_quantizer(tmp_path, scale):
+    cb = QuantizationAwareTraining(scale=scale, weight_bits=4, verbose=False)
+    trainer, module = fit(tmp_path, [cb], model="gpt", n=None, max_epochs=1, optimizer="adam", lr=1e-2)
+    tok, head = module.model.tok, module.model.lm_head
+    assert {"model.tok", "model.lm_head"} <= set(cb.layers)  # the head trains on the grid it is deployed on
+    q = tok.weight_quantizers["weight"]
+    assert head.weight_quantizers["weight"] is q and head.fake_quant_enabled
+    x = ZOO["gpt"].data().tensors[0][:2]
+    with torch.no_grad():
+        assert torch.equal(tok(x), torch.nn.functional.embedding(x, q(tok.weight)))
+    if scale == "learned":  # one step size for the one tensor, in the optimizer once
+        params = [p for group in trainer.optimizers[0].param_groups for p in group["params"]]
+        assert sum(p is q.scale for p in params) == 1 and q.scale.grad is not None

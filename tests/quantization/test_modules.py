@@ -1,4 +1,5 @@
 import copy
+import pickle
 
 import pytest
 import torch
@@ -90,3 +91,40 @@ def test_matches_aten_fake_quant_up_to_one_step():
     aten = torch.fake_quantize_per_tensor_affine(x, 0.037, 100, 0, 255)
     assert (ours - aten).abs().max() <= 0.037 + 1e-6
     assert (ours != aten).float().mean() < 0.01
+
+
+def test_hf_conv1d_converts_in_place_runs_its_own_forward_and_quantizes_output_columns():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    layer = transformers.pytorch_utils.Conv1D(6, 4)  # weight (4 inputs, 6 outputs)
+    model = nn.Sequential(layer)
+    x = torch.randn(2, 3, 4)
+    expected = model(x)
+    params, keys = list(model.parameters()), list(model.state_dict())
+    assert convert_(model, QuantConfig(activation_bits=None), ["0"]) == {"0": layer}
+    assert type(layer).__name__ == "QATConv1D" and repr(layer) == "QATConv1D(nf=6, nx=4)"
+    assert all(a is b for a, b in zip(model.parameters(), params)) and list(model.state_dict()) == keys
+    assert torch.equal(model(x), expected)  # fake quantization off: the original forward, bit for bit
+    q = layer.weight_quantizers["weight"]
+    layer.fake_quant_enabled = True
+    w = q(layer.weight).detach()
+    scale = q.current_scale(layer.weight)
+    assert q.axis == 1 and scale.shape == (6,)  # per output channel: the columns
+    ints = w / scale  # broadcasts along the last dimension: one scale per column
+    assert torch.allclose(ints, ints.round(), atol=1e-4) and int(ints.round().abs().amax(0).min()) == q.qmax
+    assert torch.equal(model(x), torch.addmm(layer.bias, x.reshape(-1, 4), w).view(2, 3, 6))
+    assert torch.equal(q.integers(layer.weight)[0].float() * scale, w)
+    restored = pickle.loads(pickle.dumps(model))  # the converted class pickles as the others do
+    assert torch.equal(restored(x), model(x))
+    revert_(layer)
+    assert type(layer) is transformers.pytorch_utils.Conv1D and torch.equal(model(x), expected)
+
+
+def test_tied_weight_gets_one_quantizer_in_every_owner():
+    model = ZOO["gpt"].build()  # tok (Embedding) and lm_head (Linear) share one weight
+    convert_(model, QuantConfig(), ["tok", "lm_head"])
+    assert model.lm_head.weight_quantizers["weight"] is model.tok.weight_quantizers["weight"]
+    later = ZOO["gpt"].build()
+    convert_(later, QuantConfig(), ["tok"])
+    convert_(later, QuantConfig(), ["lm_head"])  # converted afterwards: it reuses the other owner's quantizer
+    assert later.lm_head.weight_quantizers["weight"] is later.tok.weight_quantizers["weight"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -94,3 +96,25 @@ def test_bad_input_is_a_clear_error():
         summarize(ZOO["mlp"].build(), [1, 2])
     with pytest.raises(TypeError, match="`model`"):
         summarize("mlp", torch.randn(2, 16))
+
+
+def test_tied_weight_counted_and_stored_once(tmp_path):
+    torch.manual_seed(0)
+    model = ZOO["gpt"].build()  # dense, tok and lm_head share one weight
+    convert_(model, QuantConfig(weight_bits=4, activation_bits=None), ["tok", "lm_head"])
+    for layer in (model.tok, model.lm_head):
+        layer.fake_quant_enabled = True
+    s = summarize(model, ZOO["gpt"].data().tensors[0][:2], latency=False)
+    assert s.parameters == unique_numel(model)
+    assert [layer.name for layer in s.layers].count("tok.weight") == 1
+    assert "lm_head.weight" not in [layer.name for layer in s.layers]
+    assert {layer.bits for layer in s.layers if layer.name == "tok.weight"} == {4}
+    tied = model.tok.weight.numel()
+    bits = (4 * tied + 32 * (s.parameters - tied)) / s.parameters  # the tied tensor's 4 bits counted once
+    assert s.bits_per_weight == pytest.approx(bits)
+    untied = copy.deepcopy(model)
+    untied.lm_head.weight = nn.Parameter(untied.lm_head.weight.detach().clone())
+    convert_(untied, QuantConfig(weight_bits=4, activation_bits=None), ["lm_head"])
+    untied.lm_head.fake_quant_enabled = True
+    two = summarize(untied, ZOO["gpt"].data().tensors[0][:2], latency=False)
+    assert two.parameters == s.parameters + tied and s.compact_bytes < two.compact_bytes - tied // 2  # int4: 1/2 byte
