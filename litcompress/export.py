@@ -50,6 +50,24 @@ def _quiet_export() -> Iterator[None]:
         registration.setLevel(level)
 
 
+@contextlib.contextmanager
+def _no_kv_cache(model: nn.Module) -> Iterator[None]:
+    """Hugging Face models return a key/value cache object by default, which ``torch.export`` cannot trace (and an
+    ONNX graph of one forward does not need): ``config.use_cache`` is off while exporting, restored after."""
+    configs: dict[int, Any] = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "use_cache", False):
+            configs[id(config)] = config
+    for config in configs.values():
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        for config in configs.values():
+            config.use_cache = True
+
+
 def as_call(example_input: Tensor | Mapping[str, Tensor]) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
     """``(args, kwargs)`` that call a model on ``example_input``: a tensor positionally, a mapping as keywords.
 
@@ -100,7 +118,7 @@ def export_onnx(
         if dynamic_batch:
             dynamic = ({0: batch},) if args else {k: {0: batch} for k in kwargs}
         qdq_ops()  # registered before tracing begins
-        with export_mode(model), torch.no_grad(), _quiet_export():
+        with export_mode(model), torch.no_grad(), _quiet_export(), _no_kv_cache(model):
             torch.onnx.export(model, args, str(path), kwargs=kwargs, dynamo=True, external_data=False,
                               dynamic_shapes=dynamic, verbose=False)
     finally:
