@@ -96,3 +96,15 @@ def test_pruning_defaults_on_mnist_quick():
     dense, new, old = (result["acc"][k][0] for k in ("dense", "defaults", "old_defaults"))
     assert result["kept"]["defaults"] == pytest.approx(0.08, abs=0.001)
     assert new > dense - 0.05 and new > old + 0.2, (dense, new, old)  # 2 epochs with pruning: noisy, so 5 pts
+
+
+@pytest.mark.slow
+def test_distill_gpt2_quick(tmp_path, capfd):
+    example = import_example("distill_gpt2")
+    result = example.main(["--quick", "--out", str(tmp_path)])
+    ppl, params = result["perplexity"], result["parameters"]
+    assert params["teacher"] >= 4 * params["student"]
+    assert all(1 < p < 256 for p in ppl.values()), ppl  # below a uniform guess over 256 bytes: all three learned
+    assert result["student_sparsity"] == pytest.approx(0.3, abs=0.05)  # pruned in the same fit
+    assert (tmp_path / "distill_gpt2.json").exists() and (tmp_path / "compression_report.json").exists()
+    assert "share of the scratch-to-teacher gap closed by distillation" in capfd.readouterr().out
