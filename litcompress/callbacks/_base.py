@@ -25,10 +25,6 @@ from litcompress.schedules import Schedule, latest_update, progress
 
 __all__: list[str] = []
 
-DEFAULT_UNIT = "epoch"
-"""The unit of ``start``/``end``/``frequency``/... in every callback unless ``interval="step"`` is given: Lightning's
-own (``Trainer(max_epochs=...)``, ``ModelPruning``, LR schedulers' default ``interval``, ``StochasticWeightAveraging``,
-``BackboneFinetuning`` all count epochs)."""
 DEFAULT_END = 0.75
 """Where a schedule reaches its final value when ``end=None``: this fraction of the fit's optimizer steps, so the rest
 of the fit recovers at the final value."""
@@ -121,14 +117,22 @@ class _CompressionCallback(Callback):
             fail("end", f"greater than `start` ({start}) or None (the last optimizer step of the fit)", end)
 
     # ------------------------------------------------------------------ the clock: one conversion to steps
+    @staticmethod
+    def _steps_per_epoch(trainer: pl.Trainer) -> int | None:
+        """Optimizer steps in one epoch (``None`` when the train dataloader has no length)."""
+        batches = trainer.num_training_batches
+        if batches == float("inf"):
+            return None
+        return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+
     def _steps_per_interval(self, trainer: pl.Trainer) -> int:
         if self.interval == "step":
             return 1
-        batches = trainer.num_training_batches
-        if batches == float("inf"):
+        per_epoch = self._steps_per_epoch(trainer)
+        if per_epoch is None:
             fail("interval", "'step' for a train dataloader without a length", self.interval,
                  hint="an epoch has no known number of optimizer steps here; give start/end in steps")
-        return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+        return per_epoch
 
     def _to_steps(self, trainer: pl.Trainer, value: int | None) -> int | None:
         """``value`` (in ``interval`` units) as an optimizer step; the one place units are converted."""
@@ -178,10 +182,7 @@ class _CompressionCallback(Callback):
         if frequency is not None:
             every = frequency * self._steps_per_interval(trainer)
         else:
-            batches = trainer.num_training_batches
-            per_epoch = (DEFAULT_EVERY if batches == float("inf")
-                         else max(1, math.ceil(batches / trainer.accumulate_grad_batches)))
-            every = min(DEFAULT_EVERY, per_epoch)
+            every = min(DEFAULT_EVERY, self._steps_per_epoch(trainer) or DEFAULT_EVERY)
         return _Window(start_step, end_step, every, schedule)
 
     _log = staticmethod(_log_metrics)
