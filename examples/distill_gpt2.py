@@ -131,11 +131,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--epochs", type=int, default=3, help="student epochs (scratch and distilled alike)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--sparsity", type=float, default=0.3)
+    parser.add_argument("--prune-start", type=int, default=0, help="epoch where pruning starts")
+    parser.add_argument("--prune-end", type=int, default=None, help="epoch where pruning reaches --sparsity "
+                        "(default: --qat-start)")
+    parser.add_argument("--qat-start", type=int, default=None, help="epoch where fake quantization starts "
+                        "(default: the last epoch)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--alpha", type=float, default=0.9)
     parser.add_argument("--no-compress", action="store_true",
                         help="distil only (no Pruning, no QAT): how much of the result is distillation's own")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reuse-teacher", action="store_true",
+                        help="load the teacher saved by an earlier run with the same data, seed and teacher epochs")
     parser.add_argument("--out", type=Path, default=Path("distill_gpt2_out"))
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny data, one epoch each")
     args = parser.parse_args(argv)
@@ -151,30 +158,55 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     pl.seed_everything(args.seed, verbose=False)
     teacher = gpt2(128, 4, 4, args.context)
-    seconds = {"teacher": fit(CausalLM(teacher, 3e-3), "teacher", train, args.teacher_epochs, args.batch_size)}
+    saved = args.out / (f"teacher_s{args.seed}_e{args.teacher_epochs}_w{args.train_windows}_c{args.context}"
+                        f"_b{args.batch_size}.pt")
+    if args.reuse_teacher and saved.exists():
+        teacher.load_state_dict(torch.load(saved, weights_only=True))
+        seconds = {"teacher": 0.0}
+    else:
+        seconds = {"teacher": fit(CausalLM(teacher, 3e-3), "teacher", train, args.teacher_epochs, args.batch_size)}
+        torch.save(teacher.state_dict(), saved)
     teacher.eval()
 
     pl.seed_everything(args.seed, verbose=False)
     student = gpt2(64, 2, 2, args.context)
-    scratch = copy.deepcopy(student)  # the same initial weights for both students
-    seconds["scratch"] = fit(CausalLM(scratch, 3e-3), "scratch student", train, args.epochs, args.batch_size)
+    initial = copy.deepcopy(student.state_dict())  # the same initial weights for every student
+    qat_start = args.qat_start if args.qat_start is not None else max(1, args.epochs - 1)
+    prune_end = args.prune_end if args.prune_end is not None else qat_start
+
+    def compression() -> list[pl.Callback]:
+        return [] if args.no_compress else [
+            Pruning(args.sparsity, start=args.prune_start, end=prune_end, verbose=False),
+            QuantizationAwareTraining(start=qat_start, verbose=False)]
+
+    students = {"scratch": copy.deepcopy(student)}
+    seconds["scratch"] = fit(CausalLM(students["scratch"], 3e-3), "scratch student", train, args.epochs,
+                             args.batch_size)
+    if not args.no_compress:
+        students["scratch_compressed"] = copy.deepcopy(student)
+        pl.seed_everything(args.seed, verbose=False)
+        seconds["scratch_compressed"] = fit(CausalLM(students["scratch_compressed"], 3e-3),
+                                            "scratch student + compression", train, args.epochs, args.batch_size,
+                                            compression())
 
     pl.seed_everything(args.seed, verbose=False)
+    student.load_state_dict(initial)
+    students["distilled"] = student
     module = Distilled(student, teacher, temperature=args.temperature, alpha=args.alpha, lr=3e-3)
-    qat_start = max(1, args.epochs - 1)
     report = CompressionReport(metrics=[], dirpath=str(args.out), plots=False)
-    callbacks = [] if args.no_compress else [Pruning(args.sparsity, start=0, end=qat_start, verbose=False),
-                                             QuantizationAwareTraining(start=qat_start, verbose=False)]
-    callbacks.append(report)
-    seconds["distilled"] = fit(module, "distilled student", train, args.epochs, args.batch_size, callbacks, args.out)
+    seconds["distilled"] = fit(module, "distilled student", train, args.epochs, args.batch_size,
+                               [*compression(), report], args.out)
 
-    ppl = {"teacher": perplexity(teacher, held), "scratch": perplexity(scratch, held),
-           "distilled": perplexity(student, held)}
+    ppl = {"teacher": perplexity(teacher, held), **{name: perplexity(m, held) for name, m in students.items()}}
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in (("teacher", teacher),
                                                                          ("student", student))}
-    gap = ppl["scratch"] - ppl["teacher"]
-    closed = (ppl["scratch"] - ppl["distilled"]) / gap if gap > 0 else float("nan")
-    result = {"perplexity": ppl, "parameters": params, "gap_closed": closed, "seconds": seconds,
+    baseline = ppl.get("scratch_compressed", ppl["scratch"])  # the same student, compressed the same way
+    gap = baseline - ppl["teacher"]
+    closed = (baseline - ppl["distilled"]) / gap if gap > 0 else float("nan")
+    plain_gap = ppl["scratch"] - ppl["teacher"]
+    closed_plain = (ppl["scratch"] - ppl["distilled"]) / plain_gap if plain_gap > 0 else float("nan")
+    result = {"perplexity": ppl, "parameters": params, "gap_closed": closed,
+              "gap_closed_vs_uncompressed_scratch": closed_plain, "seconds": seconds,
               "student_sparsity": report.report["final"]["sparsity"] if report.report else None,
               "total_seconds": time.perf_counter() - t0, "args": {k: str(v) for k, v in vars(args).items()}}
     (args.out / "distill_gpt2.json").write_text(json.dumps(result, indent=1))
@@ -183,10 +215,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{'':44s} {'parameters':>11s} {'held-out perplexity':>20s}")
     print(f"{'teacher (4 layers, width 128)':44s} {params['teacher']:11,d} {ppl['teacher']:20.3f}")
     print(f"{'student from scratch (2 layers, width 64)':44s} {params['student']:11,d} {ppl['scratch']:20.3f}")
+    if "scratch_compressed" in ppl:
+        print(f"{'student from scratch + pruned + W8A8':44s} {params['student']:11,d} "
+              f"{ppl['scratch_compressed']:20.3f}")
     label = "student distilled (no compression)" if args.no_compress else "student distilled + pruned + W8A8, one fit"
     print(f"{label:44s} {params['student']:11,d} {ppl['distilled']:20.3f}")
-    print(f"share of the scratch-to-teacher gap closed by distillation: {closed:.0%} "
+    print(f"share of the scratch-to-teacher gap closed by distillation (equal budget and compression): {closed:.0%} "
           f"({params['teacher'] / params['student']:.1f}x fewer parameters; {result['total_seconds']:.0f} s)")
+    if "scratch_compressed" in ppl:
+        print(f"against the uncompressed scratch student: {closed_plain:.0%} of its gap closed")
     return result
 
 

@@ -24,11 +24,12 @@ no activation range has been observed in `net.0:input`. To fix: run a training s
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Iterable
 from typing import Any, NoReturn
 
-__all__ = ["check_choice", "check_fraction", "check_int", "fail", "fail_state"]
+__all__ = ["check_bool", "check_choice", "check_fraction", "check_int", "check_real", "fail", "fail_state"]
 
 
 def fail(name: str, expected: str, value: Any, hint: str = "", exc: type[Exception] = ValueError) -> NoReturn:
@@ -51,6 +52,25 @@ def check_int(name: str, value: Any, minimum: int | None = None, allow_none: boo
         fail(name, "an int" + (" or None" if allow_none else ""), value, exc=TypeError)
     if minimum is not None and value < minimum:
         fail(name, f"an int >= {minimum}", value)
+
+
+def check_real(name: str, value: Any, minimum: float = 0.0, strict: bool = True, allow_none: bool = False) -> None:
+    """``value`` is a finite real number ``> minimum`` (``>= minimum`` when not ``strict``): NaN and infinity never
+    reach training."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        fail(name, "a float" + (" or None" if allow_none else ""), value, exc=TypeError)
+    number = float(value)
+    if not math.isfinite(number):
+        fail(name, f"a finite float {'>' if strict else '>='} {minimum:g}", value)
+    if not (number > minimum if strict else number >= minimum):
+        fail(name, f"a float {'>' if strict else '>='} {minimum:g}", value)
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        fail(name, "a bool", value, exc=TypeError)
 
 
 def check_fraction(name: str, value: Any, closed_right: bool = False) -> None:

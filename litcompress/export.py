@@ -106,13 +106,24 @@ def export_onnx(
     if not isinstance(model, nn.Module):
         fail("model", "a torch.nn.Module", type(model).__name__, exc=TypeError)
     args, kwargs = as_call(example_input)
-    require(*ONNX_EXPORT, what="export_onnx")
+    if not isinstance(path, (str, os.PathLike)):
+        fail("path", "a file path", path, exc=TypeError)
     path = Path(path)
+    if not path.parent.is_dir() or not os.access(path.parent, os.W_OK) or path.is_dir():
+        fail("path", "a file path in an existing, writable folder", str(path),
+              hint="create the folder first" if not path.parent.is_dir() else "choose a writable file path")
+    require(*ONNX_EXPORT, what="export_onnx")
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(*args, **kwargs)  # fail here, with the model's own message, if the input does not fit
+            try:  # checked before exporting: a mismatched input fails here, with the model's own message
+                model(*args, **kwargs)
+            except (RuntimeError, TypeError, ValueError, IndexError) as err:
+                shown = {k: (tuple(v.shape), str(v.dtype)) for k, v in kwargs.items()} or [
+                    (tuple(a.shape), str(a.dtype)) for a in args]
+                fail("example_input", "an input the model accepts", shown,
+                     hint=f"the model's forward failed on it: {type(err).__name__}: {err}")
         batch = torch.export.Dim("batch", min=1)
         dynamic: Any = None
         if dynamic_batch:

@@ -160,6 +160,8 @@ def check_patterns(name: str, value: str | Sequence[str]) -> list[str]:
     ...
     ValueError: Expected argument `exclude` to be valid regular expressions, but got '('. HINT: missing ), ...
     """
+    if not isinstance(value, (str, list, tuple)):
+        fail(name, "a regex string or a list of them", value, exc=TypeError)
     items = [value] if isinstance(value, str) else list(value)
     for item in items:
         if not isinstance(item, str):

@@ -13,12 +13,14 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch import nn
+from typing_extensions import override
 
 from litcompress._validation import check_choice, check_int, fail
 from litcompress.schedules import Schedule, latest_update, progress
@@ -54,6 +56,35 @@ def _stable(value: Any) -> Any:
     return value
 
 
+_WARNED_RESUME: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _warn_inexact_resume(trainer: pl.Trainer) -> None:
+    """Warn when a fit resumed from a mid-epoch checkpoint cannot continue exactly where it stopped.
+
+    Compression state (masks, scores, quantizer ranges, schedule points) is restored exactly; the data order is
+    not when the train dataloader cannot restore its position. Lightning warns about this for loaders with a
+    length; this covers those without one, where it says nothing.
+    """
+    loop = trainer.fit_loop
+    if (not getattr(loop, "restarted_mid_epoch", False) or trainer.num_training_batches != float("inf")
+            or loop in _WARNED_RESUME):
+        return
+    _WARNED_RESUME.add(loop)  # once per fit, however many litcompress callbacks ask
+    combined = loop._combined_loader
+    loaders = combined.flattened if combined is not None else []
+    if all(callable(getattr(x, "state_dict", None)) and callable(getattr(x, "load_state_dict", None))
+           for x in loaders):
+        return
+    pl.utilities.rank_zero_warn(
+        "litcompress: this fit resumes from a checkpoint written in the middle of an epoch, and the train "
+        "dataloader cannot restore its position: the rest of the epoch sees other batches than an uninterrupted "
+        "fit, so the result will differ (compression state itself is restored exactly). To make it exact, give "
+        "the loader `state_dict()` / `load_state_dict()` (Lightning restores them), or resume from end-of-epoch "
+        "checkpoints."
+    )
+
+
 class _Window:
     """Update points ``start, start + every, ...`` and ``end`` (all in optimizer steps)."""
 
@@ -77,6 +108,7 @@ class _CompressionCallback(Callback):
         self._hook_handles: list[Any] = []
         self._pending_state: dict[str, Any] | None = None
         self._state_key: str | None = None
+        self._training = False  # a training batch of the current fit has started (set by the subclasses)
 
     # ------------------------------------------------------------------ checkpoint state
     def _key_fields(self) -> dict[str, Any]:
@@ -138,8 +170,15 @@ class _CompressionCallback(Callback):
         """``value`` (in ``interval`` units) as an optimizer step; the one place units are converted."""
         return None if value is None else value * self._steps_per_interval(trainer)
 
-    def _total_steps(self, trainer: pl.Trainer, name: str, value: int | None) -> int:
+    @staticmethod
+    def _fit_steps(trainer: pl.Trainer) -> float:
+        """The optimizer steps of this fit; infinity when unknown (Lightning reports ``max_steps``, -1 by default,
+        for a train dataloader without a length)."""
         total = trainer.estimated_stepping_batches
+        return float("inf") if total == float("inf") or total < 0 else total
+
+    def _total_steps(self, trainer: pl.Trainer, name: str, value: int | None) -> int:
+        total = self._fit_steps(trainer)
         if total == float("inf"):
             fail(name, "an int when training has no known length", value,
                  hint="set `max_steps` or `max_epochs` on the Trainer, or give every point of the schedule")
@@ -148,7 +187,7 @@ class _CompressionCallback(Callback):
     def _check_before_end(self, trainer: pl.Trainer, name: str, value: int) -> int:
         """``value`` in steps; an error (before the first step) when the fit ends before it is reached."""
         step = value * self._steps_per_interval(trainer)
-        total = trainer.estimated_stepping_batches
+        total = self._fit_steps(trainer)
         if total != float("inf") and step >= total:
             fail(name, f"before the last optimizer step of the fit ({int(total)})", value,
                  hint=f"{value} {self.interval}(s) is optimizer step {step}, which this fit never reaches: lower "
@@ -173,10 +212,10 @@ class _CompressionCallback(Callback):
                 )
         else:
             end_step = end * self._steps_per_interval(trainer)
-            if end_step > trainer.estimated_stepping_batches:
+            if end_step > self._fit_steps(trainer):
                 pl.utilities.rank_zero_warn(
                     f"{type(self).__name__}: `end` ({end} {self.interval}s = step {end_step}) is after the last "
-                    f"optimizer step of this fit ({trainer.estimated_stepping_batches}); the final value is "
+                    f"optimizer step of this fit ({self._fit_steps(trainer)}); the final value is "
                     "only reached if training continues."
                 )
         if frequency is not None:
@@ -186,6 +225,18 @@ class _CompressionCallback(Callback):
         return _Window(start_step, end_step, every, schedule)
 
     _log = staticmethod(_log_metrics)
+
+    # ------------------------------------------------------------------ all or nothing
+    def _undo(self, pl_module: pl.LightningModule) -> None:
+        """Restore what this callback changed in the model during this fit's setup (nothing, by default)."""
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # a fit that fails before its first training batch (in any callback's setup, or a check at train start)
+        # leaves the model as it was given; a failure later keeps the training state for inspection
+        self._remove_hooks()
+        if not self._training:
+            self._undo(pl_module)
 
     def _hook_optimizers(self, trainer: pl.Trainer, post: Callable[..., Any]) -> None:
         """Run ``post`` after every ``optimizer.step()`` of this fit (automatic or manual optimization)."""

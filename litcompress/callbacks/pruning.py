@@ -11,10 +11,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from litcompress._validation import check_choice, check_fraction, check_int, fail
-from litcompress.callbacks._base import _compression_target, _CompressionCallback, _Window
+from litcompress._validation import check_bool, check_choice, check_fraction, check_int, fail
+from litcompress.callbacks._base import _compression_target, _CompressionCallback, _warn_inexact_resume, _Window
 from litcompress.schedules import Schedule, get_schedule
-from litcompress.selection import ParameterFilter, check_patterns, select_parameters
+from litcompress.selection import ParameterFilter, ParameterRef, check_patterns, select_parameters
 from litcompress.sparsity.importance import DATA_DEPENDENT, IMPORTANCES, ImportanceFn
 from litcompress.sparsity.masks import parse_nm
 from litcompress.sparsity.pruner import Pruner, Scope, default_scope
@@ -131,6 +131,9 @@ class Pruning(_CompressionCallback):
                 fail("scope", "'layer' when `sparsity` is a per-tensor mapping", scope,
                       hint="a global threshold takes one float sparsity")
             for key, value in sparsity.items():
+                if not isinstance(key, str):
+                    fail("sparsity", "a mapping of parameter-name patterns (str) to floats", dict(sparsity),
+                          exc=TypeError, hint="e.g. {'encoder': 0.5, 'head': 0.2}")
                 check_patterns("sparsity", key)
                 check_fraction(f"sparsity[{key!r}]", value)
         else:
@@ -145,15 +148,16 @@ class Pruning(_CompressionCallback):
         if parameters is not None and not callable(parameters):
             check_patterns("parameters", parameters)
         check_patterns("exclude", exclude)
-        if not isinstance(rewind, bool):
-            fail("rewind", "a bool", rewind, exc=TypeError)
+        check_bool("rewind", rewind)
         if rewind and self.schedule(0.0) >= 1.0:
             fail("rewind", "False with a schedule that reaches its final value at `start`", rewind,
                   hint="rewinding to the weights at `start` right after pruning there changes nothing; "
                   "use a gradual schedule (linear, cubic, exponential)")
         check_int("seed", seed)
         if not isinstance(log_prefix, str) or not log_prefix:
-            fail("log_prefix", "a non-empty str", log_prefix)
+            fail("log_prefix", "a non-empty str", log_prefix, exc=TypeError if not isinstance(log_prefix, str)
+                 else ValueError)
+        check_bool("verbose", verbose)
 
         self.sparsity = sparsity
         self.start, self.end = start, end
@@ -180,12 +184,13 @@ class Pruning(_CompressionCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._training = False
         if next(_compression_target(pl_module).parameters(), None) is None:
             return  # layers are built in `configure_model` (after this hook): select in `on_fit_start`
         self._prepare(trainer, pl_module)
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        refs = select_parameters(_compression_target(pl_module), self.parameters, self.exclude)
+        refs = self._trainable(select_parameters(_compression_target(pl_module), self.parameters, self.exclude))
         pruner = self.pruner
         if pruner is None or [id(r.tensor) for r in pruner.refs] != [
             id(r.tensor) for r in refs if r.name in pruner.targets
@@ -201,6 +206,27 @@ class Pruning(_CompressionCallback):
                 fail("parameters", "disjoint selections for two Pruning callbacks", shared,
                       hint="use `exclude` so each tensor is pruned by one callback")
         self._apply_pending_state()
+
+    def _trainable(self, refs: list[ParameterRef]) -> list[ParameterRef]:
+        """Frozen tensors (``requires_grad=False``) are left out of the default selection; selected by name, they
+        are pruned by magnitude, but a gradient-based importance has no scores for them: an error."""
+        frozen = [ref.name for ref in refs if not ref.tensor.requires_grad]
+        if not frozen:
+            return refs
+        if self.parameters is not None:
+            if self.importance in DATA_DEPENDENT:
+                fail("parameters", f"trainable tensors with importance={self.importance!r}", frozen,
+                      hint="these have requires_grad=False, so they get no gradient to score them: unfreeze them, "
+                           "leave them out with `exclude`, or use importance='magnitude'")
+            return refs
+        kept = [ref for ref in refs if ref.tensor.requires_grad]
+        if not kept:
+            fail("model", "a model with trainable weights to prune", f"only frozen ones: {frozen}",
+                  hint="unfreeze them (requires_grad=True) or name them with `parameters` to prune them by magnitude")
+        if self.verbose:
+            rank_zero_info(f"{type(self).__name__}: left out {len(frozen)} frozen tensor(s) (requires_grad=False): "
+                           + ", ".join(frozen[:8]) + (", ..." if len(frozen) > 8 else ""))
+        return kept
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -226,15 +252,13 @@ class Pruning(_CompressionCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the first prune waits for the first batch: until then nothing is changed, so a failure in any callback's
+        # setup leaves the model as it was
         self._window = self._make_window(trainer, self.start, self.end, self.frequency, self.schedule)
-        self._maybe_update(trainer)
+        _warn_inexact_resume(trainer)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_hooks()
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._remove_hooks()
 
     # ------------------------------------------------------------------ schedule
@@ -242,6 +266,7 @@ class Pruning(_CompressionCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._training = True
         self._maybe_update(trainer)
 
     @override

@@ -13,10 +13,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
-from litcompress._validation import check_int, fail
-from litcompress.callbacks._base import _compression_target, _CompressionCallback
+from litcompress._validation import check_bool, check_int, check_real, fail
+from litcompress.callbacks._base import _compression_target, _CompressionCallback, _warn_inexact_resume
 from litcompress.quantization.access import quantized_layers
-from litcompress.quantization.modules import QUANTIZABLE_KINDS, QuantizedLayer, convert_
+from litcompress.quantization.modules import QUANTIZABLE_KINDS, QuantizedLayer, convert_, revert_
 from litcompress.quantization.quantizers import ActivationQuantizer, QuantConfig, WeightQuantizer
 from litcompress.selection import ParameterFilter, check_patterns, select_parameters
 
@@ -91,16 +91,16 @@ class QuantizationAwareTraining(_CompressionCallback):
         if freeze_observers is not None and freeze_observers <= start:
             fail("freeze_observers", f"None or > `start` ({start})", freeze_observers,
                   hint="ranges must be observed for a while after quantization starts before they freeze")
-        if scale_lr is not None and (isinstance(scale_lr, bool) or not isinstance(scale_lr, (int, float))
-                                     or not scale_lr > 0):
-            fail("scale_lr", "None or a float > 0", scale_lr)
+        check_real("scale_lr", scale_lr, allow_none=True)
         if parameters is not None and not callable(parameters):
             check_patterns("parameters", parameters)
         check_patterns("exclude", exclude)
+        check_bool("verbose", verbose)
         self.start, self.freeze_observers, self.freeze_bn = start, freeze_observers, freeze_bn
         self.parameters, self.exclude, self.scale_lr, self.verbose = parameters, exclude, scale_lr, verbose
 
         self.layers: dict[str, QuantizedLayer] = {}
+        self._converted: list[nn.Module] = []  # converted by this fit's setup
         self._bn: list[nn.Module] = []
         self._flags = {"enabled": False, "observers_frozen": False, "bn_frozen": False}
         self._steps: _Steps | None = None  # set in `on_train_start`
@@ -126,12 +126,30 @@ class QuantizationAwareTraining(_CompressionCallback):
     # ------------------------------------------------------------------ setup
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._training = False
         target = _compression_target(pl_module)
         if next(target.parameters(), None) is None:
             return  # layers are built in `configure_model`: convert in `on_fit_start`
-        self._prepare(target)
+        self._prepare(target, trainer)
 
-    def _prepare(self, target: nn.Module) -> None:
+    def _check_overlap(self, trainer: pl.Trainer | None, target: nn.Module, layers: Mapping[str, Any],
+                       modules: Mapping[str, nn.Module]) -> None:
+        """A layer is quantized by one callback, with one configuration: a second QAT callback on the same layers
+        (or a layer converted earlier with other settings) would silently train with settings not asked for."""
+        others = [c for c in (trainer.callbacks if trainer is not None else [])  # type: ignore[attr-defined]
+                  if isinstance(c, QuantizationAwareTraining) and c is not self and c.layers]
+        for name in layers:
+            module = modules[name]
+            if any(module is layer for other in others for layer in other.layers.values()):
+                fail("parameters", "layers no other QuantizationAwareTraining callback of this Trainer quantizes",
+                      name, hint="give each callback a disjoint selection (`parameters` / `exclude`)")
+            if isinstance(module, QuantizedLayer) and any(q.config != self.config
+                                                          for q in module.weight_quantizers.values()):
+                fail("parameters", "layers not already quantized with other settings", name,
+                      hint="this layer was converted by an earlier QuantizationAwareTraining with another "
+                           "configuration; restore the plain model or use the same arguments")
+
+    def _prepare(self, target: nn.Module, trainer: pl.Trainer | None = None) -> None:
         refs = select_parameters(target, self.parameters, self.exclude, kinds=QUANTIZABLE_KINDS)
         modules: dict[str, nn.Module] = dict(target.named_modules())
         attention = {n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)}
@@ -149,8 +167,10 @@ class QuantizationAwareTraining(_CompressionCallback):
                           "`exclude` the weight to keep it in float")
                 if attr not in layers.setdefault(owner, []):
                     layers[owner].append(attr)
+        self._check_overlap(trainer, target, layers, modules)
         fresh = {n: a for n, a in layers.items() if not isinstance(modules[n], QuantizedLayer)}
         convert_(target, self.config, fresh)  # layers converted by an earlier fit keep their quantizers
+        self._converted = [modules[n] for n in fresh]  # undone if the fit fails before its first step
         converted = quantized_layers(target)
         self.layers = {n: converted[n] for n in layers}
         self._bn = [m for m in target.modules() if isinstance(m, _BATCH_NORMS)]
@@ -159,7 +179,7 @@ class QuantizationAwareTraining(_CompressionCallback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.layers:
-            self._prepare(_compression_target(pl_module))
+            self._prepare(_compression_target(pl_module), trainer)
         if self.config.scale != "learned":
             return
         # step sizes join the optimizer now, idle until `start`, so a resumed optimizer state lines up
@@ -175,9 +195,17 @@ class QuantizationAwareTraining(_CompressionCallback):
             # `initial_lr`: LR schedulers built before this group expect it on every group
             optimizer.add_param_group({"params": scales, "lr": lr, "initial_lr": lr, "weight_decay": 0.0})
 
+    def _undo(self, pl_module: pl.LightningModule) -> None:
+        for module in self._converted:
+            revert_(module)
+        self._converted = []
+        self.layers = {}
+        self._bn = []
+
     # ------------------------------------------------------------------ schedule
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _warn_inexact_resume(trainer)
         # the clock: every point in optimizer steps, converted once; a start the fit never reaches is an error
         self._steps = _Steps(start=self._check_before_end(trainer, "start", self.start),
                              freeze_observers=self._to_steps(trainer, self.freeze_observers),
@@ -187,6 +215,7 @@ class QuantizationAwareTraining(_CompressionCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._training = True
         step, at = trainer.global_step, self._steps
         assert at is not None  # `on_train_start` ran
         if not self._flags["enabled"] and step >= at["start"]:

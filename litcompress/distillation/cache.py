@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from litcompress._validation import check_choice, check_fraction, check_int, fail
+from litcompress._validation import check_choice, check_fraction, check_int, check_real, fail
 
 __all__ = ["TeacherCache", "cache_from_options", "check_storage", "topk_compress", "topk_expand"]
 
@@ -107,6 +107,7 @@ class TeacherCache:
                  top_k: int | None = None, temperature: float = 1.0):
         dtype = check_storage(max_bytes, dtype, top_k)
         check_fraction("min_hit_rate", min_hit_rate, closed_right=True)
+        check_real("temperature", temperature)
         self.max_bytes, self.dtype, self.min_hit_rate = max_bytes, dtype, min_hit_rate
         self.top_k, self.temperature = top_k, float(temperature)
         self.classes = 0  # output width, for expanding top-k rows

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from litcompress._validation import fail
+from litcompress._validation import check_real, fail
 
 __all__ = ["kd_loss", "mse_distillation_loss"]
 
@@ -27,6 +27,7 @@ def kd_loss(student: Tensor, teacher: Tensor, temperature: float = 4.0, mask: Te
         temperature: ``T > 0``; the ``T^2`` factor keeps gradient sizes comparable when mixed with a hard loss.
         mask: optional bool ``(B,)`` or ``(B, T)``: positions that count (padding excluded).
     """
+    check_real("temperature", temperature)
     if student.shape != teacher.shape:
         fail("teacher", f"outputs shaped like the student's {tuple(student.shape)}", tuple(teacher.shape),
               hint="teacher and student must predict over the same classes / vocabulary")

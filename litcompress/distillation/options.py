@@ -14,12 +14,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
-from litcompress._validation import check_choice, check_fraction, check_int, fail
+from litcompress._validation import check_choice, check_fraction, check_int, check_real, fail
 from litcompress.distillation.ensemble import TeacherEnsemble
 
-__all__ = ["check_models", "check_options"]
+__all__ = ["check_dtypes", "check_models", "check_options"]
 
 
 def check_models(student: Any, teacher: Any, temperature: Any = 1.0, task_loss: Any = "cross_entropy"
@@ -39,12 +40,27 @@ def check_models(student: Any, teacher: Any, temperature: Any = 1.0, task_loss: 
         fail("teacher", "a torch.nn.Module, a list of them, or None", type(teacher).__name__, exc=TypeError)
     if teacher is student:
         fail("teacher", "a model other than the student", "the student itself")
+    if teacher is not None and any(p.is_meta for p in teacher.parameters()):
+        fail("teacher", "a model with weights (not on the meta device)", type(teacher).__name__,
+              hint="load the teacher's weights before passing it, e.g. `teacher.to_empty(device='cpu')` then "
+                   "`teacher.load_state_dict(...)`")
     return teacher
 
 
-def _check_float(name: str, value: Any, strict: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 if strict else value >= 0):
-        fail(name, f"a float {'>' if strict else '>='} 0", value)
+def check_dtypes(student: nn.Module, teacher: nn.Module, precision: str = "32-true") -> None:
+    """The teacher computes in the dtype the student trains in under Lightning's ``precision`` (any dtype under
+    mixed precision, where autocast casts)."""
+    def dtype(model: nn.Module) -> Any:
+        return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+    if "mixed" in precision:
+        return
+    s = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}.get(precision, dtype(student))
+    t = dtype(teacher)
+    if s is not None and t is not None and s != t:
+        fail("teacher", f"a model in the dtype the student trains in ({s} with precision={precision!r})",
+              f"a {t} model", hint=f"convert it with `teacher.to({s})` or train with a mixed precision "
+              "(e.g. 'bf16-mixed')")
 
 
 def check_options(*, temperature: Any = 4.0, alpha: Any = 0.9, task_loss: Any = "cross_entropy",
@@ -52,19 +68,19 @@ def check_options(*, temperature: Any = 4.0, alpha: Any = 0.9, task_loss: Any = 
                   transfer: Any = None, transfer_size: Any = 64, seed: Any = 0, shift_labels: Any = None,
                   feature_loss: Any = None, feature_weight: Any = 1.0, feature_losses: Sequence[str] = ()) -> None:
     """Check the scalar arguments (``feature_loss`` and ``feature_weight`` only when ``feature_loss`` is given)."""
-    _check_float("temperature", temperature, strict=True)
+    check_real("temperature", temperature)
     check_fraction("alpha", alpha, closed_right=True)
     if task_loss is None and alpha < 1:
         fail("alpha", "1.0 when `task_loss` is None (label-free distillation has no task term)", alpha)
     if task_loss is not None and not callable(task_loss) and task_loss not in ("cross_entropy", "mse"):
         fail("task_loss", "'cross_entropy', 'mse', a callable fn(output, target) or None", task_loss)
-    _check_float("lr", lr, strict=True)
-    _check_float("weight_decay", weight_decay, strict=False)
+    check_real("lr", lr)
+    check_real("weight_decay", weight_decay, strict=False)
     check_int("ignore_index", ignore_index)
     check_int("num_classes", num_classes, minimum=2, allow_none=True)
     if feature_loss is not None:
         check_choice("feature_loss", feature_loss, feature_losses)
-        _check_float("feature_weight", feature_weight, strict=False)
+        check_real("feature_weight", feature_weight, strict=False)
     if transfer is not None:
         check_choice("transfer", transfer, ("mixup",))
     check_int("transfer_size", transfer_size, minimum=1)

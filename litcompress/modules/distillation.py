@@ -19,7 +19,7 @@ from litcompress.distillation import batches as _batches
 from litcompress.distillation.cache import TeacherCache, cache_from_options
 from litcompress.distillation.features import FEATURE_LOSSES, capture, feature_pairs, feature_terms, make_adapters
 from litcompress.distillation.losses import kd_loss, mse_distillation_loss
-from litcompress.distillation.options import check_models, check_options
+from litcompress.distillation.options import check_dtypes, check_models, check_options
 
 __all__ = ["DistillationModule"]
 
@@ -203,6 +203,8 @@ class DistillationModule(pl.LightningModule):
         if stage == "fit" and self.teacher is None:
             fail("teacher", "a teacher model for training", None,
                   hint="pass `teacher=` (a teacher is only optional for inference from a checkpoint)")
+        if stage == "fit" and self.teacher is not None:  # before Lightning converts the student to its precision
+            check_dtypes(self.student, self.teacher, str(self.trainer.precision))
 
     @override
     def on_fit_start(self) -> None:

@@ -9,7 +9,9 @@ Each tensor of ``model.state_dict()`` is stored in the smallest of these forms:
 - a tensor held under several keys (tied weights, such as an input embedding and its LM head): stored once, under
   its first key; the layout marks the others ``{"alias": <first key>}`` and loading ties them again.
 
-The layout is described in the file's metadata (JSON); nothing is ever unpickled.
+The layout is described in the file's metadata (JSON), with a SHA-256 checksum of the layout and the tensors (files
+written before it have none); nothing is ever unpickled. Loading checks every field and every tensor against the
+layout and the model before it writes anything into the model (see ``_layout.py``).
 """
 
 from __future__ import annotations
@@ -17,19 +19,18 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor, nn
 
 from litcompress._extras import require
 from litcompress._validation import fail
+from litcompress.quantization._layout import FORMAT, Entry, bad_file, check_model, checksum, parse_layout, read_metadata
 from litcompress.quantization.access import quantized_weights
 
 __all__ = ["load_compressed", "save_compressed"]
 
-_FORMAT = "litcompress.compact/2"
-_READABLE = ("litcompress.compact/1", _FORMAT)  # version 1: no aliases, per-channel scales along axis 0
 _BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 
@@ -136,7 +137,9 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> Path:
         tensors[f"{name}:values"] = flat
         layout[name] = entry
     path = Path(path)
-    save_file(tensors, str(path), metadata={"format": _FORMAT, "layout": json.dumps(layout)})
+    text = json.dumps(layout)
+    metadata = {"format": FORMAT, "layout": text, "sha256": checksum(FORMAT, text, tensors)}
+    save_file(tensors, str(path), metadata=metadata)
     return path
 
 
@@ -150,8 +153,11 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     of ``model`` that is a separate tensor there is replaced by the one it aliases, so both owners share it.
 
     Raises:
-        ValueError: the file is truncated, not a safetensors file, not written by :func:`save_compressed`, or
-            written for a model with other tensor names or shapes.
+        TypeError: ``model`` is not a module, or ``path`` not a path.
+        ValueError: the file is missing, truncated, damaged (its checksum differs), not a safetensors file, not
+            written by :func:`save_compressed`, inconsistent (a layout field, a tensor's dtype or length, a scale
+            that is not finite and positive, an alias of an unknown or aliased name), or written for a model with
+            other tensor names, shapes or dtypes. ``model`` is then left as it was.
     """
     require("safetensors", what="load_compressed")
     from safetensors import safe_open
@@ -161,50 +167,96 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
              hint="call load_compressed(model, path), as save_compressed(model, path)")
     if not isinstance(model, nn.Module):
         fail("model", "a torch.nn.Module", type(model).__name__, exc=TypeError)
+    if not isinstance(path, (str, os.PathLike)):
+        fail("path", "a str or os.PathLike", type(path).__name__, exc=TypeError)
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is not a Mapping)
     except Exception as err:  # safetensors raises its own error types for truncated or foreign files
-        fail("path", "a complete safetensors file written by save_compressed", str(path),
-              hint=f"reading it failed: {err}")
-    if metadata.get("format") not in _READABLE:
-        fail("path", f"a file written by save_compressed (format {_FORMAT!r})", str(path),
-              hint=f"its metadata says format={metadata.get('format')!r}")
-    layout = json.loads(metadata["layout"])
+        bad_file(path, f"reading it failed: {err}")
+    # everything is checked, and every tensor decoded, before anything is written into the model
+    version, text = read_metadata(metadata, stored, path)
+    layout = parse_layout(text, version, path)
     state = model.state_dict()
-    if set(layout) != set(state):
-        missing, extra = sorted(set(state) - set(layout)), sorted(set(layout) - set(state))
-        fail("model", "a model with the tensors stored in the file", type(model).__name__,
-              hint=f"missing from the file: {missing[:5]}; not in the model: {extra[:5]}")
-    restored = {}
-    for name, entry in layout.items():
-        shape = torch.Size(entry["shape"])
-        if shape != state[name].shape:
-            fail("model", f"`{name}` of shape {tuple(shape)}", tuple(state[name].shape))
-        if "alias" in entry:
-            continue
-        values = stored[f"{name}:values"]
-        n = shape.numel()
-        if "count" in entry:
-            values = _unpack_int4(values, entry["count"])
-        if entry.get("sparse"):
-            mask = _unpack_bits(stored[f"{name}:mask"], n)
-            full = torch.zeros(n, dtype=values.dtype)
-            full[mask] = values
-            values = full
-        values = values.reshape(shape)
-        if "bits" in entry:
-            scale = _scale_shape(stored[f"{name}:scale"], len(shape), entry.get("axis", 0))
-            values = values.float() * scale
-        restored[name] = values.to(state[name].dtype)
-    aliases = {name: entry["alias"] for name, entry in layout.items() if "alias" in entry}
+    check_model(layout, state, type(model).__name__)
+    expected = {f"{name}:{kind}" for name, entry in layout.items() for kind in _parts(entry)}
+    if set(stored) != expected:
+        missing, extra = sorted(expected - set(stored)), sorted(set(stored) - expected)
+        bad_file(path, "; ".join([f"its layout names tensors it lacks: {missing[:5]}"] * bool(missing)
+                                 + [f"it holds tensors its layout does not describe: {extra[:5]}"] * bool(extra)))
+    restored = {name: _decode(name, entry, stored, version, path).to(state[name].dtype)
+                for name, entry in layout.items() if entry.alias is None}
+    aliases = {name: entry.alias for name, entry in layout.items() if entry.alias is not None}
     for name, target in aliases.items():
         restored[name] = restored[target]
     model.load_state_dict(restored, strict=True)
     _tie(model, aliases)
     return model
+
+
+def _parts(entry: Entry) -> list[str]:
+    """The tensors the file holds for ``entry``: none for an alias."""
+    if entry.alias is not None:
+        return []
+    return ["values"] + ["mask"] * entry.sparse + ["scale"] * (entry.bits is not None)
+
+
+def _decode(name: str, entry: Entry, stored: dict[str, Tensor], version: int, path: Path) -> Tensor:
+    """The tensor ``name`` as the file stores it, every part checked against ``entry`` (its layout)."""
+
+    def bad(hint: str) -> NoReturn:
+        bad_file(path, f"`{name}` {hint}")
+
+    def part(kind: str, dtype: torch.dtype, numel: int) -> Tensor:
+        t = stored[f"{name}:{kind}"]
+        if t.dtype != dtype or t.shape != (numel,):
+            bad(f"has {kind} of {t.dtype} and shape {tuple(t.shape)}, where its layout means {dtype} and ({numel},)")
+        return t
+
+    n = count = entry.numel
+    if entry.sparse:
+        packed = part("mask", torch.uint8, -(-n // 8))
+        if n % 8 and int(packed[-1]) >> n % 8:
+            bad("has mask bits set past its last element")
+        mask = _unpack_bits(packed, n)
+        count = int(mask.sum())
+    if entry.bits is None:
+        values = part("values", entry.dtype, count)
+    elif entry.count is not None:
+        if entry.count != count:
+            bad(f"has count={entry.count} in its layout, where its {'mask' if entry.sparse else 'shape'} means {count}")
+        packed = part("values", torch.uint8, -(-count // 2))
+        if count % 2 and packed[-1] >> 4:
+            bad("has a nonzero padding half-byte after its last 4-bit value")
+        values = _unpack_int4(packed, count)
+    else:
+        values = part("values", torch.int8, count)
+    if entry.bits is not None:
+        qmax = 2 ** (entry.bits - 1) - 1
+        if ((values < -qmax) | (values > qmax)).any():
+            bad(f"has integer values outside [-{qmax}, {qmax}], the range of {entry.bits} bits")
+    if entry.sparse:
+        if (values == 0).any():
+            bad("has a zero among the values its mask marks nonzero")
+        full = torch.zeros(n, dtype=values.dtype)
+        full[mask] = values
+        values = full
+    values = values.reshape(entry.shape)
+    if entry.bits is None:
+        return values
+    scale = stored[f"{name}:scale"]
+    axis = entry.axis if version > 1 else (0 if scale.dim() else None)  # format 1: per-channel along axis 0
+    if axis is not None and axis >= len(entry.shape):
+        bad(f"has per-channel scales, yet its shape {list(entry.shape)} has no axis {axis}")
+    want = () if axis is None else (entry.shape[axis],)
+    if scale.dtype != torch.float32 or scale.shape != want:
+        bad(f"has scales of {scale.dtype} and shape {tuple(scale.shape)}, where its layout (axis={entry.axis}) "
+            f"means float32 and {want}")
+    if not (torch.isfinite(scale).all() and (scale > 0).all()):
+        bad("has a scale that is not a finite positive number")
+    return values.float() * _scale_shape(scale, len(entry.shape), axis or 0)
 
 
 def _tie(model: nn.Module, aliases: dict[str, str]) -> None:

@@ -332,6 +332,16 @@ def convert_(
         if isinstance(module, QuantizedLayer) and name not in selected:
             for key, quantizer in module.weight_quantizers.items():
                 shared.setdefault(id(module.weight_tensor(key)), quantizer)
+    for name in selected:  # every layer is checked before any is converted: all or nothing
+        module = modules[name]
+        if not isinstance(module, QuantizedLayer):
+            if _target_class(type(module)) is None:
+                fail("parameters", "layers of the kinds " + ", ".join(k.__name__ for k in QUANTIZABLE_KINDS),
+                      f"{name} ({type(module).__name__})",
+                      hint="a subclass with its own forward cannot be converted safely; add it to `exclude`")
+            if isinstance(module, nn.MultiheadAttention) and (module.bias_k is not None or module.add_zero_attn):
+                fail("parameters", "attention layers without add_bias_kv / add_zero_attn", name,
+                      hint="add this layer to `exclude`")
     converted: dict[str, QuantizedLayer] = {}
     for name, attrs in selected.items():
         module = modules[name]
@@ -339,13 +349,7 @@ def convert_(
         if not isinstance(module, QuantizedLayer):
             original = type(module)
             target = _target_class(original)
-            if target is None:
-                fail("parameters", "layers of the kinds " + ", ".join(k.__name__ for k in QUANTIZABLE_KINDS),
-                      f"{name} ({original.__name__})",
-                      hint="a subclass with its own forward cannot be converted safely; add it to `exclude`")
-            if isinstance(module, nn.MultiheadAttention) and (module.bias_k is not None or module.add_zero_attn):
-                fail("parameters", "attention layers without bias_k / bias_v / add_zero_attn", name,
-                      hint="add this layer to `exclude`")
+            assert target is not None  # checked above
             module.__class__ = target
             assert isinstance(module, QuantizedLayer)  # the same object, now of its quantized class
             module.original_class = original
