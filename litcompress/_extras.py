@@ -29,6 +29,7 @@ EXTRAS = {
     "rich": "report",
     "jsonargparse": "cli",
     "transformers": "hf",
+    "torch_pruning": "structured",
 }
 """Optional module -> the extra that installs it (``pip install "litcompress[<extra>]"``)."""
 

@@ -13,8 +13,10 @@ from typing_extensions import override
 
 from litcompress._validation import check_bool, check_choice, check_fraction, check_int, fail
 from litcompress.callbacks._base import _compression_target, _CompressionCallback, _warn_inexact_resume, _Window
+from litcompress.callbacks._channels import build_channel_pruner, check_channel_options, remove_channels
 from litcompress.schedules import Schedule, get_schedule
 from litcompress.selection import ParameterFilter, ParameterRef, check_patterns, select_parameters
+from litcompress.sparsity.channels import ChannelPruner
 from litcompress.sparsity.importance import DATA_DEPENDENT, IMPORTANCES, ImportanceFn
 from litcompress.sparsity.masks import parse_nm
 from litcompress.sparsity.pruner import Pruner, Scope, default_scope
@@ -56,10 +58,18 @@ class Pruning(_CompressionCallback):
             ``None`` (default): ``"global"`` for one float sparsity (as Lightning's ``ModelPruning``); ``"layer"``
             for a per-tensor mapping or an ``N:M`` pattern. Per-layer targets prune a small output layer as hard
             as the rest; keep it dense then (``exclude=["<last>"]``).
-        pattern: ``"unstructured"`` or ``"N:M"`` such as ``"2:4"`` (at most N nonzeros in every M consecutive
-            weights along the input dimension).
+        pattern: ``"unstructured"``, ``"N:M"`` such as ``"2:4"`` (at most N nonzeros in every M consecutive
+            weights along the input dimension), or ``"channel"``: whole output channels of the selected Linear and
+            Conv layers (neurons, filters) are masked together with everything coupled to them (BatchNorm, the
+            next layers' inputs, residual partners; the graph comes from Torch-Pruning, ``pip install
+            "litcompress[structured]"``), every layer losing ``sparsity`` of its channels, and removed at the end
+            of the fit (see ``remove_channels``): the model ends smaller and faster, computing what the masked
+            model computed. The model's output layers keep their channels; channels coupled to a layer that
+            cannot shrink exactly (LayerNorm, grouped convolutions) are left alone with a warning.
         importance: ``"magnitude"``, ``"movement"`` (accumulated ``-w * grad``), ``"taylor"`` (``|w * grad|``
-            since the last update), ``"random"``, or a callable ``fn(name, weight) -> scores`` (higher kept).
+            since the last update), ``"random"``, or a callable ``fn(name, weight) -> scores`` (higher kept). With
+            ``pattern="channel"``: ``"magnitude"`` (L2 norm of a channel over its group), ``"l1"``, ``"taylor"``,
+            or ``"bn_scale"`` (``|gamma|`` of the channel's BatchNorm).
         parameters: which tensors. ``None``: the weights of Linear, Hugging Face's Conv1D (GPT-2's projections,
             N:M groups along their input dimension 0), Conv1d/2d/3d, LSTM/GRU/RNN and MultiheadAttention; a layer
             with a Linear's interface of another kind is an error naming it, never silently skipped. Regexes
@@ -72,6 +82,13 @@ class Pruning(_CompressionCallback):
         seed: seed of the ``"random"`` importance.
         log_prefix: prefix of the logged metrics ``<prefix>/sparsity`` and ``<prefix>/sparsity/<tensor>``.
         verbose: print a line at every mask update (rank zero).
+        example_input: ``pattern="channel"`` only: the batch traced to find coupled channels (a tensor, a tuple of
+            positional inputs or a mapping of keyword inputs). ``None``: the module's ``example_input_array``, else
+            the first training batch.
+        remove_channels: ``pattern="channel"`` only: delete the masked channels when training ends (default), or
+            keep the full-size masked model (``False``). The removal happens after the last checkpoint of the fit
+            is written: checkpoints hold the full-size model and the masks, so ``fit(ckpt_path=...)`` resumes.
+            The smaller model's outputs equal the masked model's within float tolerance.
 
     The tensors are looked up in ``pl_module.compression_target`` when the LightningModule defines it (a
     :class:`~litcompress.modules.DistillationModule` points it at the student), otherwise in the whole module.
@@ -106,14 +123,20 @@ class Pruning(_CompressionCallback):
         seed: int = 0,
         log_prefix: str = "pruning",
         verbose: bool = True,
+        example_input: Any = None,
+        remove_channels: bool = True,
     ) -> None:
         super().__init__(interval)
         self._check_window(start, end, frequency)
         self.schedule = get_schedule(schedule)
         if scope is not None:
             check_choice("scope", scope, ("layer", "global"))
-        nm = None if pattern == "unstructured" else parse_nm(pattern)
-        if nm is not None:
+        check_bool("remove_channels", remove_channels)
+        nm = None if pattern in ("unstructured", "channel") else parse_nm(pattern)
+        if pattern == "channel":
+            check_channel_options(sparsity, scope, importance, rewind)
+            sparsity = float(sparsity)  # type: ignore[arg-type]  # checked: a float
+        elif nm is not None:
             nm_sparsity = 1 - nm[0] / nm[1]
             if isinstance(sparsity, Mapping) or (sparsity is not None and abs(float(sparsity) - nm_sparsity) > 1e-9):
                 fail("sparsity", f"None or {nm_sparsity} with pattern {pattern!r}", sparsity,
@@ -140,7 +163,7 @@ class Pruning(_CompressionCallback):
             check_fraction("sparsity", sparsity)
         if callable(importance):
             pass
-        else:
+        elif pattern != "channel":
             check_choice("importance", importance, IMPORTANCES, hint="or pass a callable fn(name, weight)")
             if importance in DATA_DEPENDENT and start == 0 and self.schedule(0.0) > 0:
                 fail("start", f"an int >= 1 with importance={importance!r} and a schedule that prunes at start",
@@ -167,8 +190,10 @@ class Pruning(_CompressionCallback):
         self.parameters, self.exclude = parameters, exclude
         self.rewind, self.seed = rewind, seed
         self.log_prefix, self.verbose = log_prefix, verbose
+        self.example_input, self.remove_channels = example_input, remove_channels
+        self.removed: dict[str, tuple[int, int]] = {}  # channel groups removed at the end of the fit
 
-        self.pruner: Pruner | None = None
+        self.pruner: Pruner | ChannelPruner | None = None
         self._window: _Window | None = None
         self._last_point: int | None = None
 
@@ -192,12 +217,20 @@ class Pruning(_CompressionCallback):
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         refs = self._trainable(select_parameters(_compression_target(pl_module), self.parameters, self.exclude))
         pruner = self.pruner
-        if pruner is None or [id(r.tensor) for r in pruner.refs] != [
+        if self.pattern == "channel":  # masks need the coupled-channel graph: traced on a batch in `on_fit_start`
+            self._channel_refs = refs
+            self._check_disjoint(trainer, {id(r.tensor) for r in refs})
+            return
+        if not isinstance(pruner, Pruner) or [id(r.tensor) for r in pruner.refs] != [
             id(r.tensor) for r in refs if r.name in pruner.targets
         ]:  # a new model; the same model fitted again keeps its masks
+            assert self.sparsity is not None  # set in __init__ for every pattern
             pruner = self.pruner = Pruner(refs, self.sparsity, self.scope, self.pattern, self.importance, self.seed)
             self._last_point = None
-        mine = {id(r.tensor) for r in pruner.refs}
+        self._check_disjoint(trainer, {id(r.tensor) for r in pruner.refs})
+        self._apply_pending_state()
+
+    def _check_disjoint(self, trainer: pl.Trainer, mine: set[int]) -> None:
         for other in trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning, not declared on Trainer
             if other is self or not isinstance(other, Pruning) or other.pruner is None:
                 continue
@@ -205,7 +238,6 @@ class Pruning(_CompressionCallback):
             if shared:
                 fail("parameters", "disjoint selections for two Pruning callbacks", shared,
                       hint="use `exclude` so each tensor is pruned by one callback")
-        self._apply_pending_state()
 
     def _trainable(self, refs: list[ParameterRef]) -> list[ParameterRef]:
         """Frozen tensors (``requires_grad=False``) are left out of the default selection; selected by name, they
@@ -230,8 +262,13 @@ class Pruning(_CompressionCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.pruner is None:
+        if self.pruner is None and self.pattern != "channel":
             self._prepare(trainer, pl_module)
+        if self.pattern == "channel":
+            if not hasattr(self, "_channel_refs"):
+                self._prepare(trainer, pl_module)
+            self.pruner = build_channel_pruner(self, trainer, pl_module, self._channel_refs)
+            self._apply_pending_state()
         assert self.pruner is not None
         self.pruner.to_tensor_devices()
         self.pruner.apply()
@@ -258,6 +295,13 @@ class Pruning(_CompressionCallback):
         _warn_inexact_resume(trainer)
 
     @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.pattern == "channel" and self.remove_channels and isinstance(self.pruner, ChannelPruner):
+            self._remove_hooks()  # the optimizers point at the removed parameters
+            self.removed = remove_channels(self, self.pruner)
+            self.pruner = None
+
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
 
@@ -282,13 +326,14 @@ class Pruning(_CompressionCallback):
         if point is None or (self._last_point is not None and point <= self._last_point):
             return
         value = window.value(point)
-        if self.rewind and point == window.start:
-            pruner.take_snapshot()
+        rewind = pruner if self.rewind and isinstance(pruner, Pruner) else None  # never with channels
+        if rewind is not None and point == window.start:
+            rewind.take_snapshot()
         reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if pruner.data_dependent else None
         per_tensor = pruner.update(value, reduce=reduce)
-        if self.rewind and value >= 1.0 and pruner.snapshot:
-            pruner.rewind()
-            pruner.snapshot = {}
+        if rewind is not None and value >= 1.0 and rewind.snapshot:
+            rewind.rewind()
+            rewind.snapshot = {}
         self._last_point = point
         overall = pruner.global_sparsity()
         metrics = {f"{self.log_prefix}/sparsity": overall}

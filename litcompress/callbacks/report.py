@@ -20,12 +20,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
-from torch.utils.data import IterableDataset, default_collate
 from typing_extensions import override
 
 from litcompress._extras import ONNX_RUNTIME, install_hint, missing
 from litcompress._validation import check_int, fail
 from litcompress.callbacks._base import _compression_target, _log_metrics
+from litcompress.callbacks._inputs import first_batch_inputs
 from litcompress.quantization.access import quantized_layers
 from litcompress.report.summary import ModelSummary, summarize
 from litcompress.report.table import compare, format_table
@@ -119,7 +119,7 @@ class CompressionReport(Callback):
     def _input(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor | dict[str, Tensor]:
         if self._batch is None:
             x: Any = self.example_input if self.example_input is not None else pl_module.example_input_array
-            self._batch = _first_batch_inputs(trainer, pl_module) if x is None else x
+            self._batch = first_batch_inputs(trainer, pl_module, "CompressionReport") if x is None else x
         x = self._batch
         if isinstance(x, Mapping):
             return {k: v.to(pl_module.device) for k, v in x.items()}
@@ -243,32 +243,6 @@ class CompressionReport(Callback):
         self.baseline = state_dict.get("baseline")
         self.baseline_metrics = dict(state_dict.get("baseline_metrics", {}))
         self.baseline_note = state_dict.get("note", "")
-
-
-def _first_batch_inputs(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
-    """The model inputs of the first training batch, read from the dataset in order (the sampler is not touched, so
-    the fit's random draws do not change): ``unpack_batch(batch)[0]`` when the module has it (a
-    :class:`~litcompress.modules.DistillationModule`), else a tuple's first item, a mapping's tensors but its labels,
-    or the batch itself."""
-    hint = "pass CompressionReport(example_input=...) or set `self.example_input_array` in your LightningModule"
-    _ = trainer.estimated_stepping_batches  # loads the train dataloader (Lightning's own lazy setup)
-    loader = trainer.train_dataloader
-    dataset: Any = getattr(loader, "dataset", None)
-    batch_size = getattr(loader, "batch_size", None)
-    if (not isinstance(batch_size, int) or isinstance(dataset, IterableDataset)
-            or not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"))):
-        fail("example_input", "a batch when the train dataloader is not a map-style DataLoader with a batch size",
-             None, exc=TypeError, hint=hint)
-    collate = getattr(loader, "collate_fn", None) or default_collate
-    batch = collate([dataset[i] for i in range(min(batch_size, len(dataset)))])
-    unpack = getattr(pl_module, "unpack_batch", None)
-    if callable(unpack):
-        return unpack(batch)[0]
-    if isinstance(batch, (tuple, list)):
-        return batch[0]
-    if isinstance(batch, Mapping):
-        return {k: v for k, v in batch.items() if isinstance(v, Tensor) and k not in ("labels", "label")}
-    return batch
 
 
 def _headline(before: ModelSummary, after: ModelSummary) -> dict[str, float]:

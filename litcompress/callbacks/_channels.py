@@ -1,0 +1,93 @@
+"""`Pruning(pattern="channel")`: the Lightning side of structured pruning (kept here so `pruning.py` stays one
+concept): checking its options, tracing the coupled-channel graph on a batch, removing the channels at the end."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+
+from litcompress._extras import require
+from litcompress._validation import check_choice, check_fraction, fail
+from litcompress.callbacks._base import _compression_target
+from litcompress.callbacks._inputs import first_batch_inputs
+from litcompress.quantization.modules import QuantizedLayer
+from litcompress.selection import ParameterRef
+from litcompress.sparsity.channels import CHANNEL_IMPORTANCES, ChannelPruner
+
+if TYPE_CHECKING:
+    from litcompress.callbacks.pruning import Pruning
+
+__all__ = ["build_channel_pruner", "check_channel_options", "remove_channels"]
+
+_ROOTS = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+def check_channel_options(sparsity: Any, scope: Any, importance: Any, rewind: Any) -> None:
+    if isinstance(sparsity, (Mapping, bool)) or not isinstance(sparsity, numbers.Real):
+        fail("sparsity", "a float in the [0, 1) range with pattern='channel'", sparsity, exc=TypeError,
+             hint="the fraction of output channels removed from every selected layer")
+    check_fraction("sparsity", sparsity)
+    if scope == "global":
+        fail("scope", "'layer' or None with pattern='channel'", scope,
+             hint="every layer loses the same fraction of its channels")
+    check_choice("importance", importance, CHANNEL_IMPORTANCES,
+                 hint="channel importances: L2 ('magnitude') or L1 norm, first-order Taylor, BatchNorm scale")
+    if rewind is True:
+        fail("rewind", "False with pattern='channel'", rewind, hint="rewinding is for unstructured masks")
+
+
+def build_channel_pruner(callback: Pruning, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                         refs: Sequence[ParameterRef]) -> ChannelPruner:
+    """Trace the compressed model on ``example_input`` (else the first training batch) and mask the output
+    channels of the selected Linear and Conv layers, with everything coupled to them."""
+    require("torch_pruning", what="Pruning(pattern='channel')")
+    target = _compression_target(pl_module)
+    learned = [n for n, m in target.named_modules() if isinstance(m, QuantizedLayer)
+               and any(q.config.scale == "learned" for q in m.weight_quantizers.values())]
+    if learned:
+        fail("pattern", "'unstructured' or 'N:M' with QuantizationAwareTraining(scale='learned')", "channel",
+             hint=f"learned per-channel step sizes ({learned[0]}, ...) cannot shrink with their layer; use "
+                  "scale='minmax' or 'power_of_two'")
+    layers = sorted({r.module_name for r in refs if isinstance(r.module, _ROOTS)},
+                    key=list(dict(target.named_modules())).index)
+    if not layers:
+        fail("parameters", "a selection with Linear or Conv layers for pattern='channel'", [r.name for r in refs])
+    x = callback.example_input
+    if x is None:
+        x = pl_module.example_input_array
+    if x is None:
+        x = first_batch_inputs(trainer, pl_module, "Pruning")
+    x = {k: v.to(pl_module.device) for k, v in x.items()} if isinstance(x, Mapping) else (
+        x.to(pl_module.device) if isinstance(x, Tensor) else x)
+    was_training = target.training
+    target.eval()
+    try:
+        pruner = ChannelPruner(target, x, layers, callback.sparsity, callback.importance,  # type: ignore[arg-type]
+                               refs=refs)
+    finally:
+        target.train(was_training)
+    if not pruner.groups:
+        fail("parameters", "layers with output channels that can be removed", layers,
+             hint="every selected layer is a model output or coupled to a layer that cannot shrink exactly: "
+                  + "; ".join(f"{k}: {v}" for k, v in pruner.skipped.items()))
+    if pruner.skipped:
+        rank_zero_warn(f"Pruning(pattern='channel'): {len(pruner.skipped)} layer(s) keep all their channels: "
+                       + "; ".join(f"{k}: {v}" for k, v in pruner.skipped.items()))
+    if callback.verbose:
+        rank_zero_info(f"Pruning: {len(pruner.groups)} channel groups over {len(layers)} layers")
+    return pruner
+
+
+def remove_channels(callback: Pruning, pruner: ChannelPruner) -> dict[str, tuple[int, int]]:
+    """Delete the masked channels: the model becomes an ordinary smaller ``nn.Module``."""
+    before = sum(p.numel() for p in pruner.model.parameters())
+    removed = pruner.remove()
+    after = sum(p.numel() for p in pruner.model.parameters())
+    if callback.verbose:
+        rank_zero_info(f"Pruning: removed channels from {len(removed)} groups; parameters {before:,} -> {after:,}")
+    return removed

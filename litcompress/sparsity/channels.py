@@ -1,0 +1,326 @@
+"""Structured pruning: whole output channels (Conv filters, Linear neurons) masked during training, then removed.
+
+Channels are coupled: a Conv's output channel is also a BatchNorm channel and an input channel of every layer that
+reads it, and a residual add ties the same channel of several layers together. The dependency graph comes from
+Torch-Pruning (``pip install "litcompress[structured]"``): each :class:`ChannelGroup` is one such set of coupled
+channels, masked together and removed together, so the masked model computes exactly what the smaller model will.
+
+Masking zeroes a pruned channel everywhere it lives: the producers' output rows and biases, BatchNorm's scale and
+shift, and the consumers' input columns; :meth:`ChannelPruner.remove` then deletes those slices (Torch-Pruning's
+``Group.prune``) and the result is an ordinary, smaller ``nn.Module``.
+
+>>> import torch
+>>> from torch import nn
+>>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+>>> pruner = ChannelPruner(model, torch.randn(2, 8), layers=["0"], sparsity=0.5)
+>>> pruner.update(1.0)
+{'0': 0.5}
+>>> pruner.remove()
+{'0': (16, 8)}
+>>> model[0].out_features, model[2].in_features
+(8, 8)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from litcompress._extras import require
+from litcompress._validation import check_choice, check_fraction, fail
+
+__all__ = ["CHANNEL_IMPORTANCES", "ChannelGroup", "ChannelPruner"]
+
+CHANNEL_IMPORTANCES = ("magnitude", "l1", "taylor", "bn_scale")
+"""``magnitude``: L2 norm of a channel's weights over its whole group; ``l1``: L1 norm; ``taylor``: accumulated
+``|w * grad|`` (first-order Taylor estimate of the loss change); ``bn_scale``: ``|gamma|`` of the group's
+BatchNorm layers (network slimming)."""
+
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@dataclass
+class _Slice:
+    """One parameter a group touches: ``param[..., index, ...]`` along ``dim`` belongs to root channel ``root``."""
+
+    module: nn.Module
+    attr: str
+    dim: int
+    index: Tensor  # positions along `dim`
+    root: Tensor  # the root channel of each position
+    producer: bool  # an output slice (scored); consumers' input slices are only zeroed
+
+    @property
+    def tensor(self) -> Tensor:
+        return getattr(self.module, self.attr)
+
+
+@dataclass
+class ChannelGroup:
+    """Coupled channels: pruned together, removed together.
+
+    Attributes:
+        name: the root layer (the first selected layer of the group, in module order).
+        channels: the number of channels.
+        slices: every parameter slice the group's channels live in.
+        mask: ``True`` for kept channels (``None`` before the first update).
+    """
+
+    name: str
+    channels: int
+    slices: list[_Slice]
+    root: Any = field(repr=False)  # Torch-Pruning's (module, handler) to rebuild the group for removal
+    mask: Tensor | None = None
+
+    def zero_index(self, s: _Slice) -> Tensor:
+        """Positions of ``s`` that belong to pruned channels."""
+        assert self.mask is not None
+        return s.index[~self.mask[s.root]]
+
+
+def _slices(group: Any, names: Mapping[nn.Module, str]) -> tuple[list[_Slice], str | None]:
+    """The parameter slices of a Torch-Pruning group, or (``[]``, why) when it holds a layer this cannot mask
+    exactly (a LayerNorm, a grouped convolution, an unknown layer with parameters)."""
+    out: list[_Slice] = []
+    for item in group._group:
+        module, handler = item.dep.target.module, item.dep.handler.__name__
+        if not list(module.parameters(recurse=False)):
+            continue  # element-wise ops, reshapes, pooling: nothing to mask
+        producer = handler == "prune_out_channels"
+        index = torch.as_tensor([int(i) for i in item.idxs], dtype=torch.long)
+        root = torch.as_tensor([int(i) for i in item.root_idxs], dtype=torch.long)
+        where = names.get(module, type(module).__name__)
+        if isinstance(module, _NORMS):
+            attrs = [(a, 0) for a in ("weight", "bias") if getattr(module, a, None) is not None]
+        elif isinstance(module, nn.Linear):
+            attrs = [("weight", 0), ("bias", 0)] if producer else [("weight", 1)]
+        elif isinstance(module, nn.modules.conv._ConvNd):
+            depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+            if module.groups > 1 and not depthwise:
+                return [], f"`{where}` is a grouped convolution"
+            out_dim = 1 if module.transposed else 0
+            attrs = [("weight", out_dim), ("bias", 0)] if producer or depthwise else [("weight", 1 - out_dim)]
+        elif isinstance(module, nn.Embedding):
+            attrs = [("weight", 1)]
+        else:
+            return [], f"`{where}` ({type(module).__name__}) cannot be masked exactly"
+        for attr, dim in attrs:
+            if getattr(module, attr, None) is not None:
+                out.append(_Slice(module, attr, dim, index, root, producer))
+    return out, None
+
+
+class ChannelPruner:
+    """Masks whole channels of ``layers`` (and everything coupled to them), scheduled toward ``sparsity``.
+
+    Args:
+        model: the model.
+        example_input: one input batch (a tensor, a tuple of positional inputs, or a mapping of keyword inputs),
+            traced once to find which channels are coupled.
+        layers: names of the Linear / Conv layers whose output channels may be pruned; the model's output layers
+            never are (their channels are the model's outputs).
+        sparsity: the final fraction of channels removed from each group.
+        importance: one of :data:`CHANNEL_IMPORTANCES`.
+    """
+
+    def __init__(self, model: nn.Module, example_input: Any, layers: Sequence[str], sparsity: float,
+                 importance: str = "magnitude", refs: Sequence[Any] = ()) -> None:
+        require("torch_pruning", what="channel pruning")
+        import torch_pruning as tp  # type: ignore[import-untyped]
+
+        check_fraction("sparsity", sparsity)
+        check_choice("importance", importance, CHANNEL_IMPORTANCES)
+        modules = dict(model.named_modules())
+        unknown = [n for n in layers if n not in modules]
+        if unknown:
+            fail("layers", "names of layers of the model", unknown)
+        self.model, self.sparsity, self.importance = model, float(sparsity), importance
+        self.refs = list(refs)  # the selected tensors (for callers that check two pruners do not overlap)
+        if isinstance(example_input, Mapping):  # keyword inputs (a Hugging Face batch)
+            example_input = dict(example_input)
+        self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+        names = {m: n for n, m in modules.items()}
+        selected = {modules[n] for n in layers}
+        roots = (nn.Linear, nn.modules.conv._ConvNd)
+        self.groups: list[ChannelGroup] = []
+        self.skipped: dict[str, str] = {}  # root layer -> why its channels are left alone
+        for group in self.graph.get_all_groups(root_module_types=list(roots), ignored_layers=self._outputs(model)):
+            root = group._group[0].dep.target.module
+            producers = [it.dep.target.module for it in group._group if it.dep.handler.__name__ ==
+                         "prune_out_channels" and isinstance(it.dep.target.module, roots)]
+            if not any(p in selected for p in producers):
+                continue
+            name = min((names[p] for p in producers if p in selected), key=list(modules).index)
+            slices, why = _slices(group, names)
+            if why is not None:
+                self.skipped[name] = why
+                continue
+            handler = group._group[0].dep.handler
+            channels = len(group._group[0].idxs)
+            self.groups.append(ChannelGroup(name, channels, slices, (root, handler)))
+        self.scores: dict[str, Tensor] = {}
+        self._zero_index: list[tuple[_Slice, Tensor]] | None = None
+
+    def _outputs(self, model: nn.Module) -> list[nn.Module]:
+        """Layers whose outputs leave the model (no other layer reads them): never pruned."""
+        graph = self.graph
+        out: list[nn.Module] = []
+        for module, node in graph.module2node.items():
+            if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and not self._reaches_layer(node, set()):
+                out.append(module)
+        return out
+
+    @staticmethod
+    def _reaches_layer(node: Any, seen: set[int]) -> bool:
+        for nxt in node.outputs:
+            if id(nxt) in seen:
+                continue
+            seen.add(id(nxt))
+            if list(nxt.module.parameters(recurse=False)) and not isinstance(nxt.module, _NORMS):
+                return True
+            if ChannelPruner._reaches_layer(nxt, seen):
+                return True
+        return False
+
+    # ------------------------------------------------------------------ importance
+    @property
+    def data_dependent(self) -> bool:
+        """Whether importance needs gradients (:meth:`accumulate` after every backward)."""
+        return self.importance == "taylor"
+
+    def accumulate(self, only: set[int] | None = None, skip_nonfinite: bool = False) -> bool:
+        """Add this step's ``|w * grad|`` per channel (``importance="taylor"``); call after ``backward``.
+
+        Args:
+            only: ids of the tensors to consider (those of the optimizer about to step); ``None`` for all.
+            skip_nonfinite: skip the step if a gradient holds inf/NaN (a step a GradScaler will discard).
+        """
+        if self.importance != "taylor":
+            return False
+        grads = [s.tensor.grad for g in self.groups for s in g.slices if s.producer and s.tensor.grad is not None
+                 and (only is None or id(s.tensor) in only)]
+        if not grads or (skip_nonfinite and not all(bool(torch.isfinite(x).all()) for x in grads)):
+            return False
+        for g in self.groups:
+            score = self.scores.setdefault(g.name, torch.zeros(g.channels))
+            for s in g.slices:
+                t = s.tensor
+                if s.producer and t.grad is not None and (only is None or id(t) in only):
+                    score.index_add_(0, s.root, _per_index((t * t.grad).detach().abs().float(), s).cpu())
+        return True
+
+    def group_scores(self) -> dict[str, Tensor]:
+        """One score per channel of every group (higher: more important)."""
+        out = {}
+        for g in self.groups:
+            if self.importance == "taylor":
+                out[g.name] = self.scores.get(g.name, torch.zeros(g.channels)).clone()
+                continue
+            score = torch.zeros(g.channels)
+            for s in g.slices:
+                t = s.tensor.detach().float()
+                if self.importance == "bn_scale":
+                    if isinstance(s.module, _NORMS) and s.attr == "weight":
+                        score.index_add_(0, s.root, _per_index(t.abs(), s).cpu())
+                elif s.producer:
+                    value = t.abs() if self.importance == "l1" else t * t
+                    score.index_add_(0, s.root, _per_index(value, s).cpu())
+            if self.importance == "bn_scale" and not any(isinstance(s.module, _NORMS) for s in g.slices):
+                fail("importance", "'bn_scale' only for layers followed by BatchNorm", self.importance,
+                      hint=f"`{g.name}` has no BatchNorm; use 'magnitude' or exclude it")
+            out[g.name] = score.sqrt() if self.importance == "magnitude" else score
+        return out
+
+    # ------------------------------------------------------------------ masks
+    @torch.no_grad()
+    def update(self, fraction: float, reduce: Any = None) -> dict[str, float]:
+        """Prune ``fraction`` of the final ``sparsity`` of every group's channels (never reviving one); returns the
+        fraction of channels pruned per group. ``reduce`` averages Taylor scores over processes."""
+        check_fraction("fraction", fraction, closed_right=True)
+        scores = self.group_scores()
+        if reduce is not None and self.data_dependent and scores:
+            flat = reduce(torch.cat(list(scores.values())))
+            scores = dict(zip(scores, flat.cpu().split([g.channels for g in self.groups])))
+        if self.importance == "taylor":
+            self.scores.clear()  # evidence counts since the last update
+        for g in self.groups:
+            prune = min(g.channels - 1, round(fraction * self.sparsity * g.channels))
+            score = scores[g.name].clone()
+            if g.mask is not None:
+                score[~g.mask] = -float("inf")  # pruned channels stay pruned, and are counted first
+            order = torch.argsort(score, stable=True)
+            mask = torch.ones(g.channels, dtype=torch.bool)
+            mask[order[:prune]] = False
+            if g.mask is not None:
+                mask &= g.mask
+            g.mask = mask
+        self._zero_index = None
+        self.apply()
+        return self.sparsity_per_group()
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Zero every slice of every pruned channel in place (after each optimizer step)."""
+        if self._zero_index is None:
+            self._zero_index = [(s, g.zero_index(s).to(s.tensor.device)) for g in self.groups if g.mask is not None
+                                for s in g.slices]
+        for s, index in self._zero_index:
+            if index.numel():
+                s.tensor.index_fill_(s.dim, index, 0.0)
+
+    def sparsity_per_group(self) -> dict[str, float]:
+        """Fraction of pruned channels of every group."""
+        return {g.name: 0.0 if g.mask is None else 1 - int(g.mask.sum()) / g.channels for g in self.groups}
+
+    def global_sparsity(self) -> float:
+        """Fraction of pruned channels over all groups together."""
+        total = sum(g.channels for g in self.groups)
+        kept = sum(g.channels if g.mask is None else int(g.mask.sum()) for g in self.groups)
+        return 1.0 - kept / total if total else 0.0
+
+    def to_tensor_devices(self) -> None:
+        """Indices follow their tensors on the next :meth:`apply` (after a checkpoint load or a device move)."""
+        self._zero_index = None
+
+    # ------------------------------------------------------------------ removal
+    @torch.no_grad()
+    def remove(self) -> dict[str, tuple[int, int]]:
+        """Delete the pruned channels from the model (Torch-Pruning's ``Group.prune``): layers, BatchNorms and
+        consumers shrink together. Returns ``{group: (channels before, after)}``; the masks are then spent."""
+        done = {}
+        for g in self.groups:
+            if g.mask is None:
+                continue
+            pruned = torch.nonzero(~g.mask).flatten().tolist()
+            if pruned:
+                module, handler = g.root
+                self.graph.get_pruning_group(module, handler, idxs=pruned).prune()
+            done[g.name] = (g.channels, int(g.mask.sum()))
+        self.groups = []
+        self._zero_index = None
+        return done
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"masks": {g.name: g.mask for g in self.groups if g.mask is not None}, "scores": dict(self.scores)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        by_name = {g.name: g for g in self.groups}
+        for name, mask in state.get("masks", {}).items():
+            if name not in by_name or mask.shape != (by_name[name].channels,):
+                fail("state_dict", f"channel masks for the groups {sorted(by_name)}", name,
+                      hint="the checkpoint was written for a different model or a different selection")
+            by_name[name].mask = mask.bool().cpu()
+        self.scores = {k: v.cpu() for k, v in state.get("scores", {}).items()}
+        self._zero_index = None
+
+
+def _per_index(value: Tensor, s: _Slice) -> Tensor:
+    """``value`` summed over every dimension but ``s.dim``, at the positions ``s.index``."""
+    dims = [d for d in range(value.dim()) if d != s.dim]
+    total = value.sum(dim=dims) if dims else value
+    return total[s.index.to(total.device)]
