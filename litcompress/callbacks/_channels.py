@@ -16,7 +16,7 @@ from litcompress._validation import check_choice, check_fraction, fail
 from litcompress.callbacks._base import _compression_target
 from litcompress.callbacks._inputs import first_batch_inputs
 from litcompress.quantization.modules import QuantizedLayer
-from litcompress.selection import ParameterRef
+from litcompress.selection import HFConv1D, ParameterRef
 from litcompress.sparsity.channels import CHANNEL_IMPORTANCES, ChannelPruner
 
 if TYPE_CHECKING:
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = ["build_channel_pruner", "check_channel_options", "remove_channels"]
 
-_ROOTS = (nn.Linear, nn.modules.conv._ConvNd)
+_ROOTS = (nn.Linear, nn.modules.conv._ConvNd, HFConv1D)
 
 
 def check_channel_options(sparsity: Any, scope: Any, importance: Any, rewind: Any) -> None:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from litcompress._extras import require
 from litcompress._validation import check_choice, check_fraction, fail
+from litcompress.selection import HFConv1D
 
 __all__ = ["CHANNEL_IMPORTANCES", "ChannelGroup", "ChannelPruner"]
 
@@ -104,6 +105,8 @@ def _slices(group: Any, names: Mapping[nn.Module, str]) -> tuple[list[_Slice], s
                 return [], f"`{where}` is a grouped convolution"
             out_dim = 1 if module.transposed else 0
             attrs = [("weight", out_dim), ("bias", 0)] if producer or depthwise else [("weight", 1 - out_dim)]
+        elif isinstance(module, HFConv1D):  # weight (in, out): the transpose of nn.Linear
+            attrs = [("weight", 1), ("bias", 0)] if producer else [("weight", 0)]
         elif isinstance(module, nn.Embedding):
             attrs = [("weight", 1)]
         else:
@@ -142,10 +145,18 @@ class ChannelPruner:
         self.refs = list(refs)  # the selected tensors (for callers that check two pruners do not overlap)
         if isinstance(example_input, Mapping):  # keyword inputs (a Hugging Face batch)
             example_input = dict(example_input)
-        self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+        conv1d = {type(m): _conv1d_pruner(tp) for m in modules.values() if isinstance(m, HFConv1D)}
+        try:
+            self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input,
+                                                               output_transform=_first_output,
+                                                               customized_pruners=conv1d or None)
+        except (TypeError, ValueError, RuntimeError, KeyError, IndexError, AttributeError) as err:
+            fail("model", "a model whose coupled channels Torch-Pruning can trace", type(model).__name__,
+                 hint=f"tracing failed ({type(err).__name__}: {err}); attention blocks that split and concatenate "
+                      "projections (GPT-2's c_attn) are not supported yet: use an unstructured or N:M pattern")
         names = {m: n for n, m in modules.items()}
         selected = {modules[n] for n in layers}
-        roots = (nn.Linear, nn.modules.conv._ConvNd)
+        roots = (nn.Linear, nn.modules.conv._ConvNd, HFConv1D)
         self.groups: list[ChannelGroup] = []
         self.skipped: dict[str, str] = {}  # root layer -> why its channels are left alone
         for group in self.graph.get_all_groups(root_module_types=list(roots), ignored_layers=self._outputs(model)):
@@ -170,7 +181,8 @@ class ChannelPruner:
         graph = self.graph
         out: list[nn.Module] = []
         for module, node in graph.module2node.items():
-            if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and not self._reaches_layer(node, set()):
+            if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, HFConv1D)) and not self._reaches_layer(
+                    node, set()):
                 out.append(module)
         return out
 
@@ -317,6 +329,49 @@ class ChannelPruner:
             by_name[name].mask = mask.bool().cpu()
         self.scores = {k: v.cpu() for k, v in state.get("scores", {}).items()}
         self._zero_index = None
+
+
+def _first_output(output: Any) -> Tensor:
+    """The tensor a model's output is traced from: itself, a ``logits`` field (Hugging Face), or the first tensor."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else ()
+    for value in values:
+        if isinstance(value, Tensor):
+            return value
+    fail("example_input", "an input on which the model returns a tensor (or a tuple / mapping holding one)",
+         type(output).__name__, exc=TypeError)
+
+
+def _conv1d_pruner(tp: Any) -> Any:
+    """Torch-Pruning's handler for Hugging Face's ``Conv1D`` (GPT-2's projections): ``nn.Linear`` transposed."""
+
+    class _Conv1DPruner(tp.pruner.BasePruningFunc):
+        def prune_out_channels(self, layer: Any, idxs: Sequence[int]) -> Any:
+            keep = sorted(set(range(layer.weight.shape[1])) - set(idxs))
+            layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 1)
+            if layer.bias is not None:
+                layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
+            layer.nf = len(keep)
+            return layer
+
+        def prune_in_channels(self, layer: Any, idxs: Sequence[int]) -> Any:
+            keep = sorted(set(range(layer.weight.shape[0])) - set(idxs))
+            layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
+            if hasattr(layer, "nx"):
+                layer.nx = len(keep)
+            return layer
+
+        def get_out_channels(self, layer: Any) -> int:
+            return int(layer.weight.shape[1])
+
+        def get_in_channels(self, layer: Any) -> int:
+            return int(layer.weight.shape[0])
+
+    return _Conv1DPruner()
 
 
 def _per_index(value: Tensor, s: _Slice) -> Tensor:

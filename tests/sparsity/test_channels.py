@@ -128,3 +128,27 @@ def test_depthwise_convolution_is_pruned_with_its_input():
     pruner.remove()
     assert model[1].groups == model[1].out_channels == 4
     assert torch.allclose(masked, model(x), atol=1e-5)
+
+
+def test_hugging_face_conv1d_neurons_are_pruned_and_removed():
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(16, 8), nn.GELU(), Conv1D(4, 16)).eval()  # Conv1D(out, in)
+    x = torch.randn(3, 8)
+    pruner = ChannelPruner(model, x, ["0"], 0.5)
+    pruner.update(1.0)
+    masked = model(x)
+    pruner.remove()
+    assert model[0].weight.shape == (8, 8) and model[0].nf == 8 and model[2].weight.shape == (8, 4)
+    assert torch.allclose(masked, model(x), atol=1e-6)
+
+
+def test_a_model_torch_pruning_cannot_trace_is_a_clear_error():
+    pytest.importorskip("transformers")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=8, n_embd=16, n_layer=1, n_head=2)).eval()
+    with pytest.raises(ValueError, match=r"`model`.*Torch-Pruning can trace.*c_attn"):
+        ChannelPruner(model, {"input_ids": torch.randint(0, 32, (2, 8))}, ["transformer.h.0.mlp.c_fc"], 0.5)
