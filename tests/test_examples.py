@@ -74,7 +74,8 @@ def test_mnist_pipeline_reduced(tmp_path, capfd):
 @pytest.mark.slow
 @pytest.mark.parametrize(("script", "expect"), [("bench_pruning.py", "| lightning |"),
                                                 ("bench_qat.py", "ONNX Runtime static quantization of fp32"),
-                                                ("bench_distillation.py", "with no data (RandomInputs)")])
+                                                ("bench_distillation.py", "with no data (RandomInputs)"),
+                                                ("bench_channels.py", "(3.95x fewer)")])
 def test_benchmark_quick(tmp_path, script, expect):
     out = tmp_path / "result.json"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)],

@@ -21,6 +21,7 @@ tensor([[0, 1, 1, 0],
 from __future__ import annotations
 
 import re
+import struct
 from collections.abc import Sequence
 
 import torch
@@ -57,7 +58,7 @@ def _prune_lowest(scores: Tensor, k: int) -> Tensor:
         return ~pruned
     threshold = scores.kthvalue(k).values
     pruned = scores < threshold
-    need = k - int(pruned.sum())
+    need = k - int(torch.count_nonzero(pruned))
     ties = (scores == threshold).nonzero().squeeze(1)[:need]
     pruned[ties] = True
     return pruned
@@ -73,7 +74,7 @@ def _prepared(scores: Tensor, mask: Tensor | None, name: str) -> Tensor:
 
 
 def _count(sparsity: float, numel: int, mask: Tensor | None) -> int:
-    already = 0 if mask is None else int(mask.numel() - mask.sum())
+    already = 0 if mask is None else mask.numel() - int(torch.count_nonzero(mask))
     return max(round(sparsity * numel), already)
 
 
@@ -95,21 +96,80 @@ def global_masks(
 ) -> list[Tensor]:
     """Keep-masks with one threshold across all tensors: the lowest ``sparsity`` fraction of all scores goes.
 
+    Ties go to the lower position in tensor order, then index. The threshold is found one tensor at a time (a
+    bisection over the order of float32 values, at most 32 counting passes), so no concatenated or sorted copy of
+    all scores is ever made: the extra memory is one temporary the size of the largest tensor.
+
     >>> a, b = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.5, 5.0])
     >>> [m.tolist() for m in global_masks([a, b], 0.5)]
     [[False, False, True, True], [False, True]]
     """
     check_fraction("sparsity", sparsity, closed_right=True)
     masks = list(masks) if masks is not None else [None] * len(scores)
-    flats = [_prepared(s, m, "scores") for s, m in zip(scores, masks)]
+    flats = [_checked(s, "scores") for s in scores]
+    keeps = [None if m is None else m.reshape(-1).to(f.device) for f, m in zip(flats, masks)]
     total = sum(f.numel() for f in flats)
-    already = sum(0 if m is None else int(m.numel() - m.sum()) for m in masks)
-    pruned = _prune_lowest(torch.cat([f.to(flats[0].device) for f in flats]), max(round(sparsity * total), already))
-    out, offset = [], 0
-    for s in scores:
-        out.append(~pruned[offset : offset + s.numel()].reshape(s.shape).to(s.device))
-        offset += s.numel()
+    already = sum(0 if m is None else m.numel() - int(torch.count_nonzero(m)) for m in keeps)
+    k = max(round(sparsity * total), already)
+    if k <= 0 or k >= total:
+        return [torch.full(s.shape, k <= 0, dtype=torch.bool, device=s.device) for s in scores]
+
+    def count(value: float, strict: bool) -> int:  # entries below (or at) `value`; pruned ones count as -inf
+        n = 0
+        for f, keep in zip(flats, keeps):
+            below = f < value if strict else f <= value
+            if keep is not None:
+                below &= keep
+                n += keep.numel() - int(torch.count_nonzero(keep))
+            n += int(torch.count_nonzero(below))
+        return n
+
+    lo = _order_key(min(float(f.min() if keep is None else f[keep].min())
+                        for f, keep in zip(flats, keeps) if keep is None or bool(keep.any())))
+    hi = _order_key(max(float(f.max()) for f in flats))
+    threshold = float("-inf")
+    if k > already:  # the k-th smallest score among the entries not yet pruned
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if count(_from_order_key(mid), strict=False) >= k:
+                hi = mid
+            else:
+                lo = mid + 1
+        threshold = _from_order_key(lo)
+    out: list[Tensor] = []
+    need = k - count(threshold, strict=True) if k > already else 0
+    for s, f, keep in zip(scores, flats, keeps):
+        pruned = f < threshold
+        if keep is not None:
+            pruned |= ~keep
+            ties = ((f == threshold) & keep) if need > 0 else None
+        else:
+            ties = (f == threshold) if need > 0 else None
+        if ties is not None:
+            index = ties.nonzero().squeeze(1)[:need]
+            pruned[index] = True
+            need -= index.numel()
+        out.append(~pruned.reshape(s.shape).to(s.device))
     return out
+
+
+def _checked(scores: Tensor, name: str) -> Tensor:
+    flat = scores.detach().float().reshape(-1)
+    if not torch.isfinite(flat).all():
+        fail(name, "finite importance scores", "NaN or inf scores", hint="check the importance function")
+    return flat
+
+
+def _order_key(value: float) -> int:
+    """An integer whose order is the order of float32 values (the IEEE-754 bits, sign-folded)."""
+    (bits,) = struct.unpack("<I", struct.pack("<f", value))
+    return bits ^ 0xFFFFFFFF if bits & 0x80000000 else bits | 0x80000000
+
+
+def _from_order_key(key: int) -> float:
+    bits = key & 0x7FFFFFFF if key & 0x80000000 else key ^ 0xFFFFFFFF
+    (value,) = struct.unpack("<f", struct.pack("<I", bits))
+    return float(value)
 
 
 def _groups(t: Tensor, m: int, dim: int) -> Tensor:

@@ -240,14 +240,16 @@ class Pruner:
     def sparsity(self) -> dict[str, float]:
         """Fraction of pruned entries of every tensor (0 before the first update)."""
         return {
-            r.name: (1.0 - int(self.masks[r.name].sum()) / r.tensor.numel()) if r.name in self.masks else 0.0
+            r.name: (1.0 - int(torch.count_nonzero(self.masks[r.name])) / r.tensor.numel())
+            if r.name in self.masks else 0.0
             for r in self.refs
         }
 
     def global_sparsity(self) -> float:
         """Fraction of pruned entries over all pruned tensors together (each tensor counted once)."""
         total = sum(r.tensor.numel() for r in self.refs)
-        kept = sum(int(self.masks[r.name].sum()) if r.name in self.masks else r.tensor.numel() for r in self.refs)
+        kept = sum(int(torch.count_nonzero(self.masks[r.name])) if r.name in self.masks else r.tensor.numel()
+                   for r in self.refs)
         return 1.0 - kept / total
 
     # ------------------------------------------------------------------ rewinding

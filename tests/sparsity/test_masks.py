@@ -98,3 +98,35 @@ def test_mask_errors():
         unstructured_mask(torch.ones(3), 1.5)
     with pytest.raises(ValueError, match="M dividing the input size"):
         nm_mask(torch.ones(4, 6), 2, 4)
+
+
+def _reference_global_masks(scores, sparsity, masks):
+    """The definition: one sort of all scores (pruned entries first), ties to the lower position."""
+    flats = [s.float().reshape(-1) if m is None else s.float().reshape(-1).masked_fill(~m.reshape(-1), -torch.inf)
+             for s, m in zip(scores, masks)]
+    cat = torch.cat(flats)
+    already = sum(0 if m is None else int((~m).sum()) for m in masks)
+    k = max(round(sparsity * cat.numel()), already)
+    order = torch.sort(cat, stable=True).indices[:k]
+    pruned = torch.zeros_like(cat, dtype=torch.bool)
+    pruned[order] = True
+    return [~p.reshape(s.shape) for p, s in zip(pruned.split([s.numel() for s in scores]), scores)]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_streamed_global_threshold_equals_one_sort_of_all_scores(seed):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(7, 5), (13,), (3, 4, 2), (1, 1)]
+    kinds = seed % 3  # continuous, heavy ties, negative values (movement scores)
+    scores = []
+    for shape in shapes:
+        x = torch.randn(shape, generator=g)
+        if kinds == 1:
+            x = torch.randint(0, 3, shape, generator=g).float()
+        scores.append(x if kinds == 2 else x.abs())
+    masks = [None] * len(shapes)
+    for sparsity in (0.0, 0.2, 0.5, 0.5, 0.9, 1.0):
+        got = global_masks(scores, sparsity, masks)
+        want = _reference_global_masks(scores, sparsity, masks)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), sparsity
+        masks = got if sparsity < 1.0 else masks
