@@ -176,6 +176,10 @@ class QATEmbedding(QuantizedLayer, nn.Embedding):
     def forward(self, x: Tensor) -> Tensor:
         if not self.fake_quant_enabled:
             return super().forward(x)
+        quantizer = self.weight_quantizers.get("weight")
+        if quantizer is not None and self.padding_idx is None and self.max_norm is None and not (
+                self.scale_grad_by_freq or self.sparse):  # the same lookup, quantizing only the rows it reads
+            return quantizer.rows(self.weight, x)
         return F.embedding(x, self._quantize_weight("weight", self.weight), self.padding_idx, self.max_norm,
                            self.norm_type, self.scale_grad_by_freq, self.sparse)
 

@@ -149,6 +149,25 @@ class WeightQuantizer:
         # a scale taken from max|w| covers every weight: no clipping, no gradient mask
         return fake_quantize(w, scale, None, self.qmin, self.qmax, self.axis, clip_grad=self.scale is not None)
 
+    def rows(self, w: Tensor, index: Tensor) -> Tensor:
+        """``self(w)[index]`` for an embedding lookup, computing only the rows looked up (per-row scales of the
+        looked-up rows are those of the whole tensor; a per-tensor scale still comes from all of ``w``). Learned
+        step sizes and export take the whole tensor."""
+        if self._export is not None or (self.scale is not None and self.scale.requires_grad) or self.axis not in (
+                0, None):
+            return self(w)[index]
+        picked = w[index]
+        if self.axis is None:
+            scale = self.current_scale(w).to(w.device)
+        elif self.scale is not None and self.frozen:
+            scale = self.scale.detach().to(w.device)[index]
+        else:
+            scale = self.observed_scale(picked.reshape(-1, *w.shape[1:])).reshape(index.shape)
+        flat = picked.reshape(-1, *w.shape[1:])
+        out = fake_quantize(flat, scale.reshape(-1) if scale.dim() else scale, None, self.qmin, self.qmax,
+                            0 if scale.dim() else None, clip_grad=self.scale is not None)
+        return out.reshape(picked.shape)
+
     def state_dict(self) -> dict[str, Any]:
         return _scale_state(self.scale) | {"frozen": self.frozen}
 

@@ -128,3 +128,27 @@ def test_tied_weight_gets_one_quantizer_in_every_owner():
     convert_(later, QuantConfig(), ["tok"])
     convert_(later, QuantConfig(), ["lm_head"])  # converted afterwards: it reuses the other owner's quantizer
     assert later.lm_head.weight_quantizers["weight"] is later.tok.weight_quantizers["weight"]
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("scale", ["minmax", "power_of_two"])
+@pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
+def test_embedding_quantizes_only_the_rows_it_looks_up_with_identical_results(granularity, scale, frozen):
+    """GPT-2's 50,257-row embedding is read 128 rows at a time: quantizing only those is the same lookup."""
+    from litcompress.quantization import QuantConfig, convert_
+
+    torch.manual_seed(0)
+    fast, full = nn.Embedding(50, 8), nn.Embedding(50, 8)
+    full.load_state_dict(fast.state_dict())
+    config = QuantConfig(weight_granularity=granularity, scale=scale, weight_bits=4)
+    for e in (fast, full):
+        convert_(nn.Sequential(e), config, ["0"])
+        e.fake_quant_enabled = True
+        if frozen:
+            e.weight_quantizers["weight"].freeze(e.weight)
+    x = torch.randint(0, 50, (3, 5))
+    a = fast(x)
+    b = torch.nn.functional.embedding(x, full.weight_quantizers["weight"](full.weight))  # the whole-tensor path
+    a.square().sum().backward()
+    b.square().sum().backward()
+    assert torch.equal(a, b) and torch.equal(fast.weight.grad, full.weight.grad)
