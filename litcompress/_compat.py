@@ -7,7 +7,8 @@ not somewhere inside a callback. Each function says why it is needed and what it
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -17,6 +18,7 @@ __all__ = [
     "ATTENTION_OUT_PROJ",
     "ConvLayer",
     "conv_forward",
+    "eager_calls",
     "foreach_abs_",
     "foreach_add_",
     "foreach_mul",
@@ -71,6 +73,32 @@ def rnn_forward(module: nn.RNNBase, forward: Callable[..., Any], weights: dict[s
         return forward(*args)
     finally:
         module._flat_weights = saved
+
+
+@contextlib.contextmanager
+def eager_calls(model: nn.Module) -> Iterator[None]:
+    """Inside the block, ``model`` and its submodules run their plain forward, not the one ``torch.compile`` made.
+
+    For FLOP counting: TorchDynamo does not compile a frame entered while a ``TorchDispatchMode`` (such as
+    ``FlopCounterMode``) is active, and marks its code object never to be compiled again, so a compiled model
+    whose first call is counted would run eagerly for the rest of the process (and every instance of its class
+    with it). What ``torch.compile`` returns keeps the function it compiles in the private attribute
+    ``_torchdynamo_orig_callable``; a module holds one as ``_compiled_call_impl`` (``Module.compile()``) or as its
+    ``forward`` (``torch.compile(module)``'s ``OptimizedModule``, or ``module.forward = torch.compile(...)``).
+    """
+    saved: list[tuple[nn.Module, str, Any]] = []
+    try:
+        for module in model.modules():
+            for attr in ("_compiled_call_impl", "forward"):
+                compiled = module.__dict__.get(attr)
+                original = getattr(compiled, "_torchdynamo_orig_callable", None)
+                if original is not None:
+                    saved.append((module, attr, compiled))
+                    setattr(module, attr, original)
+        yield
+    finally:
+        for module, attr, value in reversed(saved):
+            setattr(module, attr, value)
 
 
 def _foreach(name: str, fallback: Callable[..., Any], *lists: Sequence[Tensor]) -> Any:

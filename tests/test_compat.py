@@ -86,3 +86,37 @@ def test_foreach_fallbacks_when_torch_drops_the_kernels(monkeypatch):
     for name in ("mul_", "mul", "add_", "sub_", "abs_", "norm"):
         monkeypatch.delattr(torch, f"_foreach_{name}")
     test_foreach_helpers_match_loops()
+
+
+class _Compiled(nn.Module):  # user code: `Module.compile()` of a torch.nn class alone traces nothing
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_eager_calls_bypasses_both_compiled_entry_points_and_restores_them():
+    runs = []
+
+    def backend(gm, example_inputs):
+        def run(*args):
+            runs.append(1)
+            return gm.forward(*args)
+
+        return run
+
+    torch._dynamo.reset()
+    by_method = _Compiled()
+    by_method.compile(backend=backend)  # `Module._compiled_call_impl`
+    wrapped = torch.compile(_Compiled(), backend=backend)  # an `OptimizedModule`'s `forward`
+    by_forward = _Compiled()
+    by_forward.forward = torch.compile(by_forward.forward, backend=backend)  # a compiled `forward` attribute
+    x = torch.randn(3, 4)
+    with _compat.eager_calls(by_method), _compat.eager_calls(wrapped), _compat.eager_calls(by_forward):
+        for model, fc in ((by_method, by_method.fc), (wrapped, wrapped._orig_mod.fc), (by_forward, by_forward.fc)):
+            assert torch.equal(model(x), fc(x))
+    assert not runs
+    by_method(x), wrapped(x), by_forward(x)
+    assert len(runs) == 3  # compiled again after the block

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from litcompress._compat import eager_calls
 from litcompress._extras import ONNX_EXPORT, ONNX_RUNTIME, install_hint, missing, require
 from litcompress._validation import check_int, fail
 from litcompress.export import as_call, export_onnx
@@ -184,7 +185,11 @@ def _flops(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tensor]
 
         handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
     try:
-        with counter:
+        # a compiled model entered under the counter's mode would never compile again: count its plain forward
+        with eager_calls(model), counter, warnings.catch_warnings():
+            # the counter's own global module hooks make a `torch.compile(module)` wrapper warn: not the user's hooks
+            warnings.filterwarnings("ignore", message=r"Using `torch\.compile\(module\)` when there are global hooks",
+                                    category=UserWarning)
             model(*args, **kwargs)
     except Exception as err:
         given = (f"a tensor of shape {tuple(args[0].shape)} and dtype {args[0].dtype}" if args else

@@ -118,3 +118,35 @@ def test_tied_weight_counted_and_stored_once(tmp_path):
     untied.lm_head.fake_quant_enabled = True
     two = summarize(untied, ZOO["gpt"].data().tensors[0][:2], latency=False)
     assert two.parameters == s.parameters + tied and s.compact_bytes < two.compact_bytes - tied // 2  # int4: 1/2 byte
+
+
+@pytest.mark.parametrize("how", ["module.compile", "torch.compile"])
+def test_counting_flops_leaves_a_compiled_model_compiling(how):
+    """FLOPs are counted under a dispatch mode, where TorchDynamo marks the code it enters never to be compiled again:
+    a compiled model measured by `summarize` (as `CompressionReport` does before the first step) ran eagerly for the
+    rest of the fit. `summarize` counts the plain forward, and the model compiles at its next call."""
+
+    class Net(nn.Module):  # a class of its own: TorchDynamo's marks are per code object, for the whole process
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(x).relu()
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    net = Net()
+    if how == "module.compile":
+        net.compile(backend=backend)
+    model = torch.compile(net, backend=backend) if how == "torch.compile" else net
+    x = torch.randn(2, 8)
+    assert summarize(model, x, latency=False).flops == 2 * 2 * 8 * 4
+    assert not graphs  # counted on the plain forward
+    model(x)
+    assert len(graphs) == 1  # and compiled at the next call
