@@ -192,6 +192,7 @@ class Pruning(_CompressionCallback):
         self.log_prefix, self.verbose = log_prefix, verbose
         self.example_input, self.remove_channels = example_input, remove_channels
         self.removed: dict[str, tuple[int, int]] = {}  # channel groups removed at the end of the fit
+        self._channel_refs: list[ParameterRef] | None = None  # pattern="channel": selected in `setup`
 
         self.pruner: Pruner | ChannelPruner | None = None
         self._window: _Window | None = None
@@ -265,8 +266,9 @@ class Pruning(_CompressionCallback):
         if self.pruner is None and self.pattern != "channel":
             self._prepare(trainer, pl_module)
         if self.pattern == "channel":
-            if not hasattr(self, "_channel_refs"):
+            if self._channel_refs is None:
                 self._prepare(trainer, pl_module)
+            assert self._channel_refs is not None  # set by `_prepare`
             self.pruner = build_channel_pruner(self, trainer, pl_module, self._channel_refs)
             self._apply_pending_state()
         assert self.pruner is not None
