@@ -19,7 +19,7 @@ from litcompress.selection import select_parameters
 from litcompress.sparsity import Pruner
 
 if TYPE_CHECKING:  # pragma: no cover
-    from litcompress.callbacks import CompressionReport, Pruning, QuantizationAwareTraining
+    from litcompress.callbacks import CompressionReport, LowRankFactorization, Pruning, QuantizationAwareTraining
     from litcompress.modules import DistillationModule
 
 __version__ = "0.1.0"
@@ -27,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CompressionReport",
     "DistillationModule",
+    "LowRankFactorization",
     "Pruner",
     "Pruning",
     "QuantizationAwareTraining",
@@ -37,6 +38,7 @@ __all__ = [
 
 _LAZY = {
     "CompressionReport": "litcompress.callbacks",
+    "LowRankFactorization": "litcompress.callbacks",
     "Pruning": "litcompress.callbacks",
     "QuantizationAwareTraining": "litcompress.callbacks",
     "DistillationModule": "litcompress.modules",

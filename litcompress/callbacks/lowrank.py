@@ -1,0 +1,207 @@
+"""`LowRankFactorization`: layers replaced by two thinner ones (truncated SVD) at a point of the fit."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from typing_extensions import override
+
+from litcompress._validation import check_bool, check_int, fail
+from litcompress.callbacks._base import _compression_target, _CompressionCallback
+from litcompress.callbacks._structure import StructureFollower, check_mid_fit, point_optimizers
+from litcompress.factorization.lowrank import (
+    Factorized,
+    LowRankResult,
+    _check_one,
+    factorizable,
+    factorize_,
+    rank_limit,
+)
+from litcompress.selection import HFConv1D, ParameterFilter, check_patterns, select_parameters
+
+__all__ = ["LowRankFactorization"]
+
+_KINDS = (nn.Linear, HFConv1D, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class LowRankFactorization(_CompressionCallback):
+    """Replace chosen layers by their truncated SVD at ``at``, then keep training the factorized model.
+
+    Each selected Linear (or transformers ``Conv1D``, or ungrouped convolution) becomes a
+    :class:`~litcompress.factorization.Factorized` pair, ``in -> r -> out``, initialised from the SVD, when that
+    cuts its weights; a layer whose chosen rank would not is kept and reported. The rank is chosen per layer by
+    exactly one of ``rank``, ``rank_ratio`` or ``energy``.
+
+    At ``at=0`` the layers are factorized in ``setup``, before the optimizers exist. Later, they are factorized at
+    that optimizer step and the optimizers are edited in place: the new factors join the param group of the
+    weight they replace (fresh state), the bias is the same ``Parameter`` (its state kept), the LR schedulers
+    continue. A checkpoint written after the change restores into the factorized structure with
+    ``trainer.fit(ckpt_path=...)`` while this callback is attached; to load one for inference in a fresh
+    process, build the model, call :func:`litcompress.structure.match_structure_` with the checkpoint's
+    ``state_dict``, then ``load_state_dict``.
+
+    Args:
+        rank: the rank of every factorized layer (at most ``min(out, in)`` of each: an error otherwise).
+        rank_ratio: the rank as a fraction of each layer's full rank, in ``(0, 1]``.
+        energy: keep the smallest rank holding this fraction of the squared singular values, in ``(0, 1]``
+            (relative squared reconstruction error ``<= 1 - energy``).
+        at: when, in ``interval`` units; ``0``: before training. Mid-fit changes run on a single device.
+        interval: ``"epoch"`` (default) or ``"step"`` (optimizer steps).
+        parameters: which layers, by weight-name regex (or ``fn(module, name)``), as for
+            :class:`~litcompress.callbacks.Pruning`; default: every Linear, ``Conv1D`` and ungrouped convolution.
+        exclude: weight names to leave dense (``"<first>"``, ``"<last>"`` for the ends of the network).
+        log_prefix: prefix of the logged metrics (``lowrank/params``).
+        verbose: print what was factorized (rank zero).
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning.pytorch.demos.boring_classes import BoringModel
+        >>> model = BoringModel()  # one Linear(32, 2): 64 weights; at rank 1, 32 + 2
+        >>> lowrank = LowRankFactorization(rank=1, at=1, verbose=False)  # after the first epoch
+        >>> trainer = pl.Trainer(max_epochs=2, callbacks=[lowrank], logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False, limit_train_batches=4)
+        >>> trainer.fit(model)
+        >>> type(model.layer).__name__, model.layer.rank, lowrank.results["layer"].params_after
+        ('Factorized', 1, 34)
+    """
+
+    def __init__(
+        self,
+        rank: int | None = None,
+        *,
+        rank_ratio: float | None = None,
+        energy: float | None = None,
+        at: int = 0,
+        interval: Literal["epoch", "step"] = "epoch",
+        parameters: str | Sequence[str] | ParameterFilter | None = None,
+        exclude: str | Sequence[str] = (),
+        log_prefix: str = "lowrank",
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(interval)
+        _check_one(rank, rank_ratio, energy)
+        check_int("at", at, minimum=0)
+        if parameters is not None and not callable(parameters):
+            check_patterns("parameters", parameters)
+        check_patterns("exclude", exclude)
+        if not isinstance(log_prefix, str) or not log_prefix:
+            fail("log_prefix", "a non-empty str", log_prefix, exc=TypeError)
+        check_bool("verbose", verbose)
+        self.rank, self.rank_ratio, self.energy = rank, rank_ratio, energy
+        self.at, self.parameters, self.exclude = at, parameters, exclude
+        self.log_prefix, self.verbose = log_prefix, verbose
+        self.layers: list[str] = []  # selected in `setup`
+        self.results: dict[str, LowRankResult] = {}  # per layer, once factorized
+        self.done = False
+        self._at_step: int | None = None
+        self._follower = StructureFollower()
+        self._originals: dict[str, nn.Module] = {}  # layers replaced in this fit's setup (restored on failure)
+
+    def _key_fields(self) -> dict[str, Any]:
+        return {"rank": self.rank, "rank_ratio": self.rank_ratio, "energy": self.energy, "at": self.at,
+                "parameters": self.parameters, "exclude": self.exclude}
+
+    def _ready(self) -> bool:
+        return True
+
+    # ------------------------------------------------------------------ setup
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._training = False
+        self._originals = {}
+        self._follower.attach(pl_module)  # a checkpoint written after the change loads into the new structure
+        if self.done:
+            return  # this model was factorized by an earlier fit
+        target = _compression_target(pl_module)
+        self.layers = self._select(target)
+        if self.at > 0:
+            check_mid_fit(trainer, type(self).__name__, "at", self.at)
+        else:
+            modules = dict(target.named_modules())
+            self._originals = {n: modules[n] for n in self.layers}
+            self._factorize(trainer, pl_module, mid_fit=False)
+
+    def _select(self, target: nn.Module) -> list[str]:
+        refs = select_parameters(target, self.parameters, self.exclude, kinds=_KINDS)
+        layers: list[str] = []
+        for ref in refs:
+            if ref.attr != "weight" or ref.module_name in layers:
+                continue
+            why = factorizable(ref.module)
+            if why is not None:
+                if self.parameters is not None:
+                    fail("parameters", "layers that can be factorized", ref.name, hint=f"{why}; exclude it")
+                continue  # the default selection leaves it out
+            if self.rank is not None and self.rank > rank_limit(ref.module):
+                fail("rank", f"at most {rank_limit(ref.module)} for layer `{ref.module_name}` (the smaller of its "
+                     "outputs and inputs)", self.rank, hint="lower `rank`, use `rank_ratio` / `energy`, or add the "
+                     "layer to `exclude`")
+            layers.append(ref.module_name)
+        if not layers:
+            fail("parameters", "a selection with at least one Linear, Conv1D or ungrouped convolution",
+                 self.parameters, hint="no selected layer can be factorized")
+        return layers
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.done:
+            self._at_step = self._check_before_end(trainer, "at", self.at)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._training = True
+        if not self.done and self._at_step is not None and trainer.global_step >= self._at_step:
+            self._factorize(trainer, pl_module, mid_fit=True)
+
+    def _factorize(self, trainer: pl.Trainer, pl_module: pl.LightningModule, mid_fit: bool) -> None:
+        target = _compression_target(pl_module)
+        modules = dict(target.named_modules())
+        old = {n: modules[n].weight for n in self.layers}
+        before = sum(p.numel() for p in target.parameters())
+        self.results = factorize_(target, self.layers, rank=self.rank, rank_ratio=self.rank_ratio,
+                                  energy=self.energy)
+        self.done = True
+        modules = dict(target.named_modules())
+        if mid_fit:
+            replacements = {}
+            for name, weight in old.items():
+                new = modules[name]
+                if isinstance(new, Factorized):
+                    replacements[weight] = [(new.first.weight, None), (new.second.weight, None)]
+            point_optimizers(trainer, type(self).__name__, replacements)  # type: ignore[arg-type]
+        after = sum(p.numel() for p in target.parameters())
+        self._log(trainer, {f"{self.log_prefix}/params": float(after)})
+        if self.verbose:
+            done = [n for n, r in self.results.items() if r.factorized]
+            ranks = ", ".join(f"{n}: {r.rank}/{r.full_rank} (error {r.error:.3f})" for n, r in self.results.items()
+                              if r.factorized)
+            rank_zero_info(f"{type(self).__name__}: step {trainer.global_step}, factorized {len(done)} of "
+                           f"{len(self.results)} layers ({ranks}); parameters {before:,} -> {after:,}")
+
+    def _undo(self, pl_module: pl.LightningModule) -> None:
+        target = _compression_target(pl_module)
+        for name, module in self._originals.items():
+            parent, _, child = name.rpartition(".")
+            setattr(target.get_submodule(parent) if parent else target, child, module)
+        if self._originals:
+            self.done, self.results = False, {}
+        self._originals = {}
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._follower.detach()
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": self.done, "ranks": {n: r.rank for n, r in self.results.items() if r.factorized}}
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self.done = bool(state.get("done", False))

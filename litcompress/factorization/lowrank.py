@@ -1,0 +1,221 @@
+"""Low-rank factorization: a Linear (or convolution) replaced by two thinner layers from a truncated SVD.
+
+A weight ``W`` (``out x in``; a convolution's ``out x in*k*k``) is ``U S V^T``; keeping the ``r`` largest singular
+values gives ``W_r = (U_r S_r^1/2)(S_r^1/2 V_r^T)``, the best rank-``r`` approximation (Eckart-Young). The layer
+becomes :class:`Factorized`: ``first`` (``in -> r``, the layer's kernel, stride and padding, no bias) then ``second``
+(``r -> out``, a 1x1 for convolutions, the layer's own bias ``Parameter``). It has ``r * (in + out)`` weights
+instead of ``in * out``, so a layer is factorized only when ``r < in * out / (in + out)``.
+
+The rank is chosen per layer by one of ``rank`` (the same for every layer), ``rank_ratio`` (a fraction of the
+layer's full rank ``min(out, in)``) or ``energy`` (the smallest rank whose singular values keep that fraction of
+``sum(S^2)``, i.e. relative squared reconstruction error ``<= 1 - energy``).
+
+>>> import torch
+>>> from torch import nn
+>>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+>>> report = factorize_(model, ["0"], rank=8)
+>>> report["0"].rank, report["0"].params_before, report["0"].params_after
+(8, 4096, 1024)
+>>> type(model[0]).__name__, tuple(model[0].first.weight.shape), tuple(model[0].second.weight.shape)
+('Factorized', (8, 64), (64, 8))
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from litcompress._validation import check_fraction, check_int, fail
+from litcompress.quantization.modules import QuantizedLayer
+from litcompress.selection import HFConv1D
+
+__all__ = ["Factorized", "LowRankResult", "choose_rank", "factorizable", "factorize_", "rank_limit"]
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class Factorized(nn.Sequential):
+    """A layer as two thinner ones, ``second(first(x))``; an ordinary module (exports, saves, trains as usual).
+
+    Attributes:
+        first: ``in -> rank`` (no bias).
+        second: ``rank -> out`` (the original layer's bias).
+    """
+
+    first: nn.Module
+    second: nn.Module
+
+    def __init__(self, first: nn.Module, second: nn.Module) -> None:
+        super().__init__(OrderedDict(first=first, second=second))
+
+    @property
+    def rank(self) -> int:
+        return int(self.first.weight.shape[0])  # type: ignore[index]
+
+    @classmethod
+    def like(cls, layer: nn.Module, rank: int) -> Factorized:
+        """An uninitialized factorization of ``layer``'s shape at ``rank`` (its weights are to be loaded)."""
+        weight = layer.weight
+        assert isinstance(weight, Tensor)
+        device, dtype = weight.device, weight.dtype
+        first: nn.Module
+        second: nn.Module
+        if isinstance(layer, _CONV):
+            conv: Any = type(layer)
+            first = conv(layer.in_channels, rank, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+                         bias=False, padding_mode=layer.padding_mode, device=device, dtype=dtype)
+            second = conv(rank, layer.out_channels, 1, bias=layer.bias is not None, device=device, dtype=dtype)
+        else:
+            n_in, n_out = _dims(layer)
+            first = nn.Linear(n_in, rank, bias=False, device=device, dtype=dtype)
+            second = nn.Linear(rank, n_out, bias=layer.bias is not None, device=device, dtype=dtype)
+        if layer.bias is not None:
+            second.bias = layer.bias  # the same Parameter: optimizers keep it and its state
+        return cls(first, second)
+
+
+@dataclass(frozen=True)
+class LowRankResult:
+    """What :func:`factorize_` did to one layer.
+
+    Attributes:
+        rank: the rank chosen (the full rank when the layer was kept).
+        full_rank: ``min(out, in)``.
+        params_before: weights of the layer (bias not counted: it is kept as is).
+        params_after: weights after (``params_before`` when kept).
+        error: relative reconstruction error ``||W - W_r||_F / ||W||_F`` (0 when kept).
+        factorized: whether the layer was replaced (False when the rank would not cut its weights).
+    """
+
+    rank: int
+    full_rank: int
+    params_before: int
+    params_after: int
+    error: float
+    factorized: bool
+
+
+def _dims(layer: nn.Module) -> tuple[int, int]:
+    """(inputs, outputs) of the layer's weight as a matrix (a convolution's inputs include its kernel)."""
+    weight = layer.weight
+    assert isinstance(weight, Tensor)
+    if isinstance(layer, HFConv1D):  # weight (in, out)
+        return int(weight.shape[0]), int(weight.shape[1])
+    return math.prod(weight.shape[1:]), int(weight.shape[0])
+
+
+def _matrix(layer: nn.Module) -> Tensor:
+    weight = layer.weight
+    assert isinstance(weight, Tensor)
+    w = weight.detach().float()
+    return w.t() if isinstance(layer, HFConv1D) else w.reshape(w.shape[0], -1)
+
+
+def factorizable(layer: nn.Module) -> str | None:
+    """``None`` when ``layer`` can be factorized, else why not."""
+    if isinstance(layer, Factorized):
+        return "it is already factorized"
+    if isinstance(layer, _CONV):
+        if layer.groups != 1:
+            return "it is a grouped convolution"
+        return None
+    if isinstance(layer, QuantizedLayer):
+        return "it is quantized for training (factorize before QuantizationAwareTraining converts it)"
+    if isinstance(layer, (nn.Linear, HFConv1D)):
+        return None
+    return f"it is a {type(layer).__name__}, not a Linear, an ungrouped convolution or a transformers Conv1D"
+
+
+def rank_limit(layer: nn.Module) -> int:
+    """The largest rank of ``layer``'s weight, ``min(out, in)``."""
+    return min(_dims(layer))
+
+
+def choose_rank(singular_values: Tensor, rank: int | None = None, rank_ratio: float | None = None,
+                energy: float | None = None) -> int:
+    """The rank kept from ``singular_values`` (descending) by exactly one of ``rank``, ``rank_ratio``, ``energy``.
+
+    >>> choose_rank(torch.tensor([3.0, 2.0, 1.0, 0.0]), energy=0.9)  # 9 + 4 = 13 of 14
+    2
+    """
+    full = int(singular_values.numel())
+    if rank is not None:
+        return min(rank, full)
+    if rank_ratio is not None:
+        return max(1, min(full, math.ceil(rank_ratio * full)))
+    assert energy is not None
+    power = singular_values.double() ** 2
+    total = float(power.sum())
+    if total == 0.0:
+        return 1
+    kept = torch.cumsum(power, 0) / total
+    return min(full, int((kept < energy - 1e-12).sum()) + 1)
+
+
+def _check_one(rank: int | None, rank_ratio: float | None, energy: float | None) -> None:
+    given = [n for n, v in (("rank", rank), ("rank_ratio", rank_ratio), ("energy", energy)) if v is not None]
+    if len(given) != 1:
+        fail("rank", "exactly one of `rank`, `rank_ratio`, `energy`", {n: v for n, v in (
+            ("rank", rank), ("rank_ratio", rank_ratio), ("energy", energy))}, exc=TypeError if not given else
+             ValueError, hint="e.g. energy=0.9 keeps 90% of each weight's squared singular values")
+    check_int("rank", rank, minimum=1, allow_none=True)
+    if rank_ratio is not None:
+        check_fraction("rank_ratio", rank_ratio, closed_right=True)
+        if rank_ratio <= 0:
+            fail("rank_ratio", "a float in the (0, 1] range", rank_ratio)
+    if energy is not None:
+        check_fraction("energy", energy, closed_right=True)
+        if energy <= 0:
+            fail("energy", "a float in the (0, 1] range", energy)
+
+
+@torch.no_grad()
+def factorize_(model: nn.Module, layers: Sequence[str], *, rank: int | None = None, rank_ratio: float | None = None,
+               energy: float | None = None) -> dict[str, LowRankResult]:
+    """Replace each of ``layers`` in ``model`` by its truncated SVD, where that cuts its weights.
+
+    Every layer is checked before any is replaced (all or nothing). Returns one :class:`LowRankResult` per layer.
+    """
+    _check_one(rank, rank_ratio, energy)
+    modules = dict(model.named_modules())
+    for name in layers:
+        if name not in modules:
+            fail("layers", "names of layers of the model", name)
+        why = factorizable(modules[name])
+        if why is not None:
+            fail("layers", "Linear layers, ungrouped convolutions or transformers Conv1D layers", name, hint=why)
+        if rank is not None and rank > rank_limit(modules[name]):
+            fail("rank", f"at most {rank_limit(modules[name])} for layer `{name}` (min of its outputs and inputs)",
+                 rank, hint="lower `rank`, use `rank_ratio` / `energy`, or exclude the layer")
+    report = {}
+    for name in layers:
+        layer = modules[name]
+        u, s, vh = torch.linalg.svd(_matrix(layer), full_matrices=False)
+        r = choose_rank(s, rank, rank_ratio, energy)
+        n_in, n_out = _dims(layer)
+        before = n_in * n_out
+        total = float((s.double() ** 2).sum())
+        error = math.sqrt(float((s[r:].double() ** 2).sum()) / total) if total else 0.0
+        if r * (n_in + n_out) >= before:
+            report[name] = LowRankResult(len(s), len(s), before, before, 0.0, False)
+            continue
+        root = s[:r].sqrt()
+        new = Factorized.like(layer, r)
+        first, second = new.first.weight, new.second.weight
+        first.copy_((root[:, None] * vh[:r]).reshape(first.shape))  # type: ignore[operator]
+        second.copy_((u[:, :r] * root[None, :]).reshape(second.shape))  # type: ignore[operator]
+        _set(model, name, new)
+        modules[name] = new
+        report[name] = LowRankResult(r, len(s), before, r * (n_in + n_out), error, True)
+    return report
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)

@@ -1,0 +1,111 @@
+"""A model reshaped to the structure a ``state_dict`` was saved from (channels removed, layers factorized).
+
+A model whose structure changed during training (:class:`~litcompress.callbacks.Pruning` removing channels,
+:class:`~litcompress.callbacks.LowRankFactorization`) saves weights its own class, built fresh, cannot load.
+:func:`match_structure_` reshapes a freshly built model to the saved shapes first; ``load_state_dict`` then fills
+in the weights. It needs no tracing and no input: the shapes in the ``state_dict`` say everything.
+
+- a layer saved factorized (``<layer>.first.weight`` and ``<layer>.second.weight``) becomes a
+  :class:`~litcompress.factorization.Factorized` of the saved rank;
+- every other tensor whose saved shape differs is resized, and its layer's size attributes follow
+  (``in_features``/``out_features``, ``in_channels``/``out_channels``, BatchNorm's ``num_features``, LayerNorm's
+  ``normalized_shape``, ``Embedding``'s sizes, transformers' ``Conv1D`` ``nf``/``nx``).
+
+A resized tensor of a layer kind not listed is an error naming the key, never a silent half-resized model.
+
+>>> import torch
+>>> from torch import nn
+>>> saved = nn.Sequential(nn.Linear(8, 3), nn.ReLU(), nn.Linear(3, 2)).state_dict()
+>>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+>>> match_structure_(model, saved)
+['0', '2']
+>>> _ = model.load_state_dict(saved)
+>>> model[0].out_features, model[2].in_features
+(3, 3)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from litcompress._validation import fail
+from litcompress.factorization.lowrank import Factorized, factorizable
+from litcompress.selection import HFConv1D
+
+__all__ = ["match_structure_"]
+
+
+
+
+def match_structure_(model: nn.Module, state_dict: Mapping[str, Tensor], prefix: str = "") -> list[str]:
+    """Reshape ``model`` in place so that ``state_dict`` (keys under ``prefix``) loads into it.
+
+    Returns:
+        The names of the layers changed (factorized or resized), in module order.
+    """
+    changed: list[str] = []
+    for name, module in list(model.named_modules()):
+        key = f"{prefix}{name}." if name else prefix
+        first, second = state_dict.get(f"{key}first.weight"), state_dict.get(f"{key}second.weight")
+        if first is not None and second is not None and not isinstance(module, Factorized):
+            if factorizable(module) is not None:
+                fail("state_dict", "weights saved from this model's structure", f"{key}first.weight",
+                     hint=f"the layer `{name}` was saved factorized, but {factorizable(module)}")
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, Factorized.like(module, first.shape[0]))
+            changed.append(name)
+    for name, module in model.named_modules():
+        key = f"{prefix}{name}." if name else prefix
+        own = [(n, t, n in module._parameters) for n, t in (*module.named_parameters(recurse=False),
+                                                            *module.named_buffers(recurse=False))]
+        resized = False
+        for attr, tensor, is_param in own:
+            saved = state_dict.get(key + attr)
+            if saved is None or saved.shape == tensor.shape:
+                continue
+            new = torch.empty(saved.shape, dtype=tensor.dtype, device=tensor.device)
+            if is_param:
+                setattr(module, attr, nn.Parameter(new, requires_grad=tensor.requires_grad))
+            else:
+                module._buffers[attr] = new
+            resized = True
+        if resized:
+            _sizes(module, f"{key}{own[0][0]}")
+            if name not in changed:
+                changed.append(name)
+    return changed
+
+
+def _sizes(module: nn.Module, key: str) -> None:
+    """Set ``module``'s size attributes from its (resized) tensors."""
+    w = getattr(module, "weight", None)
+    if isinstance(module, nn.Linear) and isinstance(w, Tensor):
+        module.out_features, module.in_features = int(w.shape[0]), int(w.shape[1])
+    elif isinstance(module, nn.modules.conv._ConvNd) and isinstance(w, Tensor):
+        depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+        out, per_group = (int(w.shape[1]), int(w.shape[0])) if module.transposed else (int(w.shape[0]),
+                                                                                        int(w.shape[1]))
+        if depthwise:
+            module.groups = out
+        if module.transposed:
+            module.in_channels, module.out_channels = per_group, out * module.groups
+        else:
+            module.out_channels, module.in_channels = out, per_group * module.groups
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        size = next(t for t in (w, getattr(module, "running_mean", None)) if isinstance(t, Tensor))
+        module.num_features = int(size.shape[0])
+    elif isinstance(module, nn.LayerNorm) and isinstance(w, Tensor):
+        module.normalized_shape = tuple(w.shape)
+    elif isinstance(module, nn.Embedding) and isinstance(w, Tensor):
+        module.num_embeddings, module.embedding_dim = int(w.shape[0]), int(w.shape[1])
+    elif isinstance(module, HFConv1D) and isinstance(w, Tensor):
+        setattr(module, "nf", int(w.shape[1]))  # noqa: B010  # a duck-typed class: no declared attribute
+        if hasattr(module, "nx"):
+            setattr(module, "nx", int(w.shape[0]))  # noqa: B010
+    else:
+        fail("state_dict", "weights whose shapes this model's layers can take", key,
+             hint=f"its layer is a {type(module).__name__}, which cannot be resized: build the model with the "
+                  "saved sizes, or save it whole with torch.save")
