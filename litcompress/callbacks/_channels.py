@@ -12,17 +12,20 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from litcompress._extras import require
-from litcompress._validation import check_choice, check_fraction, fail
+from litcompress._validation import check_choice, check_fraction, check_int, fail
 from litcompress.callbacks._base import _compression_target
 from litcompress.callbacks._inputs import first_batch_inputs
+from litcompress.callbacks._structure import point_optimizers
 from litcompress.quantization.modules import QuantizedLayer
 from litcompress.selection import HFConv1D, ParameterRef
 from litcompress.sparsity.channels import CHANNEL_IMPORTANCES, ChannelPruner
+from litcompress.structure import keep_slices
 
 if TYPE_CHECKING:
     from litcompress.callbacks.pruning import Pruning
 
-__all__ = ["build_channel_pruner", "check_channel_options", "remove_channels"]
+__all__ = ["build_channel_pruner", "check_channel_options", "check_remove_at", "remove_channels",
+           "remove_channels_mid_fit"]
 
 _ROOTS = (nn.Linear, nn.modules.conv._ConvNd, HFConv1D)
 
@@ -39,6 +42,18 @@ def check_channel_options(sparsity: Any, scope: Any, importance: Any, rewind: An
                  hint="channel importances: L2 ('magnitude') or L1 norm, first-order Taylor, BatchNorm scale")
     if rewind is True:
         fail("rewind", "False with pattern='channel'", rewind, hint="rewinding is for unstructured masks")
+
+
+def check_remove_at(remove_at: Any, pattern: str, remove_channels: bool, end: int | None) -> None:
+    check_int("remove_at", remove_at, minimum=1, allow_none=True)
+    if remove_at is None:
+        return
+    if pattern != "channel":
+        fail("remove_at", "None unless pattern='channel'", remove_at, hint="only whole channels can be removed")
+    if not remove_channels:
+        fail("remove_at", "None with remove_channels=False", remove_at, hint="pass remove_channels=True to remove them")
+    if end is not None and remove_at < end:
+        fail("remove_at", f"at or after `end` ({end}), when the masks are final", remove_at)
 
 
 def build_channel_pruner(callback: Pruning, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -81,6 +96,27 @@ def build_channel_pruner(callback: Pruning, trainer: pl.Trainer, pl_module: pl.L
     if callback.verbose:
         rank_zero_info(f"Pruning: {len(pruner.groups)} channel groups over {len(layers)} layers")
     return pruner
+
+
+def remove_channels_mid_fit(callback: Pruning, trainer: pl.Trainer,
+                            pruner: ChannelPruner) -> dict[str, tuple[int, int]]:
+    """Delete the masked channels during the fit: the optimizers then hold the smaller tensors, each with the
+    kept slices of its state (momentum, Adam moments), and frozen per-channel weight scales shrink with them."""
+    kept = pruner.kept_positions()
+    old = {key: getattr(*key) for key in kept}
+    removed = remove_channels(callback, pruner)
+    replacements = {}
+    for (module, attr), dims in kept.items():
+        new = getattr(module, attr)
+        if new is not old[(module, attr)]:
+            replacements[old[(module, attr)]] = [(new, keep_slices(dims))]
+        if isinstance(module, QuantizedLayer) and attr in module.weight_quantizers:
+            quantizer = module.weight_quantizers[attr]
+            if quantizer.scale is not None and quantizer.axis in dims:
+                quantizer.scale = quantizer.scale.index_select(
+                    quantizer.axis, dims[quantizer.axis].to(quantizer.scale.device))
+    point_optimizers(trainer, "Pruning", replacements)
+    return removed
 
 
 def remove_channels(callback: Pruning, pruner: ChannelPruner) -> dict[str, tuple[int, int]]:

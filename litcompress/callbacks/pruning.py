@@ -13,7 +13,14 @@ from typing_extensions import override
 
 from litcompress._validation import check_bool, check_choice, check_fraction, check_int, fail
 from litcompress.callbacks._base import _compression_target, _CompressionCallback, _warn_inexact_resume, _Window
-from litcompress.callbacks._channels import build_channel_pruner, check_channel_options, remove_channels
+from litcompress.callbacks._channels import (
+    build_channel_pruner,
+    check_channel_options,
+    check_remove_at,
+    remove_channels,
+    remove_channels_mid_fit,
+)
+from litcompress.callbacks._structure import StructureFollower, check_mid_fit
 from litcompress.schedules import Schedule, get_schedule
 from litcompress.selection import ParameterFilter, ParameterRef, check_patterns, select_parameters
 from litcompress.sparsity.channels import ChannelPruner
@@ -89,6 +96,12 @@ class Pruning(_CompressionCallback):
             keep the full-size masked model (``False``). The removal happens after the last checkpoint of the fit
             is written: checkpoints hold the full-size model and the masks, so ``fit(ckpt_path=...)`` resumes.
             The smaller model's outputs equal the masked model's within float tolerance.
+        remove_at: ``pattern="channel"`` only: remove the channels at this point (``interval`` units, at or after
+            the schedule's ``end``) instead of at the end, and train the smaller model for the rest of the fit:
+            the optimizers are edited in place to hold the smaller tensors, each keeping the kept slices of its
+            state; the LR schedulers continue. A checkpoint written after it restores into the smaller structure
+            with ``fit(ckpt_path=...)`` while this callback is attached (for inference in a fresh process:
+            :func:`litcompress.structure.match_structure_` before ``load_state_dict``). Single device only.
 
     The tensors are looked up in ``pl_module.compression_target`` when the LightningModule defines it (a
     :class:`~litcompress.modules.DistillationModule` points it at the student), otherwise in the whole module.
@@ -125,6 +138,7 @@ class Pruning(_CompressionCallback):
         verbose: bool = True,
         example_input: Any = None,
         remove_channels: bool = True,
+        remove_at: int | None = None,
     ) -> None:
         super().__init__(interval)
         self._check_window(start, end, frequency)
@@ -132,6 +146,7 @@ class Pruning(_CompressionCallback):
         if scope is not None:
             check_choice("scope", scope, ("layer", "global"))
         check_bool("remove_channels", remove_channels)
+        check_remove_at(remove_at, pattern, remove_channels, end)
         nm = None if pattern in ("unstructured", "channel") else parse_nm(pattern)
         if pattern == "channel":
             check_channel_options(sparsity, scope, importance, rewind)
@@ -190,7 +205,9 @@ class Pruning(_CompressionCallback):
         self.parameters, self.exclude = parameters, exclude
         self.rewind, self.seed = rewind, seed
         self.log_prefix, self.verbose = log_prefix, verbose
-        self.example_input, self.remove_channels = example_input, remove_channels
+        self.example_input, self.remove_channels, self.remove_at = example_input, remove_channels, remove_at
+        self._remove_step: int | None = None
+        self._follower = StructureFollower()  # pattern="channel": checkpoints after a removal load into the new shape
         self.removed: dict[str, tuple[int, int]] = {}  # channel groups removed at the end of the fit
         self._channel_refs: list[ParameterRef] | None = None  # pattern="channel": selected in `setup`
 
@@ -211,6 +228,10 @@ class Pruning(_CompressionCallback):
         if stage != "fit":
             return
         self._training = False
+        if self.pattern == "channel":
+            self._follower.attach(pl_module)
+            if self.remove_at is not None:
+                check_mid_fit(trainer, type(self).__name__, "remove_at", self.remove_at)
         if next(_compression_target(pl_module).parameters(), None) is None:
             return  # layers are built in `configure_model` (after this hook): select in `on_fit_start`
         self._prepare(trainer, pl_module)
@@ -266,6 +287,10 @@ class Pruning(_CompressionCallback):
         if self.pruner is None and self.pattern != "channel":
             self._prepare(trainer, pl_module)
         if self.pattern == "channel":
+            if self._pending_state is not None and self._pending_state.get("removed"):
+                self.removed, self._last_point = dict(self._pending_state["removed"]), None
+                self._pending_state, self.pruner = None, None  # a checkpoint after the removal: nothing is left to do
+                return
             if self._channel_refs is None:
                 self._prepare(trainer, pl_module)
             assert self._channel_refs is not None  # set by `_prepare`
@@ -294,6 +319,12 @@ class Pruning(_CompressionCallback):
         # the first prune waits for the first batch: until then nothing is changed, so a failure in any callback's
         # setup leaves the model as it was
         self._window = self._make_window(trainer, self.start, self.end, self.frequency, self.schedule)
+        if self.remove_at is not None and self.pruner is not None:
+            self._remove_step = self._check_before_end(trainer, "remove_at", self.remove_at)
+            if self._remove_step < self._window.end:
+                fail("remove_at", f"at or after the schedule's end (optimizer step {self._window.end})",
+                     self.remove_at, hint="channels are removed once their masks are final; raise `remove_at` "
+                     "or pass an earlier `end`")
         _warn_inexact_resume(trainer)
 
     @override
@@ -306,6 +337,7 @@ class Pruning(_CompressionCallback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
+        self._follower.detach()
 
     # ------------------------------------------------------------------ schedule
     @override
@@ -320,10 +352,17 @@ class Pruning(_CompressionCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._maybe_update(trainer)
+        if (self._remove_step is not None and trainer.global_step >= self._remove_step
+                and isinstance(self.pruner, ChannelPruner)):
+            self._remove_hooks()  # the hooks hold the spent masks
+            self.removed = remove_channels_mid_fit(self, trainer, self.pruner)
+            self.pruner = None
 
     def _maybe_update(self, trainer: pl.Trainer) -> None:
         window, pruner = self._window, self.pruner
-        assert window is not None and pruner is not None
+        if pruner is None:
+            return  # the channels were removed
+        assert window is not None
         point = window.latest_point(trainer.global_step)
         if point is None or (self._last_point is not None and point <= self._last_point):
             return
@@ -351,6 +390,8 @@ class Pruning(_CompressionCallback):
         state: dict[str, Any] = {"last_point": self._last_point}
         if self.pruner is not None:
             state["pruner"] = self.pruner.state_dict()
+        elif self.removed:
+            state["removed"] = dict(self.removed)
         return state
 
     def _load(self, state: Mapping[str, Any]) -> None:

@@ -299,6 +299,24 @@ class ChannelPruner:
         self._zero_index = None
 
     # ------------------------------------------------------------------ removal
+    def kept_positions(self) -> dict[tuple[nn.Module, str], dict[int, Tensor]]:
+        """For every tensor that :meth:`remove` will shrink: the positions it keeps along each shrinking dimension
+        (what an optimizer's state for it keeps, :func:`litcompress.structure.keep_slices`)."""
+        pruned: dict[tuple[nn.Module, str], dict[int, set[int]]] = {}
+        for g in self.groups:
+            if g.mask is None:
+                continue
+            for s in g.slices:
+                index = g.zero_index(s)
+                if index.numel():
+                    pruned.setdefault((s.module, s.attr), {}).setdefault(s.dim, set()).update(index.tolist())
+        out: dict[tuple[nn.Module, str], dict[int, Tensor]] = {}
+        for (module, attr), dims in pruned.items():
+            size = getattr(module, attr).shape
+            out[(module, attr)] = {d: torch.tensor([i for i in range(size[d]) if i not in gone], dtype=torch.long)
+                                   for d, gone in dims.items()}
+        return out
+
     @torch.no_grad()
     def remove(self) -> dict[str, tuple[int, int]]:
         """Delete the pruned channels from the model (Torch-Pruning's ``Group.prune``): layers, BatchNorms and
