@@ -19,13 +19,14 @@ from litcompress.callbacks._structure import point_optimizers
 from litcompress.quantization.modules import QuantizedLayer
 from litcompress.selection import HFConv1D, ParameterRef
 from litcompress.sparsity.channels import CHANNEL_IMPORTANCES, ChannelPruner
+from litcompress.sparsity.dead import DeadChannels
 from litcompress.structure import keep_slices
 
 if TYPE_CHECKING:
     from litcompress.callbacks.pruning import Pruning
 
 __all__ = ["build_channel_pruner", "check_channel_options", "check_remove_at", "remove_channels",
-           "remove_channels_mid_fit"]
+           "remove_channels_mid_fit", "remove_dead_channels"]
 
 _ROOTS = (nn.Linear, nn.modules.conv._ConvNd, HFConv1D)
 
@@ -57,21 +58,25 @@ def check_remove_at(remove_at: Any, pattern: str, remove_channels: bool, end: in
 
 
 def build_channel_pruner(callback: Pruning, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                         refs: Sequence[ParameterRef]) -> ChannelPruner:
+                         refs: Sequence[ParameterRef], dead: bool = False) -> tuple[ChannelPruner, Any]:
     """Trace the compressed model on ``example_input`` (else the first training batch) and mask the output
-    channels of the selected Linear and Conv layers, with everything coupled to them."""
-    require("torch_pruning", what="Pruning(pattern='channel')")
+    channels of the selected Linear and Conv layers, with everything coupled to them. ``dead=True``: only trace
+    (unstructured pruning with ``remove_channels=True``: all-zero channels are removed at the end). Returns the
+    pruner and the input it traced."""
+    what = "Pruning(remove_channels=True)" if dead else "Pruning(pattern='channel')"
+    require("torch_pruning", what=what)
     target = _compression_target(pl_module)
     learned = [n for n, m in target.named_modules() if isinstance(m, QuantizedLayer)
                and any(q.config.scale == "learned" for q in m.weight_quantizers.values())]
     if learned:
-        fail("pattern", "'unstructured' or 'N:M' with QuantizationAwareTraining(scale='learned')", "channel",
+        fail("remove_channels" if dead else "pattern", "False / 'unstructured' or 'N:M' with "
+             "QuantizationAwareTraining(scale='learned')", True if dead else "channel",
              hint=f"learned per-channel step sizes ({learned[0]}, ...) cannot shrink with their layer; use "
                   "scale='minmax' or 'power_of_two'")
     layers = sorted({r.module_name for r in refs if isinstance(r.module, _ROOTS)},
                     key=list(dict(target.named_modules())).index)
     if not layers:
-        fail("parameters", "a selection with Linear or Conv layers for pattern='channel'", [r.name for r in refs])
+        fail("parameters", f"a selection with Linear or Conv layers for {what}", [r.name for r in refs])
     x = callback.example_input
     if x is None:
         x = pl_module.example_input_array
@@ -82,8 +87,8 @@ def build_channel_pruner(callback: Pruning, trainer: pl.Trainer, pl_module: pl.L
     was_training = target.training
     target.eval()
     try:
-        pruner = ChannelPruner(target, x, layers, callback.sparsity, callback.importance,  # type: ignore[arg-type]
-                               refs=refs)
+        pruner = ChannelPruner(target, x, layers, 0.0 if dead else callback.sparsity,  # type: ignore[arg-type]
+                               "magnitude" if dead else callback.importance, refs=refs)  # type: ignore[arg-type]
     finally:
         target.train(was_training)
     if not pruner.groups:
@@ -91,11 +96,27 @@ def build_channel_pruner(callback: Pruning, trainer: pl.Trainer, pl_module: pl.L
              hint="every selected layer is a model output or coupled to a layer that cannot shrink exactly: "
                   + "; ".join(f"{k}: {v}" for k, v in pruner.skipped.items()))
     if pruner.skipped:
-        rank_zero_warn(f"Pruning(pattern='channel'): {len(pruner.skipped)} layer(s) keep all their channels: "
+        rank_zero_warn(f"{what}: {len(pruner.skipped)} layer(s) keep all their channels: "
                        + "; ".join(f"{k}: {v}" for k, v in pruner.skipped.items()))
     if callback.verbose:
         rank_zero_info(f"Pruning: {len(pruner.groups)} channel groups over {len(layers)} layers")
-    return pruner
+    return pruner, x
+
+
+def remove_dead_channels(callback: Pruning, pruner: ChannelPruner, x: Any) -> dict[str, tuple[int, int]]:
+    """Remove the channels unstructured pruning zeroed entirely (their constant output folded into the consumers'
+    biases): the model computes what it computed, with smaller layers."""
+    before = sum(p.numel() for p in pruner.model.parameters())
+    dead = DeadChannels(pruner, x)
+    removed = dead.remove()
+    if dead.kept:
+        rank_zero_warn("Pruning(remove_channels=True): some all-zero channels stay: "
+                       + "; ".join(f"{k}: {v}" for k, v in dead.kept.items()))
+    if callback.verbose:
+        after = sum(p.numel() for p in pruner.model.parameters())
+        rank_zero_info(f"Pruning: removed {sum(b - a for b, a in removed.values())} all-zero channels from "
+                       f"{len(removed)} groups; parameters {before:,} -> {after:,}")
+    return removed
 
 
 def remove_channels_mid_fit(callback: Pruning, trainer: pl.Trainer,

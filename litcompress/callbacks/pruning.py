@@ -19,6 +19,7 @@ from litcompress.callbacks._channels import (
     check_remove_at,
     remove_channels,
     remove_channels_mid_fit,
+    remove_dead_channels,
 )
 from litcompress.callbacks._structure import StructureFollower, check_mid_fit
 from litcompress.schedules import Schedule, get_schedule
@@ -89,13 +90,16 @@ class Pruning(_CompressionCallback):
         seed: seed of the ``"random"`` importance.
         log_prefix: prefix of the logged metrics ``<prefix>/sparsity`` and ``<prefix>/sparsity/<tensor>``.
         verbose: print a line at every mask update (rank zero).
-        example_input: ``pattern="channel"`` only: the batch traced to find coupled channels (a tensor, a tuple of
-            positional inputs or a mapping of keyword inputs). ``None``: the module's ``example_input_array``, else
-            the first training batch.
-        remove_channels: ``pattern="channel"`` only: delete the masked channels when training ends (default), or
-            keep the full-size masked model (``False``). The removal happens after the last checkpoint of the fit
-            is written: checkpoints hold the full-size model and the masks, so ``fit(ckpt_path=...)`` resumes.
-            The smaller model's outputs equal the masked model's within float tolerance.
+        example_input: the batch traced to find coupled channels (a tensor, a tuple of positional inputs or a
+            mapping of keyword inputs) when channels are removed. ``None``: the module's ``example_input_array``,
+            else the first training batch.
+        remove_channels: delete channels when training ends: with ``pattern="channel"`` (default ``True``) the
+            masked ones; with an unstructured or N:M pattern (default ``False``) the dead ones, whose weights
+            pruning zeroed entirely, their constant output folded into the next layer's bias
+            (:class:`~litcompress.sparsity.dead.DeadChannels`; traced at fit start, so a model that cannot be is an
+            error before the first step). The removal happens after the last checkpoint of the fit is written:
+            checkpoints hold the full-size model and the masks, so ``fit(ckpt_path=...)`` resumes. The smaller
+            model's outputs equal the masked model's within float tolerance.
         remove_at: ``pattern="channel"`` only: remove the channels at this point (``interval`` units, at or after
             the schedule's ``end``) instead of at the end, and train the smaller model for the rest of the fit:
             the optimizers are edited in place to hold the smaller tensors, each keeping the kept slices of its
@@ -137,7 +141,7 @@ class Pruning(_CompressionCallback):
         log_prefix: str = "pruning",
         verbose: bool = True,
         example_input: Any = None,
-        remove_channels: bool = True,
+        remove_channels: bool | None = None,
         remove_at: int | None = None,
     ) -> None:
         super().__init__(interval)
@@ -145,6 +149,7 @@ class Pruning(_CompressionCallback):
         self.schedule = get_schedule(schedule)
         if scope is not None:
             check_choice("scope", scope, ("layer", "global"))
+        remove_channels = (pattern == "channel") if remove_channels is None else remove_channels
         check_bool("remove_channels", remove_channels)
         check_remove_at(remove_at, pattern, remove_channels, end)
         nm = None if pattern in ("unstructured", "channel") else parse_nm(pattern)
@@ -207,6 +212,7 @@ class Pruning(_CompressionCallback):
         self.log_prefix, self.verbose = log_prefix, verbose
         self.example_input, self.remove_channels, self.remove_at = example_input, remove_channels, remove_at
         self._remove_step: int | None = None
+        self._dead: tuple[ChannelPruner, Any] | None = None  # unstructured + remove_channels: traced at fit start
         self._follower = StructureFollower()  # pattern="channel": checkpoints after a removal load into the new shape
         self.removed: dict[str, tuple[int, int]] = {}  # channel groups removed at the end of the fit
         self._channel_refs: list[ParameterRef] | None = None  # pattern="channel": selected in `setup`
@@ -294,8 +300,11 @@ class Pruning(_CompressionCallback):
             if self._channel_refs is None:
                 self._prepare(trainer, pl_module)
             assert self._channel_refs is not None  # set by `_prepare`
-            self.pruner = build_channel_pruner(self, trainer, pl_module, self._channel_refs)
+            self.pruner, _ = build_channel_pruner(self, trainer, pl_module, self._channel_refs)
             self._apply_pending_state()
+        elif self.remove_channels:  # traced now, so a model that cannot be is an error before the first step
+            assert isinstance(self.pruner, Pruner)
+            self._dead = build_channel_pruner(self, trainer, pl_module, self.pruner.refs, dead=True)
         assert self.pruner is not None
         self.pruner.to_tensor_devices()
         self.pruner.apply()
@@ -333,6 +342,9 @@ class Pruning(_CompressionCallback):
             self._remove_hooks()  # the optimizers point at the removed parameters
             self.removed = remove_channels(self, self.pruner)
             self.pruner = None
+        elif self._dead is not None:
+            self._remove_hooks()
+            self.removed, self._dead, self.pruner = remove_dead_channels(self, *self._dead), None, None
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
