@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -19,11 +19,13 @@ import torch
 from torch import Tensor
 
 from litcompress._validation import fail
+from litcompress.quantization._positions import MAX_WIDTH
 
-FORMAT = "litcompress.compact/2"
-READABLE = {"litcompress.compact/1": 1, FORMAT: 2}  # version 1: no aliases, per-channel scales along axis 0
+FORMAT = "litcompress.compact/3"
+# version 1: no aliases, per-channel scales along axis 0; versions 1 and 2: positions of sparse tensors as a mask only
+READABLE = {"litcompress.compact/1": 1, "litcompress.compact/2": 2, FORMAT: 3}
 DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
-_FIELDS = ("shape", "dtype", "alias", "bits", "axis", "count", "sparse")
+_FIELDS = ("shape", "dtype", "alias", "bits", "axis", "count", "sparse", "gaps", "runs", "codes")
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,9 @@ class Entry:
     bits: int | None = None
     axis: int | None = None
     count: int | None = None
-    sparse: bool = False
+    positions: str | None = None  # sparse: "mask", "gaps" or "runs" (see ``_positions.py``); None: dense
+    width: int = 1  # bits of one gap or run code
+    codes: int = 0  # gap or run codes stored
 
     @property
     def numel(self) -> int:
@@ -152,12 +156,35 @@ def _entry(name: str, value: Any, version: int, path: Path) -> Entry:
     axis: Any = value.get("axis")
     if "axis" in value:
         if version < 2 or bits is None:
-            bad("has an axis, which only per-channel quantized weights of format 2 have")
+            bad("has an axis, which only per-channel quantized weights of format 2 or later have")
         if not (_int(axis) and 0 <= axis < len(shape)):
             bad(f"has axis={axis!r}, not a dimension of its shape {shape}")
+    positions, width, codes = _sparse_fields(value, version, bad)
+    return Entry(tuple(shape), dtype, bits=bits, axis=axis, count=count, positions=positions, width=width,
+                 codes=codes)
+
+
+def _sparse_fields(value: dict[str, Any], version: int, bad: Callable[[str], NoReturn]) -> tuple[str | None, int, int]:
+    """How a stored tensor's layout says its nonzeros are placed: ``(kind or None when dense, width, codes)``."""
+    kinds = [k for k in ("sparse", "gaps", "runs") if k in value]
+    if len(kinds) > 1:
+        bad(f"has the fields {kinds}, where a sparse tensor has one of them (its positions are in one encoding)")
     if "sparse" in value and value["sparse"] is not True:
         bad(f"has sparse={value['sparse']!r}; it is true or absent")
-    return Entry(tuple(shape), dtype, bits=bits, axis=axis, count=count, sparse="sparse" in value)
+    kind = kinds[0] if kinds else None
+    if kind in ("gaps", "runs"):
+        width: Any = value[kind]
+        codes: Any = value.get("codes")
+        if version < 3:
+            bad(f"has {kind}, which files of format {version} never hold (their positions are masks)")
+        if not (_int(width) and 1 <= width <= MAX_WIDTH):
+            bad(f"has {kind}={width!r}, not an int in [1, {MAX_WIDTH}] (the bits of one code)")
+        if not (_int(codes) and codes >= 0):
+            bad(f"has codes={codes!r}, not the int number of its {kind} codes")
+        return kind, width, codes
+    if "codes" in value:
+        bad("has codes, which only tensors stored with gaps or runs have")
+    return ("mask" if kind else None), 1, 0
 
 
 def check_model(entries: Mapping[str, Entry], state: Mapping[str, Any], model_name: str) -> None:

@@ -5,7 +5,11 @@ Each tensor of ``model.state_dict()`` is stored in the smallest of these forms:
 - quantized layers: integer weights (``int8``; two values per byte when 4 bits or fewer) and their scales, per
   tensor or per channel along the axis the layout records (``"axis"``: 0 for Linear/Conv, 1 for Conv1D);
 - other tensors: as they are;
-- either one, when pruning made it sparse: a bitmask (1 bit per element) and the nonzero values only;
+- either one, when pruning made it sparse (and that is smaller): the nonzero values only, and their positions in
+  the encoding that takes the fewest bytes for that tensor, measured: a bitmask (1 bit per element), the gaps
+  between successive nonzeros or the lengths of the runs of zeros and nonzeros, in codes of as many bits as suit
+  it (see ``_positions.py``; the layout says ``"sparse": true`` for a bitmask, else ``"gaps"`` or ``"runs"``: the
+  bits of a code, and ``"codes"``: how many). Files of formats 1 and 2 (bitmasks only) are still read;
 - a tensor held under several keys (tied weights, such as an input embedding and its LM head): stored once, under
   its first key; the layout marks the others ``{"alias": <first key>}`` and loading ties them again.
 
@@ -26,22 +30,11 @@ from torch import Tensor, nn
 
 from litcompress._extras import require
 from litcompress._validation import fail
+from litcompress.quantization import _positions
 from litcompress.quantization._layout import FORMAT, Entry, bad_file, check_model, checksum, parse_layout, read_metadata
 from litcompress.quantization.access import quantized_weights
 
 __all__ = ["load_compressed", "save_compressed"]
-
-_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-
-
-def _pack_bits(mask: Tensor) -> Tensor:
-    flat = mask.reshape(-1).to(torch.uint8)
-    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
-    return (flat.reshape(-1, 8) * _BITS).sum(1, dtype=torch.uint8)
-
-
-def _unpack_bits(packed: Tensor, n: int) -> Tensor:
-    return ((packed.reshape(-1, 1) & _BITS) != 0).reshape(-1)[:n]
 
 
 def _pack_int4(values: Tensor) -> Tensor:
@@ -61,6 +54,11 @@ def _scale_shape(scale: Tensor, ndim: int, axis: int) -> Tensor:
     shape = [1] * ndim
     shape[axis] = -1
     return scale.reshape(shape)
+
+
+def _value_bytes(count: int, flat: Tensor, int4: bool) -> int:
+    """The bytes of ``count`` values of ``flat`` (4-bit ones: two per byte)."""
+    return -(-count // 2) if int4 else count * flat.element_size()
 
 
 def _same_tensor_key(value: Tensor) -> tuple[Any, ...] | None:
@@ -121,13 +119,16 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> Path:
         else:
             values = value
         flat = values.reshape(-1)
-        nonzero = flat != 0
-        bytes_per = 0.5 if entry.get("bits", 8) <= 4 else flat.element_size()
-        if flat.numel() and nonzero.sum() * bytes_per + flat.numel() / 8 < flat.numel() * bytes_per:
-            entry["sparse"] = True
-            tensors[f"{name}:mask"] = _pack_bits(nonzero)
-            flat = flat[nonzero]
-        if entry.get("bits", 8) <= 4:
+        int4 = entry.get("bits", 8) <= 4
+        if flat.numel():
+            nonzero = flat != 0  # a float -0.0 is a zero (pruning leaves one per negative weight): it loads as 0.0
+            count = int(nonzero.sum())
+            kind, width, size = _positions.smallest(nonzero)
+            if size + _value_bytes(count, flat, int4) < _value_bytes(flat.numel(), flat, int4):
+                tensors[f"{name}:{kind}"], codes = _positions.encode(nonzero, kind, width)
+                entry.update({"sparse": True} if kind == "mask" else {kind: width, "codes": codes})
+                flat = flat[nonzero]
+        if int4:
             entry["count"] = flat.numel()
             flat = _pack_int4(flat)
         flat = flat.contiguous()
@@ -137,7 +138,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> Path:
         tensors[f"{name}:values"] = flat
         layout[name] = entry
     path = Path(path)
-    text = json.dumps(layout)
+    text = json.dumps(layout, separators=(",", ":"))
     metadata = {"format": FORMAT, "layout": text, "sha256": checksum(FORMAT, text, tensors)}
     save_file(tensors, str(path), metadata=metadata)
     return path
@@ -156,8 +157,9 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         TypeError: ``model`` is not a module, or ``path`` not a path.
         ValueError: the file is missing, truncated, damaged (its checksum differs), not a safetensors file, not
             written by :func:`save_compressed`, inconsistent (a layout field, a tensor's dtype or length, a scale
-            that is not finite and positive, an alias of an unknown or aliased name), or written for a model with
-            other tensor names, shapes or dtypes. ``model`` is then left as it was.
+            that is not finite and positive, positions of nonzeros that :func:`save_compressed` never writes, an
+            alias of an unknown or aliased name), or written for a model with other tensor names, shapes or dtypes.
+            ``model`` is then left as it was.
     """
     require("safetensors", what="load_compressed")
     from safetensors import safe_open
@@ -200,7 +202,8 @@ def _parts(entry: Entry) -> list[str]:
     """The tensors the file holds for ``entry``: none for an alias."""
     if entry.alias is not None:
         return []
-    return ["values"] + ["mask"] * entry.sparse + ["scale"] * (entry.bits is not None)
+    positions = [] if entry.positions is None else [entry.positions]  # "mask", "gaps" or "runs"
+    return ["values", *positions] + ["scale"] * (entry.bits is not None)
 
 
 def _decode(name: str, entry: Entry, stored: dict[str, Tensor], version: int, path: Path) -> Tensor:
@@ -216,17 +219,19 @@ def _decode(name: str, entry: Entry, stored: dict[str, Tensor], version: int, pa
         return t
 
     n = count = entry.numel
-    if entry.sparse:
-        packed = part("mask", torch.uint8, -(-n // 8))
-        if n % 8 and int(packed[-1]) >> n % 8:
-            bad("has mask bits set past its last element")
-        mask = _unpack_bits(packed, n)
+    kind = entry.positions
+    if kind is not None:
+        data = part(kind, torch.uint8, _positions.nbytes(kind, entry.width, entry.codes, n))
+        try:
+            mask = _positions.decode(kind, entry.width, entry.codes, data, n)
+        except _positions.BadPositions as err:
+            bad(str(err))
         count = int(mask.sum())
     if entry.bits is None:
         values = part("values", entry.dtype, count)
     elif entry.count is not None:
         if entry.count != count:
-            bad(f"has count={entry.count} in its layout, where its {'mask' if entry.sparse else 'shape'} means {count}")
+            bad(f"has count={entry.count} in its layout, where its {kind or 'shape'} means {count}")
         packed = part("values", torch.uint8, -(-count // 2))
         if count % 2 and packed[-1] >> 4:
             bad("has a nonzero padding half-byte after its last 4-bit value")
@@ -237,9 +242,9 @@ def _decode(name: str, entry: Entry, stored: dict[str, Tensor], version: int, pa
         qmax = 2 ** (entry.bits - 1) - 1
         if ((values < -qmax) | (values > qmax)).any():
             bad(f"has integer values outside [-{qmax}, {qmax}], the range of {entry.bits} bits")
-    if entry.sparse:
+    if kind is not None:
         if (values == 0).any():
-            bad("has a zero among the values its mask marks nonzero")
+            bad(f"has a zero among its nonzero values (placed by its {kind})")
         full = torch.zeros(n, dtype=values.dtype)
         full[mask] = values
         values = full

@@ -3,7 +3,8 @@ it was; a corruption that leaves the file valid (a no-op) loads the same weights
 
 The fuzz test is deterministic (seeded): it corrupts the layout (fields deleted, added, retyped, changed; entries
 swapped, renamed, aliased in a cycle), the layout's JSON text, the metadata, the tensors (truncated, extended,
-retyped, reshaped, a NaN/inf/zero scale, integers out of range) and the file's raw bytes.
+retyped, reshaped, a NaN/inf/zero scale, integers out of range, positions that end in an escape) and the file's raw
+bytes. Targeted tests follow for each check of the positions of sparse tensors (mask, gaps, runs).
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ CORRUPTIONS = 600
 
 
 class Net(nn.Module):
-    """Every kind of entry a compact file holds: int8 per-channel and sparse (`fc1`), 4-bit per-channel (`emb`), 3-bit
-    per-tensor, sparse, with an odd count (`fc2`), a tied alias (`head`), float, int64 and bool buffers, sparse ones
-    with no values. No two distinct entries share a shape, so renaming or retargeting one cannot give a valid file."""
+    """Every kind of entry a compact file holds: int8 per-channel and sparse (`fc1`, positions as gaps), 4-bit
+    per-channel (`emb`), 3-bit per-tensor, sparse (a mask), with an odd count (`fc2`), a tied alias (`head`), float,
+    int64 and bool buffers, sparse ones with no values, one whose nonzeros are one run (`rows`). No two distinct
+    entries share a shape, so renaming or retargeting one cannot give a valid file."""
 
     def __init__(self, seed: int, tied: bool = True) -> None:
         super().__init__()
@@ -40,6 +42,7 @@ class Net(nn.Module):
         self.head = nn.Linear(6, 11, bias=False)
         self.head.weight = self.emb.weight if tied else nn.Parameter(torch.randn(11, 6))
         self.register_buffer("keep", torch.rand(13) > 0.6)
+        self.register_buffer("rows", torch.randn(4, 10))
 
 
 def _source() -> Net:
@@ -51,6 +54,7 @@ def _source() -> Net:
         ints[ints.nonzero()[0]] = 3
         model.fc2.weight.copy_(ints.view(5, 10) * 0.1)  # on the 3-bit grid: exactly these integers are stored
         model.norm.running_var.uniform_(0.5, 2.0)
+        model.rows[[0, 2, 3]] = 0  # one row of nonzeros: two runs
     convert_(model, QuantConfig(activation_bits=None), ["fc1"])
     convert_(model, QuantConfig(weight_bits=4, activation_bits=None), ["emb"])
     convert_(model, QuantConfig(weight_bits=3, weight_granularity="per_tensor", activation_bits=None), ["fc2"])
@@ -67,10 +71,12 @@ def saved(tmp_path_factory):
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
     layout = json.loads(metadata["layout"])
-    assert {"sparse", "bits", "axis"} <= set(layout["fc1.weight"]) and layout["head.weight"]["alias"] == "emb.weight"
+    assert {"gaps", "codes", "bits", "axis"} <= set(layout["fc1.weight"])  # int8, sparse: gaps
+    assert layout["head.weight"]["alias"] == "emb.weight"
     assert layout["fc2.weight"]["count"] == 25 and "axis" not in layout["fc2.weight"]  # 3 bits, per tensor
-    assert "count" in layout["emb.weight"] and "axis" in layout["emb.weight"]  # 4 bits, per channel
-    assert layout["keep"]["sparse"] and layout["norm.running_mean"]["sparse"]  # bools; a sparse tensor of no values
+    assert layout["fc2.weight"]["sparse"] and "count" in layout["emb.weight"] and "axis" in layout["emb.weight"]
+    assert layout["keep"]["sparse"] and layout["norm.running_mean"]["codes"] == 0  # bools; no values: no codes
+    assert layout["rows"]["runs"] == 4 and layout["rows"]["codes"] == 2  # 10 zeros, 10 nonzeros
     fresh = load_compressed(Net(1, tied=False), path)
     return path, load_file(str(path)), layout, {k: v.clone() for k, v in fresh.state_dict().items()}
 
@@ -133,7 +139,8 @@ def corrupt_layout(rng, tensors, layout):
     if kind == "delete-field":
         del entry[field]
     elif kind == "add-field":
-        entry[rng.choice(["bits", "axis", "count", "sparse", "alias", "scale", "Shape"])] = rng.choice(JUNK)
+        entry[rng.choice(["bits", "axis", "count", "sparse", "gaps", "runs", "codes", "alias", "scale", "Shape"])] = \
+            rng.choice(JUNK)
     elif kind == "retype-field":
         entry[field] = rng.choice([v for v in JUNK if type(v) is not type(entry[field])])
     elif kind == "change-field":
@@ -194,7 +201,8 @@ def corrupt_tensor(rng, tensors, layout):
     elif kind == "delete":
         del tensors[key]
     elif kind == "extra":
-        tensors[rng.choice(["junk:values", "fc1.bias:scale", "fc1.bias:mask", "norm.running_var:mask"])] = t.clone()
+        tensors[rng.choice(["junk:values", "fc1.bias:scale", "fc1.bias:mask", "norm.running_var:mask", "fc1.bias:gaps",
+                            "rows:mask"])] = t.clone()
     elif kind == "rename":
         tensors[key.replace(":", rng.choice(["::", ":v", "."]))] = tensors.pop(key)
     elif t.numel():  # a value no valid file holds
@@ -204,6 +212,8 @@ def corrupt_tensor(rng, tensors, layout):
             flat[i] = rng.choice([float("nan"), float("inf"), -float("inf"), 0.0, -1.0])
         elif key.endswith(":mask"):
             flat[i] ^= 1 << rng.randrange(8)
+        elif key.endswith((":gaps", ":runs")):  # codes of at most 8 bits: the last one an escape, or padding set
+            flat[-1] = 0xFF
         elif flat.dtype == torch.int8:
             flat[i] = -128  # outside [-127, 127]
         elif flat.dtype == torch.uint8:
@@ -218,7 +228,7 @@ def corrupt_tensor(rng, tensors, layout):
 
 
 def corrupt_metadata(rng, tensors, layout):
-    kind = rng.choice(["no-format", "format", "format-1", "no-layout", "sha", "no-sha", "extra-key"])
+    kind = rng.choice(["no-format", "format", "format-1", "format-2", "no-layout", "sha", "no-sha", "extra-key"])
     extra: dict = {}
     fmt, sha = FORMAT, True
     if kind == "no-format":
@@ -232,9 +242,11 @@ def corrupt_metadata(rng, tensors, layout):
     elif kind == "extra-key":
         extra = {"note": "hello"}
     elif kind == "format":
-        fmt = rng.choice(["litcompress.compact/3", "", "litcompress.compact/2 ", "safetensors"])
+        fmt = rng.choice(["litcompress.compact/4", "", "litcompress.compact/3 ", "safetensors"])
     elif kind == "format-1":
         fmt = "litcompress.compact/1"  # this file has aliases and axes, which format 1 never held
+    elif kind == "format-2":
+        fmt = "litcompress.compact/2"  # this file has gaps and runs, which format 2 never held
     return f"metadata-{kind}", tensors, (layout, fmt, sha, extra)
 
 
@@ -360,3 +372,73 @@ def test_model_and_path_of_the_wrong_type(saved):
         load_compressed(None, path)
     with pytest.raises(TypeError, match=r"`path` to be a str or os\.PathLike"):
         load_compressed(Net(2), None)
+
+
+# ------------------------------------------------------------------------- positions of sparse tensors (format 3)
+def _edit(entry: str, fields: dict, key: str | None = None, data: list[int] | None = None, drop=()):
+    """A layout and tensor edit: fields set (None deletes one) in ``entry``, and the uint8 tensor ``key`` replaced."""
+
+    def apply(tensors, layout):
+        for field, value in fields.items():
+            if value is None:
+                layout[entry].pop(field)
+            else:
+                layout[entry][field] = value
+        if key is not None:
+            tensors[key] = torch.tensor(data, dtype=torch.uint8)
+        for name in drop:
+            del tensors[name]
+        return tensors, layout
+
+    return apply
+
+
+def _zero_value(tensors, layout):
+    tensors["fc1.weight:values"][0] = 0
+    return tensors, layout
+
+
+# `rows` is 10 zeros then 10 nonzeros (runs of 4 bits: codes 10, 10 in one byte); `fc1.weight` has 60 elements and
+# 20 nonzeros (gaps of 3 bits)
+POSITION_DAMAGE = {
+    "escape at the end": (_edit("rows", {}, "rows:runs", [10 | 15 << 4]), r"`rows` has runs whose last code is an esc"),
+    "padding bits set": (_edit("rows", {"codes": 1}, "rows:runs", [10 | 10 << 4]),
+                         r"`rows` has runs bits set in the padding after its last code"),
+    "gaps past the end": (_edit("fc1.weight", {"gaps": 8, "codes": 20}, "fc1.weight:gaps", [41] + [0] * 19),
+                          r"`fc1\.weight` has gaps that cover 61 elements, past its 60"),
+    "odd number of runs": (_edit("rows", {"codes": 1}, "rows:runs", [10]), r"`rows` has an odd number of runs \(1\)"),
+    "empty run": (_edit("rows", {"codes": 4}, "rows:runs", [10 | 5 << 4, 0 | 5 << 4]), r"`rows` has an empty run"),
+    "fewer nonzeros than values": (_edit("rows", {}, "rows:runs", [10 | 9 << 4]),
+                                   r"`rows` has values of torch\.float32 and shape \(10,\), where its layout means "
+                                   r"torch\.float32 and \(9,\)"),
+    "codes and bytes disagree": (_edit("rows", {"codes": 3}),
+                                 r"`rows` has runs of torch\.uint8 and shape \(1,\), where its layout means "
+                                 r"torch\.uint8 and \(2,\)"),
+    "width 0": (_edit("fc1.weight", {"gaps": 0}), r"`fc1\.weight` has gaps=0, not an int in \[1, 32\]"),
+    "width 33": (_edit("rows", {"runs": 33}), r"`rows` has runs=33, not an int in \[1, 32\]"),
+    "width true": (_edit("rows", {"runs": True}), r"`rows` has runs=True, not an int"),
+    "no codes": (_edit("fc1.weight", {"codes": None}), r"`fc1\.weight` has codes=None, not the int number of its gaps"),
+    "negative codes": (_edit("rows", {"codes": -2}), r"`rows` has codes=-2"),
+    "two encodings": (_edit("fc1.weight", {"sparse": True}), r"`fc1\.weight` has the fields \['sparse', 'gaps'\]"),
+    "codes of a mask": (_edit("fc2.weight", {"codes": 3}), r"`fc2\.weight` has codes, which only tensors stored with"),
+    "runs said, gaps stored": (_edit("fc1.weight", {"gaps": None, "runs": 3}),
+                               r"its layout names tensors it lacks: \['fc1\.weight:runs'\]"),
+    "positions missing": (_edit("rows", {}, drop=["rows:runs"]), r"its layout names tensors it lacks: \['rows:runs'\]"),
+    "a zero among the values": (_zero_value, r"`fc1\.weight` has a zero among its nonzero values \(placed by its "
+                                             r"gaps\)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(POSITION_DAMAGE))
+def test_damaged_positions(saved, tmp_path, case):
+    _, tensors, layout, _ = saved
+    edit, match = POSITION_DAMAGE[case]
+    tensors, layout = edit({k: v.clone() for k, v in tensors.items()}, json.loads(json.dumps(layout)))
+    _write(tmp_path / "f.safetensors", tensors, layout)
+    _rejected(tmp_path / "f.safetensors", r"`path` to be a complete safetensors file.*HINT: .*" + match)
+
+
+def test_gaps_in_a_file_of_format_2(saved, tmp_path):
+    _, tensors, layout, _ = saved
+    _write(tmp_path / "f.safetensors", tensors, layout, fmt="litcompress.compact/2")
+    _rejected(tmp_path / "f.safetensors", r"`rows` has runs, which files of format 2 never hold")
