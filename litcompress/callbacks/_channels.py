@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["build_channel_pruner", "check_channel_options", "check_remove_at", "remove_channels",
            "remove_channels_mid_fit", "remove_dead_channels"]
 
-_ROOTS = (nn.Linear, nn.modules.conv._ConvNd, HFConv1D)
+_ROOTS = (nn.Linear, nn.modules.conv._ConvNd, HFConv1D, nn.MultiheadAttention)
 
 
 def check_channel_options(sparsity: Any, scope: Any, importance: Any, rewind: Any) -> None:
@@ -128,7 +128,7 @@ def remove_channels_mid_fit(callback: Pruning, trainer: pl.Trainer,
     removed = remove_channels(callback, pruner)
     replacements = {}
     for (module, attr), dims in kept.items():
-        new = getattr(module, attr)
+        new = getattr(pruner.replaced.get(module, module), attr)  # an attention layer that lost heads is replaced
         if new is not old[(module, attr)]:
             replacements[old[(module, attr)]] = [(new, keep_slices(dims))]
         if isinstance(module, QuantizedLayer) and attr in module.weight_quantizers:

@@ -70,10 +70,11 @@ class Pruning(_CompressionCallback):
             weights along the input dimension), or ``"channel"``: whole output channels of the selected Linear and
             Conv layers (neurons, filters) are masked together with everything coupled to them (BatchNorm, the
             next layers' inputs, residual partners; the graph comes from Torch-Pruning, ``pip install
-            "litcompress[structured]"``), every layer losing ``sparsity`` of its channels, and removed at the end
-            of the fit (see ``remove_channels``): the model ends smaller and faster, computing what the masked
-            model computed. The model's output layers keep their channels; channels coupled to a layer that
-            cannot shrink exactly (LayerNorm, grouped convolutions) are left alone with a warning.
+            "litcompress[structured]"``), and whole heads of ``nn.MultiheadAttention`` layers, every layer losing
+            ``sparsity`` of its channels or heads, removed at the end of the fit (see ``remove_channels``): the
+            model ends smaller and faster, computing what the masked model computed. The model's output layers keep
+            their channels; channels coupled to a layer that cannot shrink exactly (LayerNorm, grouped
+            convolutions) are left alone with a warning.
         importance: ``"magnitude"``, ``"movement"`` (accumulated ``-w * grad``), ``"taylor"`` (``|w * grad|``
             since the last update), ``"random"``, or a callable ``fn(name, weight) -> scores`` (higher kept). With
             ``pattern="channel"``: ``"magnitude"`` (L2 norm of a channel over its group), ``"l1"``, ``"taylor"``,

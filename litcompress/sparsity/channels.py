@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from litcompress._extras import require
 from litcompress._validation import check_choice, check_fraction, fail
 from litcompress.selection import HFConv1D
+from litcompress.sparsity._tp import conv1d_pruner, first_output
 
 __all__ = ["CHANNEL_IMPORTANCES", "ChannelGroup", "ChannelPruner"]
 
@@ -42,6 +43,7 @@ CHANNEL_IMPORTANCES = ("magnitude", "l1", "taylor", "bn_scale")
 BatchNorm layers (network slimming)."""
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_ATTENTION = (nn.MultiheadAttention,)
 
 
 @dataclass
@@ -124,8 +126,9 @@ class ChannelPruner:
         model: the model.
         example_input: one input batch (a tensor, a tuple of positional inputs, or a mapping of keyword inputs),
             traced once to find which channels are coupled.
-        layers: names of the Linear / Conv layers whose output channels may be pruned; the model's output layers
-            never are (their channels are the model's outputs).
+        layers: names of the Linear / Conv layers whose output channels may be pruned (the model's output layers
+            never are: their channels are the model's outputs), and of ``nn.MultiheadAttention`` layers, whose
+            whole heads are pruned (:mod:`litcompress.sparsity.heads`).
         sparsity: the final fraction of channels removed from each group.
         importance: one of :data:`CHANNEL_IMPORTANCES`.
     """
@@ -145,10 +148,10 @@ class ChannelPruner:
         self.refs = list(refs)  # the selected tensors (for callers that check two pruners do not overlap)
         if isinstance(example_input, Mapping):  # keyword inputs (a Hugging Face batch)
             example_input = dict(example_input)
-        conv1d = {type(m): _conv1d_pruner(tp) for m in modules.values() if isinstance(m, HFConv1D)}
+        conv1d = {type(m): conv1d_pruner(tp) for m in modules.values() if isinstance(m, HFConv1D)}
         try:
             self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input,
-                                                               output_transform=_first_output,
+                                                               output_transform=first_output,
                                                                customized_pruners=conv1d or None)
         except (TypeError, ValueError, RuntimeError, KeyError, IndexError, AttributeError) as err:
             fail("model", "a model whose coupled channels Torch-Pruning can trace", type(model).__name__,
@@ -173,8 +176,28 @@ class ChannelPruner:
             handler = group._group[0].dep.handler
             channels = len(group._group[0].idxs)
             self.groups.append(ChannelGroup(name, channels, slices, (root, handler)))
+        self._add_heads(model, [n for n in layers if isinstance(modules[n], _ATTENTION)])
         self.scores: dict[str, Tensor] = {}
         self._zero_index: list[tuple[_Slice, Tensor]] | None = None
+        self.replaced: dict[nn.Module, nn.Module] = {}  # attention layers that lost heads -> their replacements
+
+    def _add_heads(self, model: nn.Module, names: list[str]) -> None:
+        """One group per attention layer: its heads (see :mod:`litcompress.sparsity.heads`)."""
+        from litcompress.quantization.modules import QuantizedLayer
+        from litcompress.sparsity.heads import head_slices
+
+        modules = dict(model.named_modules())
+        for name in names:
+            attn = modules[name]
+            if isinstance(attn, QuantizedLayer):
+                self.skipped[name] = "quantization-aware attention keeps its heads (exclude it from QAT to prune them)"
+            elif getattr(attn, "bias_k", None) is not None or getattr(attn, "add_zero_attn", False):
+                self.skipped[name] = "attention with add_bias_kv / add_zero_attn keeps its heads"
+            elif attn.num_heads < 2:
+                self.skipped[name] = "attention with one head keeps it"
+            else:
+                self.groups.append(ChannelGroup(name, int(attn.num_heads), head_slices(attn),
+                                                ("heads", name)))
 
     def _outputs(self, model: nn.Module) -> list[nn.Module]:
         """Layers whose outputs leave the model (no other layer reads them): never pruned."""
@@ -326,7 +349,15 @@ class ChannelPruner:
             if g.mask is None:
                 continue
             pruned = torch.nonzero(~g.mask).flatten().tolist()
-            if pruned:
+            if pruned and isinstance(g.root[0], str):  # ("heads", name)
+                from litcompress.sparsity.heads import remove_heads
+
+                old = self.model.get_submodule(g.name)
+                new = remove_heads(old, g.mask)
+                parent, _, child = g.name.rpartition(".")
+                setattr(self.model.get_submodule(parent) if parent else self.model, child, new)
+                self.replaced[old] = new
+            elif pruned:
                 module, handler = g.root
                 self.graph.get_pruning_group(module, handler, idxs=pruned).prune()
             done[g.name] = (g.channels, int(g.mask.sum()))
@@ -347,49 +378,6 @@ class ChannelPruner:
             by_name[name].mask = mask.bool().cpu()
         self.scores = {k: v.cpu() for k, v in state.get("scores", {}).items()}
         self._zero_index = None
-
-
-def _first_output(output: Any) -> Tensor:
-    """The tensor a model's output is traced from: itself, a ``logits`` field (Hugging Face), or the first tensor."""
-    if isinstance(output, Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else ()
-    for value in values:
-        if isinstance(value, Tensor):
-            return value
-    fail("example_input", "an input on which the model returns a tensor (or a tuple / mapping holding one)",
-         type(output).__name__, exc=TypeError)
-
-
-def _conv1d_pruner(tp: Any) -> Any:
-    """Torch-Pruning's handler for Hugging Face's ``Conv1D`` (GPT-2's projections): ``nn.Linear`` transposed."""
-
-    class _Conv1DPruner(tp.pruner.BasePruningFunc):
-        def prune_out_channels(self, layer: Any, idxs: Sequence[int]) -> Any:
-            keep = sorted(set(range(layer.weight.shape[1])) - set(idxs))
-            layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 1)
-            if layer.bias is not None:
-                layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
-            layer.nf = len(keep)
-            return layer
-
-        def prune_in_channels(self, layer: Any, idxs: Sequence[int]) -> Any:
-            keep = sorted(set(range(layer.weight.shape[0])) - set(idxs))
-            layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
-            if hasattr(layer, "nx"):
-                layer.nx = len(keep)
-            return layer
-
-        def get_out_channels(self, layer: Any) -> int:
-            return int(layer.weight.shape[1])
-
-        def get_in_channels(self, layer: Any) -> int:
-            return int(layer.weight.shape[0])
-
-    return _Conv1DPruner()
 
 
 def _per_index(value: Tensor, s: _Slice) -> Tensor:

@@ -7,6 +7,8 @@ in the weights. It needs no tracing and no input: the shapes in the ``state_dict
 
 - a layer saved factorized (``<layer>.first.weight`` and ``<layer>.second.weight``) becomes a
   :class:`~litcompress.factorization.Factorized` of the saved rank;
+- an attention layer saved with heads removed (``<layer>.kept_heads``) becomes a
+  :class:`~litcompress.sparsity.heads.PrunedMultiheadAttention` with that many heads;
 - every other tensor whose saved shape differs is resized, and its layer's size attributes follow
   (``in_features``/``out_features``, ``in_channels``/``out_channels``, BatchNorm's ``num_features``, LayerNorm's
   ``normalized_shape``, ``Embedding``'s sizes, transformers' ``Conv1D`` ``nf``/``nx``).
@@ -34,6 +36,9 @@ from torch import Tensor, nn
 from litcompress._validation import fail
 from litcompress.factorization.lowrank import Factorized, factorizable
 from litcompress.selection import HFConv1D
+from litcompress.sparsity.heads import PrunedMultiheadAttention, remove_heads
+
+_ATTENTION = (nn.MultiheadAttention, PrunedMultiheadAttention)
 
 __all__ = ["match_structure_"]
 
@@ -56,6 +61,14 @@ def match_structure_(model: nn.Module, state_dict: Mapping[str, Tensor], prefix:
                      hint=f"the layer `{name}` was saved factorized, but {factorizable(module)}")
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, Factorized.like(module, first.shape[0]))
+            changed.append(name)
+        kept = state_dict.get(f"{key}kept_heads")
+        if kept is not None and isinstance(module, _ATTENTION) and (
+                not isinstance(module, PrunedMultiheadAttention) or module.kept_heads.shape != kept.shape):
+            parent, _, child = name.rpartition(".")  # an attention layer saved with heads removed
+            keep = torch.zeros(module.num_heads, dtype=torch.bool)
+            keep[: kept.numel()] = True  # which ones does not matter: the weights and `kept_heads` are loaded next
+            setattr(model.get_submodule(parent) if parent else model, child, remove_heads(module, keep))
             changed.append(name)
     for name, module in model.named_modules():
         key = f"{prefix}{name}." if name else prefix

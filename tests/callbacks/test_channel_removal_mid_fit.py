@@ -132,3 +132,23 @@ def test_composes_with_qat_frozen_ranges(tmp_path):
                 assert q.scale.numel() == layer.weight_tensor(key).shape[q.axis]
     assert all(torch.isfinite(torch.tensor(watch.losses)))
     assert sum(watch.losses[-4:]) < sum(watch.losses[8:12])
+
+
+def test_transformer_heads_removed_mid_fit_and_resumed(tmp_path):
+    """The encoder's attention layers lose half their heads at epoch 1; a fit resumed after that ends as the
+    uninterrupted one (the checkpoint restores the narrower attention layers)."""
+    from litcompress.sparsity.heads import PrunedMultiheadAttention
+
+    def make():
+        return Pruning(0.5, pattern="channel", start=0, end=1, remove_at=1, verbose=False)
+
+    _, whole = fit(tmp_path / "whole", [make()], model="transformer", max_epochs=3, optimizer="adam", lr=0.01)
+    attn = whole.model.blocks[0].attn
+    assert isinstance(attn, PrunedMultiheadAttention) and attn.num_heads == 1
+    with pytest.raises(Interrupted):
+        fit(tmp_path / "r", [make(), Crash(6, tmp_path / "c.ckpt")], model="transformer", max_epochs=3,
+            optimizer="adam", lr=0.01)
+    _, resumed = fit(tmp_path / "r", [make()], model="transformer", max_epochs=3, optimizer="adam", lr=0.01,
+                     ckpt_path=tmp_path / "c.ckpt")
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
