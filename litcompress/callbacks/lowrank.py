@@ -152,6 +152,12 @@ class LowRankFactorization(_CompressionCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.done:
             self._at_step = self._check_before_end(trainer, "at", self.at)
+            modules = dict(_compression_target(pl_module).named_modules())
+            for name in self.layers:  # other callbacks' setup ran since ours (QAT converts layers there)
+                why = factorizable(modules[name])
+                if why is not None:
+                    fail("at", "0 when another callback changes the selected layers before training", self.at,
+                         hint=f"`{name}`: {why}")
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,

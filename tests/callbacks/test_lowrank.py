@@ -171,3 +171,53 @@ def test_explicitly_selected_unfactorizable_layer_is_named(tmp_path):
 def test_mid_fit_change_needs_a_single_device():
     with pytest.raises(ValueError, match="single device"):
         check_mid_fit(SimpleNamespace(strategy=object()), "LowRankFactorization", "at", 2)  # type: ignore[arg-type]
+
+
+def test_composes_with_qat_when_factorized_first(tmp_path):
+    """Factorized in `setup` before QAT converts the layers: QAT quantizes both factors, and the model exports."""
+    pytest.importorskip("onnxruntime")
+    from litcompress import QuantizationAwareTraining
+    from litcompress.export import export_onnx
+    from litcompress.quantization import quantized_layers
+
+    lowrank = LowRankFactorization(rank=4, exclude="<last>", verbose=False)
+    _, module = fit(tmp_path, [lowrank, QuantizationAwareTraining(verbose=False)], max_epochs=2)
+    names = set(quantized_layers(module.model))
+    assert {"net.0.first", "net.0.second", "net.2.first", "net.2.second"} <= names
+    path = export_onnx(module.model, torch.randn(4, 16), tmp_path / "m.onnx")
+    assert path.stat().st_size > 0
+
+
+def test_factorizing_a_quantized_layer_is_refused_with_the_order_to_use(tmp_path):
+    from litcompress import QuantizationAwareTraining
+
+    with pytest.raises(ValueError, match="before QuantizationAwareTraining"):
+        fit(tmp_path, [QuantizationAwareTraining(verbose=False), LowRankFactorization(rank=2, parameters="net")],
+            max_epochs=1)
+
+
+def test_distillation_student_shrinks_teacher_does_not(tmp_path):
+    from litcompress import DistillationModule
+
+    class Distill(DistillationModule):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.student.parameters(), lr=0.01)
+
+    torch.manual_seed(0)
+    teacher, student = ZOO["mlp"].build(), ZOO["mlp"].build()
+    module = Distill(student, teacher)
+    lowrank = LowRankFactorization(rank=4, at=1, exclude="<last>", verbose=False)
+    fit(tmp_path, [lowrank], module=module, max_epochs=2)
+    assert isinstance(student.net[0], Factorized) and isinstance(teacher.net[0], nn.Linear)
+    assert all(isinstance(m, nn.Linear) for m in teacher.modules() if not isinstance(m, (nn.Sequential,
+                                                                                          nn.ReLU, type(teacher))))
+
+
+def test_mid_fit_factorization_of_layers_qat_converts_is_refused_before_the_first_step(tmp_path):
+    from litcompress import QuantizationAwareTraining
+
+    module = LitClassifier(ZOO["mlp"].build())
+    with pytest.raises(ValueError, match=r"`at`.*net.0.*quantized for training"):
+        fit(tmp_path, [LowRankFactorization(rank=2, at=1), QuantizationAwareTraining(verbose=False)],
+            module=module, max_epochs=2)
+    assert all(not isinstance(m, Factorized) for m in module.modules())
