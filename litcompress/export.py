@@ -14,20 +14,23 @@ import contextlib
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from litcompress._compat import qdq_ops
 from litcompress._extras import ONNX_EXPORT, require
-from litcompress._validation import fail
-from litcompress.quantization.access import export_mode
+from litcompress._validation import check_bool, fail
+from litcompress.export_choice import Int8Choice, LayerTiming, choose_int8
+from litcompress.quantization.access import export_mode, quantized_layers
 from litcompress.quantization.compact import load_compressed, save_compressed
 
-__all__ = ["as_call", "export_onnx", "load_compressed", "save_compressed"]
+__all__ = ["Int8Choice", "LayerTiming", "as_call", "choose_int8", "export_onnx", "load_compressed", "save_compressed"]
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -68,6 +71,47 @@ def _no_kv_cache(model: nn.Module) -> Iterator[None]:
             config.use_cache = True
 
 
+@contextlib.contextmanager
+def _int8_only(model: nn.Module, int8: Collection[str] | None) -> Iterator[None]:
+    """Fake quantization off, until the block ends, in every quantized layer in force not named in ``int8`` (those
+    export as float); ``None`` changes nothing."""
+    switched = [] if int8 is None else [layer for name, layer in quantized_layers(model).items()
+                                        if layer.fake_quant_enabled and name not in int8]
+    for layer in switched:
+        layer.fake_quant_enabled = False
+    try:
+        yield
+    finally:
+        for layer in switched:
+            layer.fake_quant_enabled = True
+
+
+def _int8_layers(model: nn.Module, int8: Any, example_input: Tensor | Mapping[str, Tensor],
+                 dynamic_batch: bool) -> Collection[str] | None:
+    """The layers ``export_onnx(int8=...)`` keeps int8 (``None``: every one in force)."""
+    if isinstance(int8, str):
+        if int8 not in ("all", "none", "auto"):
+            fail("int8", "'all', 'none', 'auto', an Int8Choice or a list of quantized layer names", int8,
+                 hint="'auto' times int8 against float per layer and keeps the faster")
+        if int8 == "all":
+            return None
+        if int8 == "none":
+            return ()
+        choice = choose_int8(model, example_input, dynamic_batch=dynamic_batch)
+        logger.info("export_onnx(int8='auto') chose:\n%s", choice)
+        return choice.int8_layers
+    names = int8.int8_layers if isinstance(int8, Int8Choice) else int8
+    if not isinstance(names, (list, tuple, set, frozenset)) or not all(isinstance(n, str) for n in names):
+        fail("int8", "'all', 'none', 'auto', an Int8Choice or a list of quantized layer names",
+             type(int8).__name__, exc=TypeError)
+    in_force = [name for name, layer in quantized_layers(model).items() if layer.fake_quant_enabled]
+    unknown = sorted(set(names) - set(in_force))
+    if unknown:
+        fail("int8", "names of this model's quantized layers with fake quantization on", unknown,
+             hint=f"those are {in_force}" if in_force else "this model has none: pass int8='all'")
+    return names
+
+
 def as_call(example_input: Tensor | Mapping[str, Tensor]) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
     """``(args, kwargs)`` that call a model on ``example_input``: a tensor positionally, a mapping as keywords.
 
@@ -84,13 +128,22 @@ def as_call(example_input: Tensor | Mapping[str, Tensor]) -> tuple[tuple[Tensor,
 
 
 def export_onnx(
-    model: nn.Module, example_input: Tensor | Mapping[str, Tensor], path: str | os.PathLike, dynamic_batch: bool = True
+    model: nn.Module,
+    example_input: Tensor | Mapping[str, Tensor],
+    path: str | os.PathLike,
+    dynamic_batch: bool = True,
+    *,
+    int8: Literal["all", "none", "auto"] | Int8Choice | Collection[str] = "all",
 ) -> Path:
     """Export ``model`` to one self-contained ``.onnx`` file (weights inside, no ``.onnx.data``).
 
     A model trained with :class:`~litcompress.callbacks.QuantizationAwareTraining` exports with
     QuantizeLinear/DequantizeLinear pairs around every quantized matrix product and int8 weight initializers;
     ONNX Runtime's graph optimizations turn them into integer kernels. A float model exports as plain fp32.
+
+    Integer kernels pay on wide layers only: ``int8="auto"`` (or ``int8=choose_int8(...)``, which also returns the
+    per-layer timings) keeps int8 only on the layers where ONNX Runtime runs the model faster that way, and never
+    exports a file slower than the all-float export (see :func:`~litcompress.export_choice.choose_int8`).
 
     Args:
         model: the model (a LightningModule works; its ``forward`` is exported), put in eval mode for export.
@@ -99,6 +152,11 @@ def export_onnx(
             model takes them, and each becomes a graph input of that name.
         path: where to write the file.
         dynamic_batch: let the first dimension of the input vary.
+        int8: which quantized layers (those with fake quantization on) export with Q/DQ pairs and int8 weights;
+            the others export as float (their float weights, no QuantizeLinear). ``"all"`` (the default), ``"none"``
+            (the fp32 export of the same model), ``"auto"`` (:func:`~litcompress.export_choice.choose_int8` on
+            ``example_input`` with its defaults, so pass a real batch at the deployed batch size; its table is
+            logged at INFO), an :class:`~litcompress.export_choice.Int8Choice`, or a list of layer names.
 
     Returns:
         The path written.
@@ -113,6 +171,8 @@ def export_onnx(
         fail("path", "a file path in an existing, writable folder", str(path),
               hint="create the folder first" if not path.parent.is_dir() else "choose a writable file path")
     require(*ONNX_EXPORT, what="export_onnx")
+    check_bool("dynamic_batch", dynamic_batch)
+    keep = _int8_layers(model, int8, example_input, dynamic_batch)
     was_training = model.training
     model.eval()
     try:
@@ -129,7 +189,7 @@ def export_onnx(
         if dynamic_batch:
             dynamic = ({0: batch},) if args else {k: {0: batch} for k in kwargs}
         qdq_ops()  # registered before tracing begins
-        with export_mode(model), torch.no_grad(), _quiet_export(), _no_kv_cache(model):
+        with _int8_only(model, keep), export_mode(model), torch.no_grad(), _quiet_export(), _no_kv_cache(model):
             torch.onnx.export(model, args, str(path), kwargs=kwargs, dynamo=True, external_data=False,
                               dynamic_shapes=dynamic, verbose=False)
     finally:

@@ -14,9 +14,7 @@ median of timed forward passes (torch eager, and ONNX Runtime on the exported mo
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -29,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from litcompress._compat import eager_calls
 from litcompress._extras import ONNX_EXPORT, ONNX_RUNTIME, install_hint, missing, require
+from litcompress._timing import median_seconds, ort_feed, ort_session
 from litcompress._validation import check_int, fail
 from litcompress.export import as_call, export_onnx
 from litcompress.quantization.access import fake_quant, quantized_weights
@@ -151,7 +150,7 @@ def summarize(
                                    sparse_flops, len([*args, *kwargs.values()][0]), quantized=is_quantized,
                                    layers=layers)
             if latency:
-                summary.latency_eager = _time(lambda: model(*args, **kwargs), repeats, warmup)
+                summary.latency_eager = median_seconds(lambda: model(*args, **kwargs), repeats, warmup)
             if with_onnx:
                 summary.latency_onnx = _onnx_latency(model, example_input, Path(tmp) / "model.onnx", repeats,
                                                      warmup)
@@ -216,36 +215,17 @@ def _fp32_file_size(model: nn.Module, path: Path) -> int:
     return path.stat().st_size
 
 
-@torch.inference_mode()
-def _time(fn: Any, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _onnx_latency(model: nn.Module, example_input: Tensor | Mapping[str, Tensor], path: Path, repeats: int,
                   warmup: int) -> float | None:
     """Median ONNX Runtime latency of the exported model; ``None``, with a warning saying why, when the model
     does not export (some models use operations the exporter cannot trace) or ONNX Runtime cannot run it."""
-    import onnxruntime as ort
-
     try:
         export_onnx(model, example_input, path)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        names = [i.name for i in session.get_inputs()]
-        args, kwargs = as_call(example_input)
-        values = dict(zip(names, args)) if args else {n: kwargs[n] for n in names}
-        feed = {name: value.detach().cpu().numpy() for name, value in values.items()}
+        session = ort_session(path, torch.get_num_threads())
+        feed = ort_feed(session, *as_call(example_input))
         session.run(None, feed)
     except Exception as err:  # the report says why and goes on without this figure
         warnings.warn(f"summarize: no ONNX Runtime latency for {type(model).__name__}: {type(err).__name__}: "
                       f"{str(err).splitlines()[0][:300]}", stacklevel=3)
         return None
-    return _time(lambda: session.run(None, feed), repeats, warmup)
+    return median_seconds(lambda: session.run(None, feed), repeats, warmup)
