@@ -1,12 +1,12 @@
 """Channel pruning that makes a model faster: `Pruning(pattern="channel")` on real digits, measured in ONNX Runtime.
 
-The CNN of the MNIST examples (conv32-conv64-fc256-fc10, 317k parameters) trained on MNIST-5k twice with the same
-seed, data and optimizer: dense, and with half of the channels of every conv and hidden layer pruned during the same
-fit (default schedule: cubic, reaching the target at 3/4 of the fit) and removed at its end. Rows: test accuracy,
-parameters, and fp32 latency in ONNX Runtime and in eager PyTorch (median of repeated runs, both models timed in the
-same process, alternating), as ratios to the dense model.
+The CNN of the MNIST examples (conv32-conv64-fc256-fc10, 317k parameters) trained on MNIST-5k with the same seed,
+data and optimizer: dense, and with 50% and 75% of the channels of every conv and hidden layer pruned during the
+same fit (default schedule: cubic, reaching the target at 3/4 of the fit) and removed at its end. Rows: test
+accuracy, parameters, FLOPs (``torch.utils.flop_counter``, one digit), and fp32 latency in ONNX Runtime and in eager
+PyTorch (median of repeated runs, all models timed in the same process, alternating), as ratios to the dense model.
 
-    python benchmarks/bench_channels.py            # about 3 minutes on 2 CPU cores
+    python benchmarks/bench_channels.py            # about 5 minutes on 2 CPU cores
     python benchmarks/bench_channels.py --quick    # a smoke run
 """
 
@@ -17,7 +17,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from mnist5k import Classifier, TeacherCNN, mnist_5k, quiet_lightning
 
 from litcompress import Pruning
+from litcompress._timing import median_seconds, ort_session
 from litcompress.export import export_onnx
 
 
@@ -46,43 +46,29 @@ def train(data, test, epochs: int, seed: int, callbacks: list) -> tuple[torch.nn
     return model, acc
 
 
-def timed(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def latencies(models: dict[str, torch.nn.Module], batch: int, repeats: int) -> dict[str, dict[str, float]]:
-    import onnxruntime as ort
-
     x = torch.rand(batch, 784)
     out: dict[str, dict[str, float]] = {name: {} for name in models}
     folder = Path(tempfile.mkdtemp())
     sessions = {}
     for name, model in models.items():
         path = export_onnx(model, x, folder / f"{name}.onnx")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 2
-        sessions[name] = ort.InferenceSession(str(path), options)
+        sessions[name] = ort_session(path, threads=2, spinning=False)  # idle ORT threads do not slow eager runs
     for _ in range(3):  # alternate, so drift in the machine's speed hits both alike
         for name, model in models.items():
             session = sessions[name]
             feed = {session.get_inputs()[0].name: x.numpy()}
-            out[name].setdefault("onnx", []).append(timed(lambda s=session, f=feed: s.run(None, f), repeats))
+            run = lambda s=session, f=feed: s.run(None, f)  # noqa: E731
+            out[name].setdefault("onnx", []).append(median_seconds(run, repeats, 3))
             with torch.no_grad():
-                out[name].setdefault("eager", []).append(timed(lambda m=model: m(x), repeats))
+                out[name].setdefault("eager", []).append(median_seconds(lambda m=model: m(x), repeats, 3))
     return {name: {k: statistics.median(v) * 1e3 for k, v in kinds.items()} for name, kinds in out.items()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.75])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/channels.json"))
     parser.add_argument("--quick", action="store_true")
@@ -94,24 +80,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         data = torch.utils.data.TensorDataset(*(t[:512] for t in data.tensors))
         args.epochs, repeats = 2, 3
-    dense, dense_acc = train(data, test, args.epochs, args.seed, [])
-    pruning = Pruning(args.sparsity, pattern="channel", verbose=False)
-    pruned, pruned_acc = train(data, test, args.epochs, args.seed, [pruning])
-    params = {name: sum(p.numel() for p in m.parameters()) for name, m in (("dense", dense), ("pruned", pruned))}
-    result: dict[str, Any] = {"accuracy": {"dense": dense_acc, "pruned": pruned_acc}, "parameters": params,
-                              "removed": {k: list(v) for k, v in pruning.removed.items()}, "latency_ms": {},
-                              "args": {k: str(v) for k, v in vars(args).items()}}
+    models, acc, removed = {}, {}, {}
+    models["dense"], acc["dense"] = train(data, test, args.epochs, args.seed, [])
+    for sparsity in args.sparsity:
+        name = f"{sparsity:.0%} removed"
+        pruning = Pruning(sparsity, pattern="channel", verbose=False)
+        models[name], acc[name] = train(data, test, args.epochs, args.seed, [pruning])
+        removed[name] = {k: list(v) for k, v in pruning.removed.items()}
+    params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+    flops = {name: flop_count(m) for name, m in models.items()}
+    result: dict[str, Any] = {"accuracy": acc, "parameters": params, "flops": flops, "removed": removed,
+                              "latency_ms": {}, "args": {k: str(v) for k, v in vars(args).items()}}
     for batch in (256, 1):
-        result["latency_ms"][batch] = latencies({"dense": dense, "pruned": pruned}, batch, repeats)
+        result["latency_ms"][batch] = latencies(models, batch, repeats)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    print(f"test accuracy: dense {dense_acc:.2%}, {args.sparsity:.0%} of channels removed {pruned_acc:.2%}")
-    print(f"parameters: {params['dense']:,} -> {params['pruned']:,} ({params['dense'] / params['pruned']:.2f}x fewer)")
-    for batch, lat in result["latency_ms"].items():
-        for kind in ("onnx", "eager"):
-            d, p = lat["dense"][kind], lat["pruned"][kind]
-            print(f"batch {batch:3d} {kind:5s}: dense {d:.3f} ms, pruned {p:.3f} ms ({d / p:.2f}x faster)")
+    dense = "dense"
+    for name in models:
+        print(f"{name:12s} test accuracy {acc[name]:.2%}  parameters {params[name]:,} "
+              f"({params[dense] / params[name]:.2f}x fewer)  FLOPs {flops[name]:,} ({flops[dense] / flops[name]:.2f}x "
+              "fewer)")
+        for batch, lat in result["latency_ms"].items():
+            for kind in ("onnx", "eager"):
+                d, p = lat[dense][kind], lat[name][kind]
+                print(f"    batch {batch:3d} {kind:5s}: {p:.3f} ms ({d / p:.2f}x faster than dense)")
     return result
+
+
+def flop_count(model: torch.nn.Module) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 784))
+    return int(counter.get_total_flops())
 
 
 if __name__ == "__main__":

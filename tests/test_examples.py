@@ -80,13 +80,22 @@ def test_mnist_pipeline_reduced(tmp_path, capfd):
 @pytest.mark.parametrize(("script", "expect"), [("bench_pruning.py", "| lightning |"),
                                                 ("bench_qat.py", "ONNX Runtime static quantization of fp32"),
                                                 ("bench_distillation.py", "with no data (RandomInputs)"),
-                                                ("bench_channels.py", "(3.95x fewer)")])
+                                                ("bench_channels.py", "(3.95x fewer)"),
+                                                ("bench_lowrank.py", "at the change ->")])
 def test_benchmark_quick(tmp_path, script, expect):
     out = tmp_path / "result.json"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert expect in run.stdout and out.exists()
+
+
+def test_bench_compact_runs(tmp_path):
+    out = tmp_path / "compact.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_compact.py"), "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| int4 |" in run.stdout and out.exists()
 
 
 @pytest.mark.slow
