@@ -29,7 +29,8 @@ import numbers
 from collections.abc import Iterable
 from typing import Any, NoReturn
 
-__all__ = ["check_bool", "check_choice", "check_fraction", "check_int", "check_real", "fail", "fail_state"]
+__all__ = ["check_bool", "check_choice", "check_fraction", "check_int", "check_nonempty_str", "check_real", "fail",
+           "fail_state"]
 
 
 def fail(name: str, expected: str, value: Any, hint: str = "", exc: type[Exception] = ValueError) -> NoReturn:
@@ -66,6 +67,13 @@ def check_real(name: str, value: Any, minimum: float = 0.0, strict: bool = True,
         fail(name, f"a finite float {'>' if strict else '>='} {minimum:g}", value)
     if not (number > minimum if strict else number >= minimum):
         fail(name, f"a float {'>' if strict else '>='} {minimum:g}", value)
+
+
+def check_nonempty_str(name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        fail(name, "a non-empty str", value, exc=TypeError)
+    if not value:
+        fail(name, "a non-empty str", value)
 
 
 def check_bool(name: str, value: Any) -> None:

@@ -10,16 +10,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from litcompress._validation import check_bool, check_int, fail
+from litcompress._validation import check_bool, check_int, check_nonempty_str, fail
 from litcompress.callbacks._base import _compression_target, _CompressionCallback
 from litcompress.callbacks._structure import StructureFollower, check_mid_fit, point_optimizers
 from litcompress.factorization.lowrank import (
     Factorized,
     LowRankResult,
-    _check_one,
+    check_rank,
+    check_rank_options,
     factorizable,
     factorize_,
-    rank_limit,
 )
 from litcompress.selection import HFConv1D, ParameterFilter, check_patterns, select_parameters
 
@@ -83,13 +83,12 @@ class LowRankFactorization(_CompressionCallback):
         verbose: bool = True,
     ) -> None:
         super().__init__(interval)
-        _check_one(rank, rank_ratio, energy)
+        check_rank_options(rank, rank_ratio, energy)
         check_int("at", at, minimum=0)
         if parameters is not None and not callable(parameters):
             check_patterns("parameters", parameters)
         check_patterns("exclude", exclude)
-        if not isinstance(log_prefix, str) or not log_prefix:
-            fail("log_prefix", "a non-empty str", log_prefix, exc=TypeError)
+        check_nonempty_str("log_prefix", log_prefix)
         check_bool("verbose", verbose)
         self.rank, self.rank_ratio, self.energy = rank, rank_ratio, energy
         self.at, self.parameters, self.exclude = at, parameters, exclude
@@ -138,10 +137,7 @@ class LowRankFactorization(_CompressionCallback):
                 if self.parameters is not None:
                     fail("parameters", "layers that can be factorized", ref.name, hint=f"{why}; exclude it")
                 continue  # the default selection leaves it out
-            if self.rank is not None and self.rank > rank_limit(ref.module):
-                fail("rank", f"at most {rank_limit(ref.module)} for layer `{ref.module_name}` (the smaller of its "
-                     "outputs and inputs)", self.rank, hint="lower `rank`, use `rank_ratio` / `energy`, or add the "
-                     "layer to `exclude`")
+            check_rank(ref.module_name, ref.module, self.rank)
             layers.append(ref.module_name)
         if not layers:
             fail("parameters", "a selection with at least one Linear, Conv1D or ungrouped convolution",
@@ -194,8 +190,7 @@ class LowRankFactorization(_CompressionCallback):
     def _undo(self, pl_module: pl.LightningModule) -> None:
         target = _compression_target(pl_module)
         for name, module in self._originals.items():
-            parent, _, child = name.rpartition(".")
-            setattr(target.get_submodule(parent) if parent else target, child, module)
+            target.set_submodule(name, module)
         if self._originals:
             self.done, self.results = False, {}
         self._originals = {}
@@ -207,7 +202,7 @@ class LowRankFactorization(_CompressionCallback):
     # ------------------------------------------------------------------ state
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"done": self.done, "ranks": {n: r.rank for n, r in self.results.items() if r.factorized}}
+        return {"done": self.done}  # the ranks live in the checkpoint's shapes (what `match_structure_` reads)
 
     def _load(self, state: dict[str, Any]) -> None:
         self.done = bool(state.get("done", False))

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from litcompress._validation import check_bool, check_choice, check_fraction, check_int, fail
+from litcompress._validation import check_bool, check_choice, check_fraction, check_int, check_nonempty_str, fail
 from litcompress.callbacks._base import _compression_target, _CompressionCallback, _warn_inexact_resume, _Window
 from litcompress.callbacks._channels import (
     build_channel_pruner,
@@ -198,9 +198,7 @@ class Pruning(_CompressionCallback):
                   hint="rewinding to the weights at `start` right after pruning there changes nothing; "
                   "use a gradual schedule (linear, cubic, exponential)")
         check_int("seed", seed)
-        if not isinstance(log_prefix, str) or not log_prefix:
-            fail("log_prefix", "a non-empty str", log_prefix, exc=TypeError if not isinstance(log_prefix, str)
-                 else ValueError)
+        check_nonempty_str("log_prefix", log_prefix)
         check_bool("verbose", verbose)
 
         self.sparsity = sparsity

@@ -3,10 +3,13 @@
 from litcompress.factorization.lowrank import (
     Factorized,
     LowRankResult,
+    check_rank,
+    check_rank_options,
     choose_rank,
     factorizable,
     factorize_,
     rank_limit,
 )
 
-__all__ = ["Factorized", "LowRankResult", "choose_rank", "factorizable", "factorize_", "rank_limit"]
+__all__ = ["Factorized", "LowRankResult", "check_rank", "check_rank_options", "choose_rank", "factorizable",
+           "factorize_", "rank_limit"]

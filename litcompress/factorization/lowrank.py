@@ -35,7 +35,8 @@ from litcompress._validation import check_fraction, check_int, fail
 from litcompress.quantization.modules import QuantizedLayer
 from litcompress.selection import HFConv1D
 
-__all__ = ["Factorized", "LowRankResult", "choose_rank", "factorizable", "factorize_", "rank_limit"]
+__all__ = ["Factorized", "LowRankResult", "check_rank", "check_rank_options", "choose_rank", "factorizable",
+           "factorize_", "rank_limit"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -137,6 +138,13 @@ def rank_limit(layer: nn.Module) -> int:
     return min(_dims(layer))
 
 
+def check_rank(name: str, layer: nn.Module, rank: int | None) -> None:
+    """A fixed ``rank`` fits layer ``name``: at most ``min(out, in)`` of its weight."""
+    if rank is not None and rank > rank_limit(layer):
+        fail("rank", f"at most {rank_limit(layer)} for layer `{name}` (the smaller of its outputs and inputs)", rank,
+             hint="lower `rank`, use `rank_ratio` / `energy`, or add the layer to `exclude`")
+
+
 def choose_rank(singular_values: Tensor, rank: int | None = None, rank_ratio: float | None = None,
                 energy: float | None = None) -> int:
     """The rank kept from ``singular_values`` (descending) by exactly one of ``rank``, ``rank_ratio``, ``energy``.
@@ -158,7 +166,8 @@ def choose_rank(singular_values: Tensor, rank: int | None = None, rank_ratio: fl
     return min(full, int((kept < energy - 1e-12).sum()) + 1)
 
 
-def _check_one(rank: int | None, rank_ratio: float | None, energy: float | None) -> None:
+def check_rank_options(rank: int | None, rank_ratio: float | None, energy: float | None) -> None:
+    """Exactly one of ``rank`` (an int >= 1), ``rank_ratio`` and ``energy`` (each in ``(0, 1]``) is given."""
     given = [n for n, v in (("rank", rank), ("rank_ratio", rank_ratio), ("energy", energy)) if v is not None]
     if len(given) != 1:
         fail("rank", "exactly one of `rank`, `rank_ratio`, `energy`", {n: v for n, v in (
@@ -182,7 +191,7 @@ def factorize_(model: nn.Module, layers: Sequence[str], *, rank: int | None = No
 
     Every layer is checked before any is replaced (all or nothing). Returns one :class:`LowRankResult` per layer.
     """
-    _check_one(rank, rank_ratio, energy)
+    check_rank_options(rank, rank_ratio, energy)
     modules = dict(model.named_modules())
     for name in layers:
         if name not in modules:
@@ -190,9 +199,7 @@ def factorize_(model: nn.Module, layers: Sequence[str], *, rank: int | None = No
         why = factorizable(modules[name])
         if why is not None:
             fail("layers", "Linear layers, ungrouped convolutions or transformers Conv1D layers", name, hint=why)
-        if rank is not None and rank > rank_limit(modules[name]):
-            fail("rank", f"at most {rank_limit(modules[name])} for layer `{name}` (min of its outputs and inputs)",
-                 rank, hint="lower `rank`, use `rank_ratio` / `energy`, or exclude the layer")
+        check_rank(name, modules[name], rank)
     report = {}
     for name in layers:
         layer = modules[name]
@@ -210,12 +217,7 @@ def factorize_(model: nn.Module, layers: Sequence[str], *, rank: int | None = No
         first, second = new.first.weight, new.second.weight
         first.copy_((root[:, None] * vh[:r]).reshape(first.shape))  # type: ignore[operator]
         second.copy_((u[:, :r] * root[None, :]).reshape(second.shape))  # type: ignore[operator]
-        _set(model, name, new)
+        model.set_submodule(name, new)
         modules[name] = new
         report[name] = LowRankResult(r, len(s), before, r * (n_in + n_out), error, True)
     return report
-
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)

@@ -354,8 +354,7 @@ class ChannelPruner:
 
                 old = self.model.get_submodule(g.name)
                 new = remove_heads(old, g.mask)
-                parent, _, child = g.name.rpartition(".")
-                setattr(self.model.get_submodule(parent) if parent else self.model, child, new)
+                self.model.set_submodule(g.name, new)
                 self.replaced[old] = new
             elif pruned:
                 module, handler = g.root

@@ -59,16 +59,14 @@ def match_structure_(model: nn.Module, state_dict: Mapping[str, Tensor], prefix:
             if factorizable(module) is not None:
                 fail("state_dict", "weights saved from this model's structure", f"{key}first.weight",
                      hint=f"the layer `{name}` was saved factorized, but {factorizable(module)}")
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, Factorized.like(module, first.shape[0]))
+            model.set_submodule(name, Factorized.like(module, first.shape[0]))
             changed.append(name)
         kept = state_dict.get(f"{key}kept_heads")
         if kept is not None and isinstance(module, _ATTENTION) and (
                 not isinstance(module, PrunedMultiheadAttention) or module.kept_heads.shape != kept.shape):
-            parent, _, child = name.rpartition(".")  # an attention layer saved with heads removed
-            keep = torch.zeros(module.num_heads, dtype=torch.bool)
+            keep = torch.zeros(module.num_heads, dtype=torch.bool)  # an attention layer saved with heads removed
             keep[: kept.numel()] = True  # which ones does not matter: the weights and `kept_heads` are loaded next
-            setattr(model.get_submodule(parent) if parent else model, child, remove_heads(module, keep))
+            model.set_submodule(name, remove_heads(module, keep))
             changed.append(name)
     for name, module in model.named_modules():
         key = f"{prefix}{name}." if name else prefix
