@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -20,6 +20,7 @@ from litcompress.factorization.lowrank import (
     check_rank_options,
     factorizable,
     factorize_,
+    tied_to,
 )
 from litcompress.selection import HFConv1D, ParameterFilter, check_patterns, select_parameters
 
@@ -129,19 +130,25 @@ class LowRankFactorization(_CompressionCallback):
     def _select(self, target: nn.Module) -> list[str]:
         refs = select_parameters(target, self.parameters, self.exclude, kinds=_KINDS)
         layers: list[str] = []
+        left_out: dict[str, str] = {}
         for ref in refs:
             if ref.attr != "weight" or ref.module_name in layers:
                 continue
-            why = factorizable(ref.module)
+            why = tied_to(target, ref.module_name) or factorizable(ref.module)
             if why is not None:
                 if self.parameters is not None:
                     fail("parameters", "layers that can be factorized", ref.name, hint=f"{why}; exclude it")
-                continue  # the default selection leaves it out
+                left_out[ref.module_name] = why  # the default selection leaves it out, and says so
+                continue
             check_rank(ref.module_name, ref.module, self.rank)
             layers.append(ref.module_name)
         if not layers:
             fail("parameters", "a selection with at least one Linear, Conv1D or ungrouped convolution",
-                 self.parameters, hint="no selected layer can be factorized")
+                 self.parameters, hint="no selected layer can be factorized: "
+                 + "; ".join(f"{k}: {v}" for k, v in left_out.items()))
+        if left_out:
+            rank_zero_warn(f"{type(self).__name__}: {len(left_out)} layer(s) stay dense: "
+                           + "; ".join(f"{k}: {v}" for k, v in left_out.items()))
         return layers
 
     @override

@@ -9,7 +9,8 @@ from litcompress.factorization.lowrank import (
     factorizable,
     factorize_,
     rank_limit,
+    tied_to,
 )
 
 __all__ = ["Factorized", "LowRankResult", "check_rank", "check_rank_options", "choose_rank", "factorizable",
-           "factorize_", "rank_limit"]
+           "factorize_", "rank_limit", "tied_to"]

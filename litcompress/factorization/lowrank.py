@@ -36,7 +36,7 @@ from litcompress.quantization.modules import QuantizedLayer
 from litcompress.selection import HFConv1D
 
 __all__ = ["Factorized", "LowRankResult", "check_rank", "check_rank_options", "choose_rank", "factorizable",
-           "factorize_", "rank_limit"]
+           "factorize_", "rank_limit", "tied_to"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -133,6 +133,15 @@ def factorizable(layer: nn.Module) -> str | None:
     return f"it is a {type(layer).__name__}, not a Linear, an ungrouped convolution or a transformers Conv1D"
 
 
+def tied_to(model: nn.Module, name: str) -> str | None:
+    """``None`` unless layer ``name``'s weight is also another module's (a tied embedding and LM head): then why
+    it cannot be factorized (its replacement would untie them)."""
+    weight = model.get_submodule(name).weight
+    others = [n for n, m in model.named_modules() if n != name
+              and any(p is weight for p in m.parameters(recurse=False))]
+    return f"its weight is tied to {', '.join(others)}; factorizing it would untie them" if others else None
+
+
 def rank_limit(layer: nn.Module) -> int:
     """The largest rank of ``layer``'s weight, ``min(out, in)``."""
     return min(_dims(layer))
@@ -196,7 +205,7 @@ def factorize_(model: nn.Module, layers: Sequence[str], *, rank: int | None = No
     for name in layers:
         if name not in modules:
             fail("layers", "names of layers of the model", name)
-        why = factorizable(modules[name])
+        why = factorizable(modules[name]) or tied_to(model, name)
         if why is not None:
             fail("layers", "Linear layers, ungrouped convolutions or transformers Conv1D layers", name, hint=why)
         check_rank(name, modules[name], rank)

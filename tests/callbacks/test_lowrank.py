@@ -221,3 +221,34 @@ def test_mid_fit_factorization_of_layers_qat_converts_is_refused_before_the_firs
         fit(tmp_path, [LowRankFactorization(rank=2, at=1), QuantizationAwareTraining(verbose=False)],
             module=module, max_epochs=2)
     assert all(not isinstance(m, Factorized) for m in module.modules())
+
+
+def test_gpt2_tied_head_stays_dense_and_tied_with_a_warning(tmp_path):
+    pytest.importorskip("transformers")
+    from tests.test_hf_models import LitHF, gpt2
+    from tests.test_hf_models import fit as fit_hf
+
+    module = LitHF(gpt2())
+    lowrank = LowRankFactorization(rank=2, verbose=False)
+    with pytest.warns(UserWarning, match=r"lm_head: its weight is tied to .*wte"):
+        fit_hf(tmp_path, "gpt2", [lowrank], module=module)
+    model = module.model
+    assert model.lm_head.weight is model.transformer.wte.weight  # still one tensor
+    assert isinstance(model.transformer.h[0].mlp.c_fc, Factorized)
+    assert "model.lm_head" not in lowrank.results
+
+
+def test_explicitly_selected_tied_head_is_refused(tmp_path):
+    pytest.importorskip("transformers")
+    from tests.test_hf_models import LitHF, gpt2
+    from tests.test_hf_models import fit as fit_hf
+
+    with pytest.raises(ValueError, match=r"wte.weight.*tied to model\.lm_head"):
+        fit_hf(tmp_path, "gpt2", [LowRankFactorization(rank=2, parameters="lm_head")], module=LitHF(gpt2()))
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), nn.Linear(4, 4))
+    model[2].weight = shared.weight
+    from litcompress.factorization import factorize_
+
+    with pytest.raises(ValueError, match="tied to 2"):
+        factorize_(model, ["0"], rank=1)
