@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from litcompress._shards import Shards
 from litcompress._validation import check_fraction, fail
 
 __all__ = ["check_nm", "global_masks", "nm_mask", "parse_nm", "unstructured_mask"]
@@ -78,27 +79,38 @@ def _count(sparsity: float, numel: int, mask: Tensor | None) -> int:
     return max(round(sparsity * numel), already)
 
 
-def unstructured_mask(scores: Tensor, sparsity: float, mask: Tensor | None = None) -> Tensor:
+def unstructured_mask(
+    scores: Tensor, sparsity: float, mask: Tensor | None = None, shards: Shards | None = None
+) -> Tensor:
     """Keep-mask that prunes the lowest-scored ``sparsity`` fraction of one tensor.
 
     Args:
         scores: importance, any shape; higher is kept.
         sparsity: fraction to prune, in ``[0, 1]``.
         mask: an earlier keep-mask; its pruned entries stay pruned.
+        shards: when ``scores`` are this process's rows of a sharded tensor: the processes holding the others
+            (the mask is then this process's rows of the mask of the whole tensor).
     """
     check_fraction("sparsity", sparsity, closed_right=True)
+    if shards is not None:
+        return global_masks([scores], sparsity, [mask], shards)[0]
     flat = _prepared(scores, mask, "scores")
     return ~_prune_lowest(flat, _count(sparsity, flat.numel(), mask)).reshape(scores.shape)
 
 
 def global_masks(
-    scores: Sequence[Tensor], sparsity: float, masks: Sequence[Tensor | None] | None = None
+    scores: Sequence[Tensor],
+    sparsity: float,
+    masks: Sequence[Tensor | None] | None = None,
+    shards: Shards | None = None,
 ) -> list[Tensor]:
     """Keep-masks with one threshold across all tensors: the lowest ``sparsity`` fraction of all scores goes.
 
     Ties go to the lower position in tensor order, then index. The threshold is found one tensor at a time (a
     bisection over the order of float32 values, at most 32 counting passes), so no concatenated or sorted copy of
-    all scores is ever made: the extra memory is one temporary the size of the largest tensor.
+    all scores is ever made: the extra memory is one temporary the size of the largest tensor. With ``shards``
+    (``scores`` are this process's rows of sharded tensors) each pass sums the counts over processes, and the
+    masks are this process's rows of the masks computed over whole tensors.
 
     >>> a, b = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.5, 5.0])
     >>> [m.tolist() for m in global_masks([a, b], 0.5)]
@@ -108,25 +120,42 @@ def global_masks(
     masks = list(masks) if masks is not None else [None] * len(scores)
     flats = [_checked(s, "scores") for s in scores]
     keeps = [None if m is None else m.reshape(-1).to(f.device) for f, m in zip(flats, masks)]
-    total = sum(f.numel() for f in flats)
-    already = sum(0 if m is None else m.numel() - int(torch.count_nonzero(m)) for m in keeps)
+    sizes = torch.tensor([f.numel() for f in flats])
+    pruned_before = torch.tensor([0 if m is None else m.numel() - int(torch.count_nonzero(m)) for m in keeps])
+    if shards is not None:
+        sizes, pruned_before = shards.total(sizes), shards.total(pruned_before)
+    total, already = int(sizes.sum()), int(pruned_before.sum())
     k = max(round(sparsity * total), already)
     if k <= 0 or k >= total:
         return [torch.full(s.shape, k <= 0, dtype=torch.bool, device=s.device) for s in scores]
+    pruned = _lowest(flats, keeps, k, already, shards)
+    return [~p.reshape(s.shape).to(s.device) for s, p in zip(scores, pruned)]
+
+
+def _lowest(
+    flats: Sequence[Tensor], keeps: Sequence[Tensor | None], k: int, already: int, shards: Shards | None
+) -> list[Tensor]:
+    """Mark the ``k`` lowest entries of the 1-D ``flats`` together (``already`` of them are pruned by ``keeps``)."""
 
     def count(value: float, strict: bool) -> int:  # entries below (or at) `value`; pruned ones count as -inf
-        n = 0
+        per = []
         for f, keep in zip(flats, keeps):
             below = f < value if strict else f <= value
+            n = 0
             if keep is not None:
                 below &= keep
                 n += keep.numel() - int(torch.count_nonzero(keep))
-            n += int(torch.count_nonzero(below))
-        return n
+            per.append(n + int(torch.count_nonzero(below)))
+        counts = torch.tensor(per)
+        return int((shards.total(counts) if shards is not None else counts).sum())
 
-    lo = _order_key(min(float(f.min() if keep is None else f[keep].min())
-                        for f, keep in zip(flats, keeps) if keep is None or bool(keep.any())))
-    hi = _order_key(max(float(f.max()) for f in flats))
+    lows = [float(f.min() if keep is None else f[keep].min()) for f, keep in zip(flats, keeps)
+            if f.numel() and (keep is None or bool(keep.any()))]
+    highs = [float(f.max()) for f in flats if f.numel()]
+    low, high = min(lows, default=float("inf")), max(highs, default=float("-inf"))
+    if shards is not None:
+        low, high = shards.min(low), shards.max(high)
+    lo, hi = _order_key(low), _order_key(high)
     threshold = float("-inf")
     if k > already:  # the k-th smallest score among the entries not yet pruned
         while lo < hi:
@@ -136,20 +165,25 @@ def global_masks(
             else:
                 lo = mid + 1
         threshold = _from_order_key(lo)
-    out: list[Tensor] = []
     need = k - count(threshold, strict=True) if k > already else 0
-    for s, f, keep in zip(scores, flats, keeps):
+    out, ties = [], []
+    for f, keep in zip(flats, keeps):
         pruned = f < threshold
         if keep is not None:
             pruned |= ~keep
-            ties = ((f == threshold) & keep) if need > 0 else None
+        out.append(pruned)
+        ties.append(((f == threshold) & keep) if keep is not None else (f == threshold))
+    if need > 0:  # ties are pruned in position order: tensor by tensor, rows in rank order, then index
+        local_ties = torch.tensor([int(torch.count_nonzero(t)) for t in ties])
+        if shards is not None:
+            every = shards.total(local_ties).cpu()
+            first = every.cumsum(0) - every + shards.before(local_ties).cpu()
         else:
-            ties = (f == threshold) if need > 0 else None
-        if ties is not None:
-            index = ties.nonzero().squeeze(1)[:need]
-            pruned[index] = True
-            need -= index.numel()
-        out.append(~pruned.reshape(s.shape).to(s.device))
+            first = local_ties.cumsum(0) - local_ties
+        for pruned, tie, start, held in zip(out, ties, first.tolist(), local_ties.tolist()):
+            take = min(max(need - start, 0), held)
+            if take:
+                pruned[tie.nonzero().squeeze(1)[:take]] = True
     return out
 
 
@@ -184,7 +218,13 @@ def _ungroup(g: Tensor, shape: torch.Size, dim: int) -> Tensor:
 
 
 def nm_mask(
-    scores: Tensor, n: int, m: int, fraction: float = 1.0, mask: Tensor | None = None, dim: int = 1
+    scores: Tensor,
+    n: int,
+    m: int,
+    fraction: float = 1.0,
+    mask: Tensor | None = None,
+    dim: int = 1,
+    shards: Shards | None = None,
 ) -> Tensor:
     """N:M keep-mask: in every group of ``m`` consecutive weights along ``dim`` at most ``n`` are kept.
 
@@ -202,7 +242,13 @@ def nm_mask(
     # the n best of each group are protected; already-pruned entries (-inf) are never among them
     grouped = grouped.scatter(1, best, float("inf"))
     sparsity = fraction * (m - n) / m
-    pruned = _prune_lowest(grouped.reshape(-1), _count(sparsity, scores.numel(), mask))
+    if shards is None:
+        pruned = _prune_lowest(grouped.reshape(-1), _count(sparsity, scores.numel(), mask))
+    else:  # this process's rows hold whole groups (checked by the caller); the count is over all rows
+        numel = int(shards.total(torch.tensor([scores.numel()])).sum())
+        already = 0 if mask is None else mask.numel() - int(torch.count_nonzero(mask))
+        already = int(shards.total(torch.tensor([already])).sum())
+        pruned = _lowest([grouped.reshape(-1)], [None], max(round(sparsity * numel), already), already, shards)[0]
     return ~_ungroup(pruned.reshape(-1, m), scores.shape, dim)
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from litcompress._compat import foreach_mul_, foreach_norm
+from litcompress._shards import Shards, is_sharded, local, local_part, to_dtensor_like
 from litcompress._validation import check_choice, check_fraction, fail
 from litcompress.selection import ParameterRef
 from litcompress.sparsity.importance import DATA_DEPENDENT, IMPORTANCES, ImportanceFn, accumulate_
@@ -113,6 +114,10 @@ class Pruner:
         else:
             targets = _resolve_targets(refs, sparsity)
         self.refs = [r for r in refs if r.name in targets]
+        # FSDP2 shards (DTensor rows): masks, scores and snapshots hold this process's rows only
+        self.shards = Shards.of([r.tensor for r in self.refs], [r.name for r in self.refs])
+        if self.nm is not None and self.shards is not None:
+            self._check_nm_shards()
         self.targets = targets
         self.scope = scope
         self.importance = importance
@@ -122,6 +127,19 @@ class Pruner:
         self.scores: dict[str, Tensor] = {}
         self.snapshot: dict[str, Tensor] = {}
         self._updates = 0
+
+    def _check_nm_shards(self) -> None:
+        assert self.nm is not None and self.shards is not None
+        m = self.nm[1]
+        for r, rows in zip(self.refs, self.shards.rows):
+            if rows is not None and r.input_dim == 0 and (rows[0] % m or rows[1] % m):
+                fail("pattern", "N:M groups that no shard boundary splits", f"{self.nm[0]}:{m}",
+                      hint=f"`{r.name}` groups its inputs along dimension 0, which FSDP shards: this process holds "
+                      f"rows {rows[0]}..{rows[1]}, not a multiple of {m}; shard it along dim 1 (fully_shard's "
+                      "`shard_placement_fn`) or exclude it")
+
+    def _local(self, r: ParameterRef) -> Tensor:
+        return local(r.tensor)
 
     @property
     def names(self) -> list[str]:
@@ -149,7 +167,7 @@ class Pruner:
         if not self.data_dependent:
             return False
         assert isinstance(self.importance, str)  # the data-dependent importances are named ones
-        with_grad = [(r, g) for r in self.refs
+        with_grad = [(r, local(g)) for r in self.refs
                      if (g := r.tensor.grad) is not None and (only is None or id(r.tensor) in only)]
         if not with_grad:
             return False
@@ -158,32 +176,36 @@ class Pruner:
             return False
         for r in refs:
             if r.name not in self.scores:
-                self.scores[r.name] = torch.zeros(r.tensor.shape, dtype=torch.float32, device=r.tensor.device)
-        accumulate_(self.importance, [self.scores[r.name] for r in refs], [r.tensor for r in refs], grads)
+                t = self._local(r)
+                self.scores[r.name] = torch.zeros(t.shape, dtype=torch.float32, device=t.device)
+        accumulate_(self.importance, [self.scores[r.name] for r in refs], [self._local(r) for r in refs], grads)
         return True
 
     def _importance(self, reduce: Reduce | None) -> dict[str, Tensor]:
+        rows = self.shards.rows if self.shards is not None else [None] * len(self.refs)
         if self.importance == "magnitude":
-            return {r.name: _magnitude(r.tensor) for r in self.refs}
-        if self.importance == "random":
-            return {r.name: _random_scores(r.tensor, self.seed * 1_000_003 + self._updates * 1009 + i)
+            return {r.name: _magnitude(self._local(r)) for r in self.refs}
+        if self.importance == "random":  # drawn for the whole tensor (the same on every process), then sliced
+            return {r.name: local_part(_random_scores(r.tensor, self.seed * 1_000_003 + self._updates * 1009 + i),
+                                       r.tensor, rows[i]).to(self._local(r).device)
                     for i, r in enumerate(self.refs)}
         if callable(self.importance):
             out = {}
-            for r in self.refs:
+            for r, part in zip(self.refs, rows):
                 s = self.importance(r.name, r.tensor.detach())
                 if not isinstance(s, Tensor) or s.shape != r.tensor.shape:
                     got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
                     fail("importance", f"a callable returning a tensor of shape {tuple(r.tensor.shape)} "
                           f"for `{r.name}`", got)
-                out[r.name] = s
+                out[r.name] = local_part(s, r.tensor, part)
             return out
-        scores = {r.name: self.scores.get(r.name, torch.zeros(r.tensor.shape, device=r.tensor.device))
+        scores = {r.name: self.scores.get(r.name, torch.zeros(self._local(r).shape, device=self._local(r).device))
                   for r in self.refs}
-        if reduce is not None:  # one collective for all tensors: every process gets the same scores
+        # one collective for all tensors; sharded gradients are already averaged and each process scores its rows
+        if reduce is not None and self.shards is None:
             flat = reduce(torch.cat([s.reshape(-1) for s in scores.values()]))
             parts = flat.split([s.numel() for s in scores.values()])
-            scores = {r.name: p.reshape(r.tensor.shape) for r, p in zip(self.refs, parts)}
+            scores = {r.name: p.reshape(self._local(r).shape) for r, p in zip(self.refs, parts)}
         return scores
 
     # ------------------------------------------------------------------ masks
@@ -203,16 +225,19 @@ class Pruner:
         if self.importance == "taylor":  # Taylor evidence counts since the last update only
             self.scores.clear()
         previous = [self.masks.get(r.name) for r in self.refs]
+        shards = self.shards
+        one = [None if shards is None else shards.subset([i]) for i in range(len(self.refs))]
         if self.nm is not None:
             n, m = self.nm
-            new = [nm_mask(scores[r.name], n, m, fraction, prev, r.input_dim) for r, prev in zip(self.refs, previous)]
+            new = [nm_mask(scores[r.name], n, m, fraction, prev, r.input_dim, shards=sub)
+                   for r, prev, sub in zip(self.refs, previous, one)]
         elif self.scope == "global":
             target = fraction * next(iter(self.targets.values()))
-            new = global_masks([scores[r.name] for r in self.refs], target, previous)
+            new = global_masks([scores[r.name] for r in self.refs], target, previous, shards=shards)
         else:
-            new = [unstructured_mask(scores[r.name], fraction * self.targets[r.name], prev)
-                   for r, prev in zip(self.refs, previous)]
-        self.masks = {r.name: mask.to(r.tensor.device) for r, mask in zip(self.refs, new)}
+            new = [unstructured_mask(scores[r.name], fraction * self.targets[r.name], prev, shards=sub)
+                   for r, prev, sub in zip(self.refs, previous, one)]
+        self.masks = {r.name: mask.to(self._local(r).device) for r, mask in zip(self.refs, new)}
         self._groups = None
         self._updates += 1
         self.apply()
@@ -229,7 +254,7 @@ class Pruner:
             groups: dict[tuple[Any, Any], tuple[list[Tensor], list[Tensor]]] = {}
             for r in self.refs:
                 if r.name in self.masks:
-                    t = r.tensor
+                    t = self._local(r)  # FSDP2: the rows this process holds (a view of the sharded storage)
                     tensors, masks = groups.setdefault((t.device, t.dtype), ([], []))
                     tensors.append(t)
                     masks.append(self.masks[r.name].view(torch.uint8))
@@ -237,33 +262,32 @@ class Pruner:
         for tensors, masks in self._groups:
             foreach_mul_(tensors, masks)
 
+    def _kept(self) -> list[int]:
+        """Kept entries of every pruned tensor (summed over the processes holding its shards)."""
+        kept = torch.tensor([int(torch.count_nonzero(self.masks[r.name])) if r.name in self.masks
+                             else self._local(r).numel() for r in self.refs], dtype=torch.int64)
+        return (self.shards.total(kept) if self.shards is not None else kept).tolist()
+
     def sparsity(self) -> dict[str, float]:
         """Fraction of pruned entries of every tensor (0 before the first update)."""
-        return {
-            r.name: (1.0 - int(torch.count_nonzero(self.masks[r.name])) / r.tensor.numel())
-            if r.name in self.masks else 0.0
-            for r in self.refs
-        }
+        return {r.name: 1.0 - kept / r.tensor.numel() for r, kept in zip(self.refs, self._kept())}
 
     def global_sparsity(self) -> float:
         """Fraction of pruned entries over all pruned tensors together (each tensor counted once)."""
-        total = sum(r.tensor.numel() for r in self.refs)
-        kept = sum(int(torch.count_nonzero(self.masks[r.name])) if r.name in self.masks else r.tensor.numel()
-                   for r in self.refs)
-        return 1.0 - kept / total
+        return 1.0 - sum(self._kept()) / sum(r.tensor.numel() for r in self.refs)
 
     # ------------------------------------------------------------------ rewinding
     @torch.no_grad()
     def take_snapshot(self) -> None:
         """Remember the current weights (for lottery-ticket rewinding)."""
-        self.snapshot = {r.name: r.tensor.detach().clone() for r in self.refs}
+        self.snapshot = {r.name: self._local(r).detach().clone() for r in self.refs}
 
     @torch.no_grad()
     def rewind(self) -> None:
         """Reset the surviving weights to the snapshot; pruned ones stay zero."""
         for r in self.refs:
             if r.name in self.snapshot:
-                r.tensor.copy_(self.snapshot[r.name])
+                self._local(r).copy_(self.snapshot[r.name])
         self.apply()
 
     # ------------------------------------------------------------------ state
@@ -272,17 +296,21 @@ class Pruner:
         for store in (self.masks, self.scores, self.snapshot):
             for r in self.refs:
                 if r.name in store:
-                    store[r.name] = store[r.name].to(r.tensor.device)
+                    store[r.name] = store[r.name].to(self._local(r).device)
         self._groups = None
 
     def state_dict(self) -> dict[str, Any]:
-        """Masks, accumulated scores, snapshot and update count: everything needed to resume exactly."""
-        return {
-            "masks": dict(self.masks),
-            "scores": dict(self.scores),
-            "snapshot": dict(self.snapshot),
-            "updates": self._updates,
-        }
+        """Masks, accumulated scores, snapshot and update count: everything needed to resume exactly.
+
+        Those of sharded tensors are ``DTensor``s laid out like their tensors (this process's rows), for a
+        distributed checkpoint that saves each process's shard.
+        """
+        def out(store: dict[str, Tensor]) -> dict[str, Tensor]:
+            return {r.name: to_dtensor_like(store[r.name], r.tensor) if is_sharded(r.tensor) else store[r.name]
+                    for r in self.refs if r.name in store}
+
+        return {"masks": out(self.masks), "scores": out(self.scores), "snapshot": out(self.snapshot),
+                "updates": self._updates}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`; every stored tensor must belong to a pruned tensor of the same shape."""
@@ -292,8 +320,10 @@ class Pruner:
                 if name not in shapes or value.shape != shapes[name]:
                     fail("state_dict", f"{key} for the pruned tensors {sorted(shapes)}", name,
                           hint="the checkpoint was written for a different model or a different selection")
-        self.masks = dict(state.get("masks", {}))
-        self.scores = dict(state.get("scores", {}))
-        self.snapshot = dict(state.get("snapshot", {}))
+        refs = {r.name: (r, None if self.shards is None else self.shards.rows[i]) for i, r in enumerate(self.refs)}
+        # whole tensors (an unsharded checkpoint) or DTensors: each process keeps its rows
+        self.masks, self.scores, self.snapshot = (
+            {name: local_part(value, refs[name][0].tensor, refs[name][1]) for name, value in state.get(key, {}).items()}
+            for key in ("masks", "scores", "snapshot"))
         self._updates = int(state.get("updates", 0))
         self.to_tensor_devices()
