@@ -23,6 +23,7 @@ from torch import nn
 from typing_extensions import override
 
 from litcompress._validation import check_choice, check_int, fail
+from litcompress.callbacks._sharded_state import has_references, load_sharded, save_sharded
 from litcompress.schedules import Schedule, latest_update, progress
 
 __all__: list[str] = []
@@ -109,6 +110,7 @@ class _CompressionCallback(Callback):
         self._pending_state: dict[str, Any] | None = None
         self._state_key: str | None = None
         self._training = False  # a training batch of the current fit has started (set by the subclasses)
+        self._checkpoint_source: tuple[Any, nn.Module] | None = None
 
     # ------------------------------------------------------------------ checkpoint state
     def _key_fields(self) -> dict[str, Any]:
@@ -129,7 +131,25 @@ class _CompressionCallback(Callback):
     def _load(self, state: dict[str, Any]) -> None:
         raise NotImplementedError
 
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # state on FSDP2 shards goes where the weights' shards go (rank zero alone writes callback state)
+        states = checkpoint.get("callbacks", {})
+        if self.state_key in states:
+            states[self.state_key] = save_sharded(self.state_key, states[self.state_key], checkpoint)
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._checkpoint_source = (trainer.ckpt_path, pl_module)  # where sharded state is read from
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if has_references(state_dict):
+            path, module = self._checkpoint_source or (None, None)
+            state_dict = load_sharded(state_dict, path, module)
         if self._ready():
             self._load(state_dict)
         else:  # restored before `setup` found the tensors (or outside a fit): applied by `_apply_pending_state`

@@ -305,6 +305,8 @@ class Pruning(_CompressionCallback):
             assert isinstance(self.pruner, Pruner)
             self._dead = build_channel_pruner(self, trainer, pl_module, self.pruner.refs, dead=True)
         assert self.pruner is not None
+        if isinstance(self.pruner, Pruner):
+            self.pruner.follow_layout()  # FSDP2 sharded the parameters after `setup`
         self.pruner.to_tensor_devices()
         self.pruner.apply()
         pruner = self.pruner

@@ -257,6 +257,23 @@ class QuantizationAwareTraining(_CompressionCallback):
                 if not q.learning:
                     q.start_learning()
 
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # learned step sizes are not module parameters, so neither DDP nor FSDP averages their gradients: each
+        # process would learn its own scales from its own samples. One collective averages them all.
+        if self.config.scale != "learned" or trainer.world_size < 2:
+            return
+        every = [q.scale for _, _, q in self._weight_quantizers()] + [q.scale for q in self._input_quantizers()]
+        scales = [s for s in every if s is not None and s.requires_grad]
+        if not scales:
+            return
+        flat = torch.cat([(s.grad if s.grad is not None else torch.zeros_like(s)).reshape(-1) for s in scales])
+        flat = trainer.strategy.reduce(flat, reduce_op="mean")
+        for s, g in zip(scales, flat.split([s.numel() for s in scales])):
+            s.grad = g.reshape(s.shape).to(s.device)
+
     def _set_enabled(self, value: bool) -> None:
         self._flags["enabled"] = value
         for module in self.layers.values():

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from litcompress._compat import qdq_ops
+from litcompress._shards import is_dtensor
 from litcompress._validation import check_choice, check_fraction, check_int, fail, fail_state
 from litcompress.quantization.functional import (
     affine_qparams,
@@ -85,6 +86,8 @@ class WeightQuantizer:
 
     def observed_scale(self, w: Tensor) -> Tensor:
         scale = symmetric_scale(w, self.qmax, self.axis)
+        if is_dtensor(scale):  # FSDP2 shards, outside forward: each process reduces its rows, then one collective
+            scale = scale.full_tensor()  # type: ignore[attr-defined]  # one scale per channel, never the weight
         return power_of_two(scale) if self.config.scale == "power_of_two" else scale
 
     def placeholder(self, w: Tensor) -> Tensor:

@@ -291,6 +291,22 @@ class Pruner:
         self.apply()
 
     # ------------------------------------------------------------------ state
+    def follow_layout(self) -> None:
+        """Re-read how the tensors are laid out, after a strategy sharded them (FSDP2 replaces parameters with
+        ``DTensor`` shards when the fit starts): masks, scores and snapshots kept so far are cut to this
+        process's rows. Collective when the tensors are sharded: call it on every process."""
+        if self.shards is not None or not any(is_sharded(r.tensor) for r in self.refs):
+            return
+        self.shards = Shards.of([r.tensor for r in self.refs], [r.name for r in self.refs])
+        assert self.shards is not None
+        if self.nm is not None:
+            self._check_nm_shards()
+        for store in (self.masks, self.scores, self.snapshot):
+            for r, rows in zip(self.refs, self.shards.rows):
+                if r.name in store:
+                    store[r.name] = local_part(store[r.name], r.tensor, rows)
+        self._groups = None
+
     def to_tensor_devices(self) -> None:
         """Move masks, scores and snapshots next to their tensors (after a checkpoint load or a device move)."""
         for store in (self.masks, self.scores, self.snapshot):

@@ -1,0 +1,200 @@
+"""The same small fits run sharded (FSDP2 through `ModelParallelStrategy`, 2 gloo processes, in `fits.py`) and in
+one process (the reference, in the tests): each process of the sharded fit sees every other sample, so a step's
+averaged gradient is the one-process gradient of the same 16 samples."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from litcompress import DistillationModule, LowRankFactorization, Pruning, QuantizationAwareTraining
+from tests.models import LitClassifier, classification_data
+
+STEPS = 16  # 2 epochs of 8 optimizer steps
+PER_STEP = 16  # samples per optimizer step, over all processes
+
+
+def mlp() -> nn.Module:
+    """Odd widths: 27 rows shard 14 + 13; inputs of the first two layers divide by 4 (N:M)."""
+    return nn.Sequential(nn.Linear(16, 36), nn.ReLU(), nn.Linear(36, 27), nn.ReLU(), nn.Linear(27, 4))
+
+
+def shard_(model: nn.Module, mesh: Any) -> None:
+    """FSDP2 as users apply it: every layer holding parameters, then the whole model."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in list(model.modules())[1:]:
+        if next(module.parameters(recurse=False), None) is not None:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def sharded(module: pl.LightningModule) -> bool:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return isinstance(module.trainer.strategy, ModelParallelStrategy)
+
+
+class Classifier(LitClassifier):
+    def configure_model(self) -> None:
+        if sharded(self):
+            shard_(self.model, self.device_mesh["data_parallel"])
+
+
+class Distiller(DistillationModule):
+    def __init__(self, *args: Any, shard_teacher: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.shard_teacher = shard_teacher
+
+    def configure_model(self) -> None:
+        if sharded(self):
+            mesh = self.device_mesh["data_parallel"]
+            shard_(self.student, mesh)
+            if self.shard_teacher:
+                shard_(self.teacher, mesh)
+
+
+def teacher() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+
+
+def loader(trainer: pl.Trainer) -> DataLoader:
+    """Process ``r`` of ``n`` takes samples ``r, r + n, ...`` in order (no shuffling, unlike Lightning's sampler)."""
+    data = classification_data((16,), n=STEPS // 2 * PER_STEP)
+    n, rank = trainer.world_size, trainer.global_rank
+    return DataLoader(data, batch_size=PER_STEP // n, sampler=range(rank, len(data), n))
+
+
+def pruning_global() -> Pruning:
+    return Pruning(0.7, interval="step", start=1, end=10, frequency=2, verbose=False)
+
+
+def qat() -> QuantizationAwareTraining:
+    return QuantizationAwareTraining(weight_bits=4, interval="step", start=2, freeze_observers=9, verbose=False)
+
+
+CASES: dict[str, Any] = {
+    "plain": (lambda: Classifier(mlp()), lambda: []),
+    # name: (module factory, callbacks factory)
+    "global": (lambda: Classifier(mlp()), lambda: [pruning_global()]),
+    "layer_random": (lambda: Classifier(mlp()),
+                     lambda: [Pruning(0.5, scope="layer", importance="random", interval="step", start=3,
+                                      verbose=False)]),
+    "nm": (lambda: Classifier(mlp()),
+           lambda: [Pruning(pattern="2:4", exclude=["<last>"], interval="step", start=2, end=8, verbose=False)]),
+    "movement": (lambda: Classifier(mlp(), optimizer="adam", lr=1e-2),
+                 lambda: [Pruning(0.6, importance="movement", interval="step", start=3, end=9, frequency=3,
+                                  verbose=False)]),
+    "qat": (lambda: Classifier(mlp()), lambda: [qat()]),
+    "qat_learned": (lambda: Classifier(mlp()),
+                    lambda: [QuantizationAwareTraining(scale="learned", interval="step", start=2, verbose=False)]),
+    "lowrank": (lambda: Classifier(mlp()), lambda: [LowRankFactorization(rank_ratio=0.5, exclude=["<last>"],
+                                                                         verbose=False)]),
+    "distill_replicated": (lambda: Distiller(mlp(), teacher(), temperature=2.0, alpha=0.5, lr=0.05), lambda: []),
+    "distill_sharded": (lambda: Distiller(mlp(), teacher(), temperature=2.0, alpha=0.5, lr=0.05,
+                                          shard_teacher=True), lambda: []),
+    "all": (lambda: Distiller(mlp(), teacher(), temperature=2.0, alpha=0.5, lr=0.05),
+            lambda: [pruning_global(), qat()]),
+}
+
+
+def make(case: str) -> tuple[pl.LightningModule, list[pl.Callback]]:
+    module_fn, callbacks_fn = CASES[case]
+    torch.manual_seed(0)
+    return module_fn(), callbacks_fn()
+
+
+def full_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights (gathered from the shards: every process calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from litcompress._shards import is_dtensor
+
+    if any(is_dtensor(p) for p in module.parameters()):
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _whole(value: Any) -> Any:
+    from litcompress._shards import is_dtensor
+
+    if isinstance(value, dict):
+        return {k: _whole(v) for k, v in value.items()}
+    return value.full_tensor().cpu() if is_dtensor(value) else value
+
+
+def collect(module: pl.LightningModule, callbacks: list[pl.Callback]) -> dict[str, Any]:
+    out: dict[str, Any] = {"weights": full_state(module), "pruning": [], "qat": []}
+    for cb in callbacks:
+        if isinstance(cb, Pruning) and cb.pruner is not None:
+            out["pruning"].append({"masks": _whole(cb.pruner.state_dict()["masks"]),
+                                   "sparsity": cb.pruner.sparsity(),
+                                   "local": {k: tuple(v.shape) for k, v in cb.pruner.masks.items()}})
+        if isinstance(cb, QuantizationAwareTraining):
+            state = _whole(cb.state_dict())
+            out["qat"].append(state)
+            out["qat_ranks_agree"] = _same_on_every_process(state)
+    return out
+
+
+def _same_on_every_process(state: dict) -> bool:
+    """Whether every process holds the same quantizer state (ranges, scales)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    mine = [t for t in _leaves(state) if isinstance(t, torch.Tensor)]
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return all(len(o) == len(mine) and all(torch.equal(a, b) for a, b in zip(o, mine)) for o in every)
+
+
+def _leaves(value: Any) -> list[Any]:
+    return [x for v in value.values() for x in _leaves(v)] if isinstance(value, dict) else [value]
+
+
+def trainer(processes: int, root: Any, strategy: str = "fsdp", **overrides: Any) -> pl.Trainer:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    kwargs: dict[str, Any] = dict(
+        accelerator="cpu", devices=processes, max_steps=STEPS, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=root,
+        use_distributed_sampler=False)
+    if processes > 1 and strategy == "fsdp":
+        kwargs["strategy"] = ModelParallelStrategy(data_parallel_size=processes, tensor_parallel_size=1)
+    elif processes > 1:
+        kwargs["strategy"] = strategy
+    kwargs.update(overrides)
+    return pl.Trainer(**kwargs)
+
+
+def run_case(case: str, processes: int, root: Any, strategy: str = "fsdp") -> dict[str, Any]:
+    module, callbacks = make(case)
+    fit = trainer(processes, root, strategy, callbacks=callbacks)
+    fit.fit(module, loader(fit))
+    return collect(module, callbacks)
+
+
+def run_resume(processes: int, root: Any) -> dict[str, Any]:
+    """Pruning + QAT: uninterrupted, and resumed from the checkpoint written at the end of epoch 1 (step 8)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def callbacks() -> list[pl.Callback]:
+        return [pruning_global(), qat()]
+
+    torch.manual_seed(0)
+    module, cbs = Classifier(mlp()), callbacks()
+    saver = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=8, save_top_k=-1, filename="{step}")
+    fit = trainer(processes, root, callbacks=[*cbs, saver], enable_checkpointing=True)
+    fit.fit(module, loader(fit))
+    whole = collect(module, cbs)
+    torch.manual_seed(123)  # a different initialisation: everything must come from the checkpoint
+    module, cbs = Classifier(mlp()), callbacks()
+    fit = trainer(processes, root, callbacks=cbs)
+    fit.fit(module, loader(fit), ckpt_path=str(root / "ckpt" / "step=8.ckpt"))
+    return {"whole": whole, "resumed": collect(module, cbs)}

@@ -1,0 +1,33 @@
+"""Sharded fits (2 gloo processes, FSDP2 via ModelParallelStrategy); rank zero saves what they computed.
+
+    python -m tests.fsdp.fits OUT STRATEGY CASE [CASE ...]
+
+STRATEGY: ``fsdp`` (ModelParallelStrategy) or ``ddp`` (the reference for quantization-aware training, whose first
+activation range is each process's own); CASE: a name of ``tests.fsdp.common.CASES``, or ``resume``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tests.fsdp.common import run_case, run_resume
+
+
+def main() -> None:
+    out, strategy = Path(sys.argv[1]), sys.argv[2]
+    results = {}
+    for case in sys.argv[3:]:
+        began = time.perf_counter()
+        root = out / case
+        results[case] = run_resume(2, root) if case == "resume" else run_case(case, 2, root, strategy)
+        results[case]["seconds"] = time.perf_counter() - began
+        if torch.distributed.get_rank() == 0:
+            torch.save(results, out / f"{strategy}.pt")
+
+
+if __name__ == "__main__":
+    main()

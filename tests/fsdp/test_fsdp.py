@@ -1,0 +1,94 @@
+"""Every technique under FSDP2 (`ModelParallelStrategy`, 2 gloo processes, run as a subprocess script with a
+timeout) computes what the same fit computes in one process: masks identical, weights within float tolerance
+(the sharded gradient is averaged by a reduce-scatter, in another order than one process's sum)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.fsdp.common import CASES, run_case
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+ATOL = 1e-5
+
+
+# quantization-aware training takes its first activation range from each process's own samples (as under DDP),
+# so its reference is a DDP fit of the same samples; everything else is compared with one process
+QAT_CASES = ["qat", "qat_learned", "all"]
+
+
+def _launch(out: Path, strategy: str, cases: list[str]) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "tests.fsdp.fits", str(out), strategy, *cases], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return torch.load(out / f"{strategy}.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> dict:
+    return _launch(tmp_path_factory.mktemp("fsdp"), "fsdp", [*CASES, "resume"])
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory) -> dict:
+    return _launch(tmp_path_factory.mktemp("ddp"), "ddp", QAT_CASES)
+
+
+def _close(got: dict, want: dict, atol: float = ATOL) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=atol, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sharded_fit_equals_one_process(sharded, ddp, case, tmp_path):
+    want, got = ddp[case] if case in QAT_CASES else run_case(case, 1, tmp_path), sharded[case]
+    _close(got["weights"], want["weights"])
+    assert got.get("qat_ranks_agree", True)  # ranges and (learned) scales are the same on every process
+    assert len(got["pruning"]) == len(want["pruning"])
+    for g, w in zip(got["pruning"], want["pruning"]):
+        assert g["masks"].keys() == w["masks"].keys() and g["masks"]
+        for name, mask in w["masks"].items():
+            assert torch.equal(g["masks"][name], mask), name
+            assert g["local"][name][0] < mask.shape[0]  # each process held its rows only
+        assert g["sparsity"] == w["sparsity"]
+    for g, w in zip(got["qat"], want["qat"]):
+        assert g["flags"] == w["flags"]
+        for layer, state in w["layers"].items():
+            for kind in ("weights", "inputs"):
+                for key, q in state[kind].items():
+                    for field, value in q.items():
+                        other = g["layers"][layer][kind][key][field]
+                        if isinstance(value, torch.Tensor):
+                            torch.testing.assert_close(other, value, atol=ATOL, rtol=1e-5, msg=f"{layer} {key}")
+                        else:
+                            assert other == value, (layer, key, field)
+
+
+def test_resumed_sharded_fit_equals_uninterrupted(sharded):
+    whole, resumed = sharded["resume"]["whole"], sharded["resume"]["resumed"]
+    for name, value in whole["weights"].items():
+        assert torch.equal(resumed["weights"][name], value), name  # bit-identical
+    for g, w in zip(resumed["pruning"], whole["pruning"]):
+        for name, mask in w["masks"].items():
+            assert torch.equal(g["masks"][name], mask), name
+    assert resumed["pruning"][0]["sparsity"] == whole["pruning"][0]["sparsity"]
+    assert [q["flags"] for q in resumed["qat"]] == [q["flags"] for q in whole["qat"]]
+    a, b = _tensors(resumed["qat"]), _tensors(whole["qat"])
+    assert len(a) == len(b) > 0 and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _tensors(value) -> list:
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, list):
+        return [t for v in value for t in _tensors(v)]
+    return [value] if isinstance(value, torch.Tensor) else []
