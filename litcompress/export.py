@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from litcompress._compat import qdq_ops
 from litcompress._extras import ONNX_EXPORT, require
 from litcompress._validation import check_bool, fail
+from litcompress.distributed import gather_model
 from litcompress.export_choice import Int8Choice, LayerTiming, choose_int8
 from litcompress.quantization.access import export_mode, quantized_layers
 from litcompress.quantization.compact import load_compressed, save_compressed
@@ -158,6 +159,9 @@ def export_onnx(
             ``example_input`` with its defaults, so pass a real batch at the deployed batch size; its table is
             logged at INFO), an :class:`~litcompress.export_choice.Int8Choice`, or a list of layer names.
 
+    A model sharded with FSDP2 is gathered to rank zero first (:func:`~litcompress.distributed.gather_model`:
+    call this on every process; rank zero writes the file).
+
     Returns:
         The path written.
     """
@@ -172,6 +176,10 @@ def export_onnx(
               hint="create the folder first" if not path.parent.is_dir() else "choose a writable file path")
     require(*ONNX_EXPORT, what="export_onnx")
     check_bool("dynamic_batch", dynamic_batch)
+    whole = gather_model(model)  # FSDP2 shards: gathered to rank zero, which exports; the others return
+    if whole is None:
+        return path
+    model = whole
     keep = _int8_layers(model, int8, example_input, dynamic_batch)
     was_training = model.training
     model.eval()

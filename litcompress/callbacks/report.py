@@ -26,6 +26,7 @@ from litcompress._extras import ONNX_RUNTIME, install_hint, missing
 from litcompress._validation import check_int, fail
 from litcompress.callbacks._base import _compression_target, _log_metrics
 from litcompress.callbacks._inputs import first_batch_inputs
+from litcompress.distributed import gather_model, is_sharded_model
 from litcompress.quantization.access import quantized_layers
 from litcompress.report.summary import ModelSummary, summarize
 from litcompress.report.table import compare, format_table
@@ -115,6 +116,7 @@ class CompressionReport(Callback):
         self._off = False  # an extra it needs is missing: no report, the fit goes on
         self._batch: Any = None  # the inputs measured, once resolved
         self._warned_onnx = False
+        self._sharded = False  # the compressed model holds FSDP2 shards: gathered to rank zero for the report
 
     def _input(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor | dict[str, Tensor]:
         if self._batch is None:
@@ -145,11 +147,16 @@ class CompressionReport(Callback):
             rank_zero_warn(f"CompressionReport: no report for this fit: it measures real file sizes with "
                            f"safetensors, which is not installed. Install it with: {install_hint(absent)}")
             return
+        target = _compression_target(pl_module)
+        self._sharded = is_sharded_model(target)
         if self.baseline is not None:  # restored from a checkpoint: the original model's figures
             return
         model, _ = self._baseline_model(pl_module)
-        self.baseline = summarize(model, x, latency=self.latency and trainer.is_global_zero,
-                                  onnx=self._onnx(_compression_target(pl_module)), repeats=self.repeats).to_dict()
+        whole = gather_model(model)  # FSDP2 shards: a whole copy on rank zero (every process takes part)
+        if whole is None:
+            return  # rank zero reports
+        self.baseline = summarize(whole, x, latency=self.latency and trainer.is_global_zero,
+                                  onnx=self._onnx(target), repeats=self.repeats).to_dict()
 
     def _onnx(self, target: nn.Module) -> bool:
         """Whether ONNX Runtime latencies are measured: for quantized models, when ONNX Runtime is installed."""
@@ -176,20 +183,20 @@ class CompressionReport(Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after the last validation, before Lightning finalizes the loggers
-        if self.baseline is None or self._off:
+        if self._off or (self.baseline is None and not self._sharded):
             return
         # `trainer.log_dir` broadcasts from rank zero under DDP: every rank must ask for it
         directory = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir)
-        if not trainer.is_global_zero:
+        final = gather_model(_compression_target(pl_module))  # FSDP2 shards: collective, rank zero gets the copy
+        if not trainer.is_global_zero or final is None or self.baseline is None:
             return
         try:
-            self.report = self._write(trainer, pl_module, directory, self.baseline)
+            self.report = self._write(trainer, pl_module, final, directory, self.baseline)
         except Exception as err:  # a report must never crash a finished fit
             rank_zero_warn(f"CompressionReport could not be completed: {type(err).__name__}: {err}")
 
-    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, directory: Path,
+    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: nn.Module, directory: Path,
                baseline_dict: dict[str, Any]) -> dict[str, Any]:
-        target = _compression_target(pl_module)
         final = summarize(target, self._input(trainer, pl_module), latency=self.latency, repeats=self.repeats,
                           onnx=self._onnx(target))
         baseline = ModelSummary.from_dict(baseline_dict)

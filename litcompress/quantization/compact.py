@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from litcompress._extras import require
 from litcompress._validation import fail
+from litcompress.distributed import gather_model
 from litcompress.quantization import _positions
 from litcompress.quantization._layout import FORMAT, Entry, bad_file, check_model, checksum, parse_layout, read_metadata
 from litcompress.quantization.access import quantized_weights
@@ -73,7 +74,8 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``model``'s weights in compact form (see the module docstring); returns the path.
 
     A tensor tied between modules is written once (the other keys are aliases of it), so the file of a model
-    whose input embedding and LM head share a weight holds that weight once.
+    whose input embedding and LM head share a weight holds that weight once. A model sharded with FSDP2 is
+    gathered to rank zero first (:func:`~litcompress.distributed.gather_model`: call this on every process).
 
     >>> import torch
     >>> from torch import nn
@@ -92,6 +94,10 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> Path:
 
     if not isinstance(model, nn.Module):
         fail("model", "a torch.nn.Module", type(model).__name__, exc=TypeError)
+    whole = gather_model(model)  # FSDP2 shards: gathered to rank zero, which writes; the others return
+    if whole is None:
+        return Path(path)
+    model = whole
     quantized = {id(w): (q, w) for q, w in quantized_weights(model).values()}
     tensors: dict[str, Tensor] = {}
     layout: dict[str, dict[str, Any]] = {}

@@ -198,3 +198,38 @@ def run_resume(processes: int, root: Any) -> dict[str, Any]:
     fit = trainer(processes, root, callbacks=cbs)
     fit.fit(module, loader(fit), ckpt_path=str(root / "ckpt" / "step=8.ckpt"))
     return {"whole": whole, "resumed": collect(module, cbs)}
+
+
+def run_export(processes: int, root: Any) -> dict[str, Any]:
+    """Pruning + weight-only QAT + CompressionReport, then `export_onnx` and `save_compressed` called on every
+    process: rank zero gathers and writes; the files are run / loaded in this process (rank zero) only."""
+    import json
+
+    from litcompress import CompressionReport
+    from litcompress._timing import ort_feed, ort_session
+    from litcompress.export import export_onnx, load_compressed, save_compressed
+
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(0)
+    module = Classifier(mlp())
+    cbs = [pruning_global(), QuantizationAwareTraining(weight_bits=4, activation_bits=None, interval="step", start=2,
+                                                         verbose=False),
+           CompressionReport(x, latency=False, plots=False, dirpath=str(root / "report"))]
+    fit = trainer(processes, root, callbacks=cbs)
+    fit.fit(module, loader(fit))
+    module.eval()
+    with torch.no_grad():
+        y = module(x)  # sharded: every process takes part
+    onnx = export_onnx(module.model, x, root / "model.onnx")
+    compact = save_compressed(module.model, root / "model.safetensors")
+    out: dict[str, Any] = {"y": y, "written": onnx.exists() and compact.exists(), "rank": fit.global_rank}
+    if fit.global_rank == 0:
+        session = ort_session(onnx, threads=1)
+        out["y_onnx"] = torch.from_numpy(session.run(None, ort_feed(session, (x,), {}))[0])
+        out["compact"] = {k: v.clone() for k, v in load_compressed(mlp(), compact).state_dict().items()}
+        report = json.loads((root / "report" / "compression_report.json").read_text())
+        final = report["final"]
+        out["report"] = {"nonzero": final["nonzero"], "bits": final["bits_per_weight"],
+                         "compact_bytes": final["compact_bytes"], "quantized": final["quantized"],
+                         "baseline_nonzero": report["baseline"]["nonzero"]}
+    return out

@@ -3,7 +3,7 @@
     python -m tests.fsdp.fits OUT STRATEGY CASE [CASE ...]
 
 STRATEGY: ``fsdp`` (ModelParallelStrategy) or ``ddp`` (the reference for quantization-aware training, whose first
-activation range is each process's own); CASE: a name of ``tests.fsdp.common.CASES``, or ``resume``.
+activation range is each process's own); CASE: a name of ``tests.fsdp.common.CASES``, ``resume`` or ``export``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from tests.fsdp.common import run_case, run_resume
+from tests.fsdp.common import run_case, run_export, run_resume
 
 
 def main() -> None:
@@ -23,7 +23,8 @@ def main() -> None:
     for case in sys.argv[3:]:
         began = time.perf_counter()
         root = out / case
-        results[case] = run_resume(2, root) if case == "resume" else run_case(case, 2, root, strategy)
+        special = {"resume": run_resume, "export": run_export}
+        results[case] = special[case](2, root) if case in special else run_case(case, 2, root, strategy)
         results[case]["seconds"] = time.perf_counter() - began
         if torch.distributed.get_rank() == 0:
             torch.save(results, out / f"{strategy}.pt")

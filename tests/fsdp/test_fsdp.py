@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.fsdp.common import CASES, run_case
+from tests.fsdp.common import CASES, run_case, run_export
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +34,7 @@ def _launch(out: Path, strategy: str, cases: list[str]) -> dict:
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> dict:
-    return _launch(tmp_path_factory.mktemp("fsdp"), "fsdp", [*CASES, "resume"])
+    return _launch(tmp_path_factory.mktemp("fsdp"), "fsdp", [*CASES, "resume", "export"])
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +92,17 @@ def _tensors(value) -> list:
     if isinstance(value, list):
         return [t for v in value for t in _tensors(v)]
     return [value] if isinstance(value, torch.Tensor) else []
+
+
+def test_export_files_and_report_of_a_sharded_fit(sharded, tmp_path):
+    """`export_onnx`, `save_compressed` (called on every process) and `CompressionReport` gather to rank zero: the
+    files and the report equal those of the same fit in one process."""
+    got, want = sharded["export"], run_export(1, tmp_path)
+    assert got["written"] and got["rank"] == 0
+    torch.testing.assert_close(got["y"], want["y"], atol=ATOL, rtol=0)  # the sharded model's own forward
+    torch.testing.assert_close(got["y_onnx"], want["y_onnx"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(got["y_onnx"], got["y"], atol=1e-4, rtol=1e-4)  # ONNX Runtime runs what was trained
+    _close(got["compact"], want["compact"])
+    assert got["report"] == pytest.approx(want["report"])
+    report = got["report"]
+    assert report["quantized"] and report["bits"] < 8 and report["nonzero"] < 0.4 * report["baseline_nonzero"]

@@ -1,0 +1,113 @@
+"""`gather_model`: a whole, plain copy of an FSDP2-sharded model on one process, for export and reports.
+
+A model sharded with ``torch.distributed.fsdp.fully_shard`` holds ``DTensor`` shards and runs collectives in its
+forward, so it cannot be exported, saved as one file or timed by one process. :func:`gather_model` gathers its
+weights (``torch.distributed.checkpoint.state_dict.get_model_state_dict`` with ``full_state_dict=True``) onto one
+process, into a copy of the same module tree (the same classes, including quantization-aware layers, without
+FSDP's hooks). Memory: the whole model once, on the CPU of the receiving process; the others receive nothing.
+
+:func:`~litcompress.export.export_onnx`, :func:`~litcompress.quantization.save_compressed` and
+:class:`~litcompress.callbacks.CompressionReport` call it themselves when given a sharded model: like every
+collective, such a call must be made on every process (rank zero writes, the others return).
+
+>>> from torch import nn
+>>> model = nn.Linear(4, 2)
+>>> gather_model(model) is model  # not sharded: nothing to gather
+True
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import nn
+
+from litcompress._shards import is_dtensor
+from litcompress._validation import fail
+
+__all__ = ["gather_model", "is_sharded_model"]
+
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks", "_state_dict_hooks",
+          "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+_FSDP_STATE = ("__composable_api_state_key", "_fsdp", "_is_fsdp_managed_module")  # FSDP's per-module state
+_HOOK_FLAGS = ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def is_sharded_model(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is a ``DTensor`` (FSDP2 or tensor parallel)."""
+    return any(is_dtensor(p) for p in model.parameters())
+
+
+def gather_model(model: nn.Module) -> nn.Module | None:
+    """A plain copy of the sharded ``model`` with whole weights (on the CPU) on rank zero; ``None`` on the
+    others. An unsharded ``model`` is returned as it is. Collective: call it on every process.
+
+    The copy shares everything but its parameters and FSDP's state with ``model`` (quantizer objects, non-tensor
+    attributes): use it for export, files and reports, not for further training.
+    """
+    if not is_sharded_model(model):
+        return model
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # cpu_offload: the whole tensors are materialised on rank 0 only, one at a time
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    return _plain(model, state, "", {})
+
+
+def _from_fsdp(hook: Any) -> bool:
+    for obj in (hook, getattr(hook, "__self__", None), getattr(hook, "func", None)):
+        if obj is None:
+            continue
+        where = getattr(obj, "__module__", None) or type(obj).__module__
+        if str(where).startswith("torch.distributed"):
+            return True
+    return False
+
+
+def _plain_class(cls: type) -> type:
+    from torch.distributed.fsdp import FSDPModule
+
+    if not issubclass(cls, FSDPModule):
+        return cls
+    return next(base for base in cls.__mro__ if not issubclass(base, FSDPModule))
+
+
+def _plain(module: nn.Module, state: dict[str, Any], prefix: str, memo: dict[int, Any]) -> nn.Module:
+    if id(module) in memo:
+        return memo[id(module)]
+    cls = _plain_class(type(module))
+    copy: nn.Module = cls.__new__(cls)  # type: ignore[call-overload]
+    memo[id(module)] = copy
+    attrs = {k: v for k, v in module.__dict__.items() if not k.startswith(_FSDP_STATE)}
+    for name in _HOOKS:
+        if name in attrs:
+            attrs[name] = OrderedDict((k, h) for k, h in attrs[name].items() if not _from_fsdp(h))
+    for name in _HOOK_FLAGS:
+        if name in attrs:
+            kept = set().union(*(attrs[h].keys() for h in ("_forward_pre_hooks", "_forward_hooks") if h in attrs))
+            attrs[name] = type(attrs[name])((k, v) for k, v in attrs[name].items() if k in kept)
+    params: dict[str, nn.Parameter | None] = {}
+    for name, p in module._parameters.items():
+        if p is None or id(p) in memo:
+            params[name] = None if p is None else memo[id(p)]
+            continue
+        value = state.get(prefix + name)
+        if value is None:
+            if is_dtensor(p):
+                fail("model", "a model whose state dict names every sharded parameter", prefix + name,
+                     hint="gather_model rebuilds the module tree from the full state dict")
+            value = p
+        memo[id(p)] = params[name] = nn.Parameter(value.detach().cpu(), requires_grad=p.requires_grad)
+    attrs["_parameters"] = params
+    attrs["_buffers"] = {name: (state.get(prefix + name, b) if b is not None else None)
+                         for name, b in module._buffers.items()}
+    attrs["_buffers"] = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in attrs["_buffers"].items()}
+    attrs["_modules"] = {name: (_plain(child, state, f"{prefix}{name}.", memo) if child is not None else None)
+                         for name, child in module._modules.items()}
+    copy.__dict__.update(attrs)
+    return copy
