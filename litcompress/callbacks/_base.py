@@ -86,6 +86,36 @@ def _warn_inexact_resume(trainer: pl.Trainer) -> None:
     )
 
 
+def _check_sharding(trainer: pl.Trainer, pl_module: nn.Module, who: str, refused: tuple[str, str, Any] | None = None,
+                    layers_before_sharding: bool = False) -> None:
+    """What a sharded fit supports, checked in ``setup`` (before any step).
+
+    FSDP2 (``ModelParallelStrategy``, ``fully_shard`` in ``configure_model``) shards each parameter as a ``DTensor``:
+    supported. FSDP1 (``FSDPStrategy``) flattens parameters into per-process slices that no mask or scale can be laid
+    over: refused. ``refused``: ``(argument, expected, value)`` of an option a sharded fit cannot honour.
+    ``layers_before_sharding``: the callback changes layers, so they must exist before ``configure_model`` shards them.
+    """
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    strategy = trainer.strategy
+    if isinstance(strategy, FSDPStrategy):
+        fail("strategy", "ModelParallelStrategy (FSDP2) for a sharded fit", type(strategy).__name__,
+             hint=f"{who} works on FSDP2's per-parameter DTensor shards; FSDPStrategy's flattened parameters are "
+                  "not supported: use ModelParallelStrategy and apply torch.distributed.fsdp.fully_shard in "
+                  "configure_model")
+    if not isinstance(strategy, ModelParallelStrategy):
+        return
+    if refused is not None:
+        name, expected, value = refused
+        fail(name, f"{expected} under ModelParallelStrategy", value,
+             hint=f"{who} cannot do this on sharded parameters yet; use DDP or one device for it")
+    if layers_before_sharding and next(_compression_target(pl_module).parameters(), None) is None:
+        fail("model", "layers built in the LightningModule's __init__ under ModelParallelStrategy",
+             "layers built in configure_model",
+             hint=f"{who} replaces layers, which must happen before configure_model shards them: build the layers "
+                  "in __init__ and only apply fully_shard in configure_model")
+
+
 class _Window:
     """Update points ``start, start + every, ...`` and ``end`` (all in optimizer steps)."""
 

@@ -11,7 +11,7 @@ from torch import nn
 from typing_extensions import override
 
 from litcompress._validation import check_bool, check_int, check_nonempty_str, fail
-from litcompress.callbacks._base import _compression_target, _CompressionCallback
+from litcompress.callbacks._base import _check_sharding, _compression_target, _CompressionCallback
 from litcompress.callbacks._structure import StructureFollower, check_mid_fit, point_optimizers
 from litcompress.factorization.lowrank import (
     Factorized,
@@ -114,6 +114,7 @@ class LowRankFactorization(_CompressionCallback):
         if stage != "fit":
             return
         self._training = False
+        _check_sharding(trainer, pl_module, type(self).__name__, layers_before_sharding=True)
         self._originals = {}
         self._follower.attach(pl_module)  # a checkpoint written after the change loads into the new structure
         if self.done:

@@ -12,7 +12,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from litcompress._validation import check_bool, check_choice, check_fraction, check_int, check_nonempty_str, fail
-from litcompress.callbacks._base import _compression_target, _CompressionCallback, _warn_inexact_resume, _Window
+from litcompress.callbacks._base import (
+    _check_sharding,
+    _compression_target,
+    _CompressionCallback,
+    _warn_inexact_resume,
+    _Window,
+)
 from litcompress.callbacks._channels import (
     build_channel_pruner,
     check_channel_options,
@@ -233,6 +239,10 @@ class Pruning(_CompressionCallback):
         if stage != "fit":
             return
         self._training = False
+        refused = (("pattern", "'unstructured' or 'N:M' (channels are removed from whole tensors)", self.pattern)
+                   if self.pattern == "channel" else ("remove_channels", "False", True) if self.remove_channels
+                   else None)
+        _check_sharding(trainer, pl_module, type(self).__name__, refused)
         if self.pattern == "channel":
             self._follower.attach(pl_module)
             if self.remove_at is not None:

@@ -14,7 +14,12 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from litcompress._validation import check_bool, check_int, check_real, fail
-from litcompress.callbacks._base import _compression_target, _CompressionCallback, _warn_inexact_resume
+from litcompress.callbacks._base import (
+    _check_sharding,
+    _compression_target,
+    _CompressionCallback,
+    _warn_inexact_resume,
+)
 from litcompress.quantization.access import quantized_layers
 from litcompress.quantization.modules import QUANTIZABLE_KINDS, QuantizedLayer, convert_, revert_
 from litcompress.quantization.quantizers import ActivationQuantizer, QuantConfig, WeightQuantizer
@@ -127,6 +132,7 @@ class QuantizationAwareTraining(_CompressionCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._training = False
+        _check_sharding(trainer, pl_module, type(self).__name__, layers_before_sharding=True)
         target = _compression_target(pl_module)
         if next(target.parameters(), None) is None:
             return  # layers are built in `configure_model`: convert in `on_fit_start`
