@@ -27,7 +27,7 @@ from torch import nn
 from litcompress._shards import is_dtensor
 from litcompress._validation import fail
 
-__all__ = ["gather_model", "is_sharded_model"]
+__all__ = ["check_synced", "gather_model", "is_sharded_model"]
 
 _HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks", "_state_dict_hooks",
           "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
@@ -38,6 +38,28 @@ _HOOK_FLAGS = ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "
 def is_sharded_model(model: nn.Module) -> bool:
     """Whether any parameter of ``model`` is a ``DTensor`` (FSDP2 or tensor parallel)."""
     return any(is_dtensor(p) for p in model.parameters())
+
+
+def check_synced(model: nn.Module) -> None:
+    """Refuse a model sharded with FSDP2 in which some trainable parameters were left out of ``fully_shard``.
+
+    FSDP2 averages the gradients of the parameters it manages (``DTensor``s) and of nothing else: a plain trainable
+    tensor next to them (a head, an adapter, an embedding left unwrapped) trains on each process's own samples and
+    silently drifts apart between processes.
+
+    Raises:
+        ValueError: naming the unwrapped parameters.
+    """
+    named = list(model.named_parameters())
+    if not any(is_dtensor(p) for _, p in named):
+        return
+    plain = [n for n, p in named if p.requires_grad and not is_dtensor(p)]
+    if plain:
+        fail("model", "every trainable parameter under fully_shard in a model sharded with FSDP2",
+             f"{len(plain)} plain: " + ", ".join(plain[:6]) + (", ..." if len(plain) > 6 else ""),
+             hint="FSDP2 averages the gradients of the parameters it shards only: the others would train apart on "
+                  "each process. Apply fully_shard to the modules holding them (or to the whole LightningModule) "
+                  "in configure_model")
 
 
 def gather_model(model: nn.Module) -> nn.Module | None:

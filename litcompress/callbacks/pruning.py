@@ -28,6 +28,7 @@ from litcompress.callbacks._channels import (
     remove_dead_channels,
 )
 from litcompress.callbacks._structure import StructureFollower, check_mid_fit
+from litcompress.distributed import check_synced
 from litcompress.schedules import Schedule, get_schedule
 from litcompress.selection import ParameterFilter, ParameterRef, check_patterns, select_parameters
 from litcompress.sparsity.channels import ChannelPruner
@@ -299,6 +300,7 @@ class Pruning(_CompressionCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_synced(pl_module)
         if self.pruner is None and self.pattern != "channel":
             self._prepare(trainer, pl_module)
         if self.pattern == "channel":

@@ -20,6 +20,7 @@ from litcompress.callbacks._base import (
     _CompressionCallback,
     _warn_inexact_resume,
 )
+from litcompress.distributed import check_synced
 from litcompress.quantization.access import quantized_layers
 from litcompress.quantization.modules import QUANTIZABLE_KINDS, QuantizedLayer, convert_, revert_
 from litcompress.quantization.quantizers import ActivationQuantizer, QuantConfig, WeightQuantizer
@@ -184,6 +185,7 @@ class QuantizationAwareTraining(_CompressionCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_synced(pl_module)
         if not self.layers:
             self._prepare(_compression_target(pl_module), trainer)
         if self.config.scale != "learned":

@@ -20,6 +20,7 @@ from litcompress.distillation.cache import TeacherCache, cache_from_options
 from litcompress.distillation.features import FEATURE_LOSSES, capture, feature_pairs, feature_terms, make_adapters
 from litcompress.distillation.losses import kd_loss, mse_distillation_loss
 from litcompress.distillation.options import check_dtypes, check_models, check_options
+from litcompress.distributed import check_synced
 
 __all__ = ["DistillationModule"]
 
@@ -208,6 +209,7 @@ class DistillationModule(pl.LightningModule):
 
     @override
     def on_fit_start(self) -> None:
+        check_synced(self)  # FSDP2: the adapters this module adds must be sharded with the student
         if self.teacher is not None:
             self.teacher.to(self.device)
 

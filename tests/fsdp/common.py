@@ -46,14 +46,16 @@ class Classifier(LitClassifier):
 
 
 class Distiller(DistillationModule):
-    def __init__(self, *args: Any, shard_teacher: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, shard_teacher: bool = False, shard_adapters: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.shard_teacher = shard_teacher
+        self.shard_teacher, self.shard_adapters = shard_teacher, shard_adapters
 
     def configure_model(self) -> None:
         if sharded(self):
             mesh = self.device_mesh["data_parallel"]
             shard_(self.student, mesh)
+            for adapter in self.adapters.values() if self.shard_adapters else ():  # FSDP2 syncs what it shards
+                shard_(adapter, mesh)
             if self.shard_teacher:
                 shard_(self.teacher, mesh)
 
@@ -98,8 +100,11 @@ CASES: dict[str, Any] = {
     "distill_replicated": (lambda: Distiller(mlp(), teacher(), temperature=2.0, alpha=0.5, lr=0.05), lambda: []),
     "distill_sharded": (lambda: Distiller(mlp(), teacher(), temperature=2.0, alpha=0.5, lr=0.05,
                                           shard_teacher=True), lambda: []),
+    "distill_features": (lambda: Distiller(mlp(), teacher(), temperature=2.0, alpha=0.5, lr=0.05,
+                                           features={"student.2": "teacher.0"}), lambda: []),
     "all": (lambda: Distiller(mlp(), teacher(), temperature=2.0, alpha=0.5, lr=0.05),
-            lambda: [pruning_global(), qat()]),
+            lambda: [LowRankFactorization(rank_ratio=0.5, exclude=["<last>"], verbose=False), pruning_global(),
+                     qat()]),
 }
 
 
@@ -233,3 +238,15 @@ def run_export(processes: int, root: Any) -> dict[str, Any]:
                          "compact_bytes": final["compact_bytes"], "quantized": final["quantized"],
                          "baseline_nonzero": report["baseline"]["nonzero"]}
     return out
+
+
+def run_unsynced(processes: int, root: Any) -> dict[str, Any]:
+    """Feature adapters left out of fully_shard would train apart on each process: refused before the first step."""
+    module = Distiller(mlp(), teacher(), temperature=2.0, alpha=0.5, features={"student.2": "teacher.0"},
+                       shard_adapters=False)
+    fit = trainer(processes, root, callbacks=[pruning_global()])
+    try:
+        fit.fit(module, loader(fit))
+    except ValueError as err:
+        return {"error": str(err), "steps": fit.global_step}
+    return {"error": None, "steps": fit.global_step}

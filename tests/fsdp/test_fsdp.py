@@ -34,7 +34,7 @@ def _launch(out: Path, strategy: str, cases: list[str]) -> dict:
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> dict:
-    return _launch(tmp_path_factory.mktemp("fsdp"), "fsdp", [*CASES, "resume", "export"])
+    return _launch(tmp_path_factory.mktemp("fsdp"), "fsdp", [*CASES, "resume", "export", "unsynced"])
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +106,10 @@ def test_export_files_and_report_of_a_sharded_fit(sharded, tmp_path):
     assert got["report"] == pytest.approx(want["report"])
     report = got["report"]
     assert report["quantized"] and report["bits"] < 8 and report["nonzero"] < 0.4 * report["baseline_nonzero"]
+
+
+def test_parameters_left_out_of_fully_shard_are_refused(sharded):
+    got = sharded["unsynced"]
+    assert got["steps"] == 0
+    assert got["error"] is not None and "every trainable parameter under fully_shard" in got["error"]
+    assert "adapters.2.proj.weight" in got["error"]
