@@ -134,7 +134,8 @@ class Shards:
         dist.all_gather(out, x.contiguous(), group=self.group)
         return torch.stack(out)
 
-    def _all_reduce(self, x: Tensor, op: str) -> Tensor:
+    def all_reduce(self, x: Tensor, op: str) -> Tensor:
+        """A copy of ``x`` reduced over the processes with ``op`` (``"SUM"``, ``"MIN"``, ``"MAX"``)."""
         import torch.distributed as dist
 
         x = x.to(self.device).clone()
@@ -144,7 +145,7 @@ class Shards:
     def total(self, counts: Tensor) -> Tensor:
         """Per tensor: the sum over processes for sharded tensors, the count itself for whole ones."""
         counts = counts.to(self.device)
-        summed = self._all_reduce(torch.where(self._flags, counts, torch.zeros_like(counts)), "SUM")
+        summed = self.all_reduce(torch.where(self._flags, counts, torch.zeros_like(counts)), "SUM")
         return torch.where(self._flags, summed, counts)
 
     def before(self, counts: Tensor) -> Tensor:
@@ -154,10 +155,10 @@ class Shards:
         return torch.where(self._flags, lower, torch.zeros_like(lower))
 
     def min(self, value: float) -> float:
-        return float(self._all_reduce(torch.tensor([value], dtype=torch.float64), "MIN"))
+        return float(self.all_reduce(torch.tensor([value], dtype=torch.float64), "MIN"))
 
     def max(self, value: float) -> float:
-        return float(self._all_reduce(torch.tensor([value], dtype=torch.float64), "MAX"))
+        return float(self.all_reduce(torch.tensor([value], dtype=torch.float64), "MAX"))
 
     def subset(self, index: Sequence[int]) -> Shards:
         """The same processes, for the tensors at ``index`` only (no communication)."""

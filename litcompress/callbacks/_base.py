@@ -93,7 +93,8 @@ def _check_sharding(trainer: pl.Trainer, pl_module: nn.Module, who: str, refused
     FSDP2 (``ModelParallelStrategy``, ``fully_shard`` in ``configure_model``) shards each parameter as a ``DTensor``:
     supported. FSDP1 (``FSDPStrategy``) flattens parameters into per-process slices that no mask or scale can be laid
     over: refused. ``refused``: ``(argument, expected, value)`` of an option a sharded fit cannot honour.
-    ``layers_before_sharding``: the callback changes layers, so they must exist before ``configure_model`` shards them.
+    ``layers_before_sharding``: the callback changes (or traces) layers, so they must exist before ``configure_model``
+    shards them.
     """
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
@@ -112,8 +113,8 @@ def _check_sharding(trainer: pl.Trainer, pl_module: nn.Module, who: str, refused
     if layers_before_sharding and next(_compression_target(pl_module).parameters(), None) is None:
         fail("model", "layers built in the LightningModule's __init__ under ModelParallelStrategy",
              "layers built in configure_model",
-             hint=f"{who} replaces layers, which must happen before configure_model shards them: build the layers "
-                  "in __init__ and only apply fully_shard in configure_model")
+             hint=f"{who} replaces or traces layers, which must happen before configure_model shards them: build "
+                  "the layers in __init__ and only apply fully_shard in configure_model")
 
 
 class _Window:

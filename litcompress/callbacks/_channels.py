@@ -148,3 +148,23 @@ def remove_channels(callback: Pruning, pruner: ChannelPruner) -> dict[str, tuple
     if callback.verbose:
         rank_zero_info(f"Pruning: removed channels from {len(removed)} groups; parameters {before:,} -> {after:,}")
     return removed
+
+
+def smaller_copy(callback: Pruning, pruner: ChannelPruner, traced: Any) -> tuple[dict[str, tuple[int, int]], Any]:
+    """FSDP2: the sharded model keeps its size (its channels masked); rank zero gathers a whole copy (the model's
+    memory once, on its CPU), traces it again and removes the masked channels from it. Collective."""
+    from litcompress.distributed import gather_model
+
+    copy = gather_model(pruner.model)
+    if copy is None:
+        return {}, None
+    x = {k: v.cpu() for k, v in traced.items()} if isinstance(traced, Mapping) else (
+        traced.cpu() if isinstance(traced, Tensor) else traced)
+    was_training = copy.training
+    copy.eval()
+    try:
+        twin = ChannelPruner(copy, x, pruner.layers, pruner.sparsity, pruner.importance)
+    finally:
+        copy.train(was_training)
+    twin.load_state_dict({"masks": {g.name: g.mask for g in pruner.groups if g.mask is not None}})
+    return remove_channels(callback, twin), copy

@@ -8,7 +8,9 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 from typing_extensions import override
 
 from litcompress._validation import check_bool, check_choice, check_fraction, check_int, check_nonempty_str, fail
@@ -26,6 +28,7 @@ from litcompress.callbacks._channels import (
     remove_channels,
     remove_channels_mid_fit,
     remove_dead_channels,
+    smaller_copy,
 )
 from litcompress.callbacks._structure import StructureFollower, check_mid_fit
 from litcompress.distributed import check_synced
@@ -107,7 +110,9 @@ class Pruning(_CompressionCallback):
             (:class:`~litcompress.sparsity.dead.DeadChannels`; traced at fit start, so a model that cannot be is an
             error before the first step). The removal happens after the last checkpoint of the fit is written:
             checkpoints hold the full-size model and the masks, so ``fit(ckpt_path=...)`` resumes. The smaller
-            model's outputs equal the masked model's within float tolerance.
+            model's outputs equal the masked model's within float tolerance. Under FSDP2 (``ModelParallelStrategy``)
+            shards cannot shrink: the sharded model keeps its size, masked, and rank zero gets the smaller copy as
+            :attr:`smaller_model`.
         remove_at: ``pattern="channel"`` only: remove the channels at this point (``interval`` units, at or after
             the schedule's ``end``) instead of at the end, and train the smaller model for the rest of the fit:
             the optimizers are edited in place to hold the smaller tensors, each keeping the kept slices of its
@@ -221,7 +226,9 @@ class Pruning(_CompressionCallback):
         self._dead: tuple[ChannelPruner, Any] | None = None  # unstructured + remove_channels: traced at fit start
         self._follower = StructureFollower()  # pattern="channel": checkpoints after a removal load into the new shape
         self.removed: dict[str, tuple[int, int]] = {}  # channel groups removed at the end of the fit
+        self.smaller_model: nn.Module | None = None  # FSDP2: rank zero's smaller copy (the sharded model stays)
         self._channel_refs: list[ParameterRef] | None = None  # pattern="channel": selected in `setup`
+        self._traced: Any = None  # FSDP2 + channels: the input traced in `setup`, before sharding
 
         self.pruner: Pruner | ChannelPruner | None = None
         self._window: _Window | None = None
@@ -240,10 +247,9 @@ class Pruning(_CompressionCallback):
         if stage != "fit":
             return
         self._training = False
-        refused = (("pattern", "'unstructured' or 'N:M' (channels are removed from whole tensors)", self.pattern)
-                   if self.pattern == "channel" else ("remove_channels", "False", True) if self.remove_channels
-                   else None)
-        _check_sharding(trainer, pl_module, type(self).__name__, refused)
+        dead = self.remove_channels and self.pattern != "channel"
+        _check_sharding(trainer, pl_module, type(self).__name__, ("remove_channels", "False", True) if dead else None,
+                        layers_before_sharding=self.pattern == "channel")
         if self.pattern == "channel":
             self._follower.attach(pl_module)
             if self.remove_at is not None:
@@ -258,6 +264,8 @@ class Pruning(_CompressionCallback):
         if self.pattern == "channel":  # masks need the coupled-channel graph: traced on a batch in `on_fit_start`
             self._channel_refs = refs
             self._check_disjoint(trainer, {id(r.tensor) for r in refs})
+            if isinstance(trainer.strategy, ModelParallelStrategy):  # traced now, on the whole model
+                self.pruner, self._traced = build_channel_pruner(self, trainer, pl_module, refs)
             return
         if not isinstance(pruner, Pruner) or [id(r.tensor) for r in pruner.refs] != [
             id(r.tensor) for r in refs if r.name in pruner.targets
@@ -311,14 +319,14 @@ class Pruning(_CompressionCallback):
             if self._channel_refs is None:
                 self._prepare(trainer, pl_module)
             assert self._channel_refs is not None  # set by `_prepare`
-            self.pruner, _ = build_channel_pruner(self, trainer, pl_module, self._channel_refs)
+            if self._traced is None:
+                self.pruner, _ = build_channel_pruner(self, trainer, pl_module, self._channel_refs)
             self._apply_pending_state()
         elif self.remove_channels:  # traced now, so a model that cannot be is an error before the first step
             assert isinstance(self.pruner, Pruner)
             self._dead = build_channel_pruner(self, trainer, pl_module, self.pruner.refs, dead=True)
         assert self.pruner is not None
-        if isinstance(self.pruner, Pruner):
-            self.pruner.follow_layout()  # FSDP2 sharded the parameters after `setup`
+        self.pruner.follow_layout()  # FSDP2 sharded the parameters after `setup`
         self.pruner.to_tensor_devices()
         self.pruner.apply()
         pruner = self.pruner
@@ -353,7 +361,10 @@ class Pruning(_CompressionCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.pattern == "channel" and self.remove_channels and isinstance(self.pruner, ChannelPruner):
             self._remove_hooks()  # the optimizers point at the removed parameters
-            self.removed = remove_channels(self, self.pruner)
+            if self.pruner.local is not None:  # FSDP2: shards cannot shrink; rank zero gets a smaller copy
+                self.removed, self.smaller_model = smaller_copy(self, self.pruner, self._traced)
+            else:
+                self.removed = remove_channels(self, self.pruner)
             self.pruner = None
         elif self._dead is not None:
             self._remove_hooks()

@@ -31,8 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from litcompress._extras import require
+from litcompress._shards import local
 from litcompress._validation import check_choice, check_fraction, fail
 from litcompress.selection import HFConv1D
+from litcompress.sparsity._local import LocalView
 from litcompress.sparsity._tp import conv1d_pruner, first_output
 
 __all__ = ["CHANNEL_IMPORTANCES", "ChannelGroup", "ChannelPruner"]
@@ -145,6 +147,7 @@ class ChannelPruner:
         if unknown:
             fail("layers", "names of layers of the model", unknown)
         self.model, self.sparsity, self.importance = model, float(sparsity), importance
+        self.layers = list(layers)
         self.refs = list(refs)  # the selected tensors (for callers that check two pruners do not overlap)
         if isinstance(example_input, Mapping):  # keyword inputs (a Hugging Face batch)
             example_input = dict(example_input)
@@ -178,6 +181,7 @@ class ChannelPruner:
             self.groups.append(ChannelGroup(name, channels, slices, (root, handler)))
         self._add_heads(model, [n for n in layers if isinstance(modules[n], _ATTENTION)])
         self.scores: dict[str, Tensor] = {}
+        self.local: LocalView | None = None  # FSDP2 row shards (see `follow_layout`)
         self._zero_index: list[tuple[_Slice, Tensor]] | None = None
         self.replaced: dict[nn.Module, nn.Module] = {}  # attention layers that lost heads -> their replacements
 
@@ -245,8 +249,19 @@ class ChannelPruner:
             for s in g.slices:
                 t = s.tensor
                 if s.producer and t.grad is not None and (only is None or id(t) in only):
-                    score.index_add_(0, s.root, _per_index((t * t.grad).detach().abs().float(), s).cpu())
+                    grad = local(t.grad)
+                    self._add(score, s, lambda w: (w * grad).abs())  # noqa: B023 - used at once
         return True
+
+    def _add(self, score: Tensor, s: _Slice, fn: Any) -> None:
+        """Add ``fn(weights)`` of ``s``, summed per position, to its channels' scores (this process's rows)."""
+        t, index, root = self.local.part(s) if self.local is not None else (s.tensor, s.index, s.root)
+        if not index.numel() or (self.local is not None and not self.local.adds(s)):
+            return
+        value = fn(t.detach().float())
+        dims = [d for d in range(value.dim()) if d != s.dim]
+        total = value.sum(dim=dims) if dims else value
+        score.index_add_(0, root, total[index.to(total.device)].cpu())
 
     def group_scores(self) -> dict[str, Tensor]:
         """One score per channel of every group (higher: more important)."""
@@ -257,18 +272,19 @@ class ChannelPruner:
                 continue
             score = torch.zeros(g.channels)
             for s in g.slices:
-                t = s.tensor.detach().float()
                 if self.importance == "bn_scale":
                     if isinstance(s.module, _NORMS) and s.attr == "weight":
-                        score.index_add_(0, s.root, _per_index(t.abs(), s).cpu())
+                        self._add(score, s, torch.abs)
                 elif s.producer:
-                    value = t.abs() if self.importance == "l1" else t * t
-                    score.index_add_(0, s.root, _per_index(value, s).cpu())
+                    self._add(score, s, torch.abs if self.importance == "l1" else torch.square)
             if self.importance == "bn_scale" and not any(isinstance(s.module, _NORMS) for s in g.slices):
                 fail("importance", "'bn_scale' only for layers followed by BatchNorm", self.importance,
                       hint=f"`{g.name}` has no BatchNorm; use 'magnitude' or exclude it")
-            out[g.name] = score.sqrt() if self.importance == "magnitude" else score
-        return out
+            out[g.name] = score
+        if self.local is not None and out:  # each process scored its rows: one sum over processes
+            flat = self.local.sum(torch.cat(list(out.values())))
+            out = dict(zip(out, flat.split([v.numel() for v in out.values()])))
+        return {k: v.sqrt() for k, v in out.items()} if self.importance == "magnitude" else out
 
     # ------------------------------------------------------------------ masks
     @torch.no_grad()
@@ -277,7 +293,7 @@ class ChannelPruner:
         fraction of channels pruned per group. ``reduce`` averages Taylor scores over processes."""
         check_fraction("fraction", fraction, closed_right=True)
         scores = self.group_scores()
-        if reduce is not None and self.data_dependent and scores:
+        if reduce is not None and self.data_dependent and scores and self.local is None:
             flat = reduce(torch.cat(list(scores.values())))
             scores = dict(zip(scores, flat.cpu().split([g.channels for g in self.groups])))
         if self.importance == "taylor":
@@ -301,11 +317,13 @@ class ChannelPruner:
     def apply(self) -> None:
         """Zero every slice of every pruned channel in place (after each optimizer step)."""
         if self._zero_index is None:
-            self._zero_index = [(s, g.zero_index(s).to(s.tensor.device)) for g in self.groups if g.mask is not None
-                                for s in g.slices]
+            pairs = [(s, g.zero_index(s)) for g in self.groups if g.mask is not None for s in g.slices]
+            if self.local is not None:  # this process's rows, in local coordinates
+                pairs = [(s, self.local.positions(s, index)[0]) for s, index in pairs]
+            self._zero_index = [(s, index.to(local(s.tensor).device)) for s, index in pairs]
         for s, index in self._zero_index:
             if index.numel():
-                s.tensor.index_fill_(s.dim, index, 0.0)
+                local(s.tensor).index_fill_(s.dim, index, 0.0)
 
     def sparsity_per_group(self) -> dict[str, float]:
         """Fraction of pruned channels of every group."""
@@ -320,6 +338,16 @@ class ChannelPruner:
     def to_tensor_devices(self) -> None:
         """Indices follow their tensors on the next :meth:`apply` (after a checkpoint load or a device move)."""
         self._zero_index = None
+
+    def follow_layout(self) -> None:
+        """Re-read how the tensors are laid out, after FSDP2 sharded them (the groups were traced on the whole
+        model): scores and zeroing then use this process's rows, and per-channel sums are added up over processes.
+        Collective: call it on every process."""
+        if self.local is None:
+            self.local = LocalView.of([s for g in self.groups for s in g.slices])
+            if self.local is not None and self.local.shards.rank != 0:
+                self.scores = {k: torch.zeros_like(v) for k, v in self.scores.items()}  # totals: added once
+            self._zero_index = None
 
     # ------------------------------------------------------------------ removal
     def kept_positions(self) -> dict[tuple[nn.Module, str], dict[int, Tensor]]:
@@ -366,7 +394,12 @@ class ChannelPruner:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"masks": {g.name: g.mask for g in self.groups if g.mask is not None}, "scores": dict(self.scores)}
+        """Masks (the same on every process) and Taylor scores (on shards: summed over processes, so collective)."""
+        scores = dict(self.scores)
+        if self.local is not None and scores:
+            flat = self.local.sum(torch.cat(list(scores.values())))
+            scores = dict(zip(scores, flat.split([v.numel() for v in scores.values()])))
+        return {"masks": {g.name: g.mask for g in self.groups if g.mask is not None}, "scores": scores}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         by_name = {g.name: g for g in self.groups}
@@ -376,7 +409,10 @@ class ChannelPruner:
                       hint="the checkpoint was written for a different model or a different selection")
             by_name[name].mask = mask.bool().cpu()
         self.scores = {k: v.cpu() for k, v in state.get("scores", {}).items()}
+        if self.local is not None and self.local.shards.rank != 0:  # saved as totals: counted once, on rank zero
+            self.scores = {k: torch.zeros_like(v) for k, v in self.scores.items()}
         self._zero_index = None
+
 
 
 def _per_index(value: Tensor, s: _Slice) -> Tensor:

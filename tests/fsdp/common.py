@@ -250,3 +250,26 @@ def run_unsynced(processes: int, root: Any) -> dict[str, Any]:
     except ValueError as err:
         return {"error": str(err), "steps": fit.global_step}
     return {"error": None, "steps": fit.global_step}
+
+
+def run_channel(processes: int, root: Any) -> dict[str, Any]:
+    """Channel pruning: traced in `setup` on the whole model, masks on shards; at the end rank zero gets the smaller
+    model (the sharded one keeps its size, masked). One process: the model itself ends smaller."""
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(0)
+    module = Classifier(mlp())
+    pruning = Pruning(0.5, pattern="channel", interval="step", start=2, end=8, frequency=2, example_input=x,
+                      verbose=False)
+    fit = trainer(processes, root, callbacks=[pruning])
+    fit.fit(module, loader(fit))
+    module.eval()
+    with torch.no_grad():
+        y = module(x)  # sharded: every process takes part
+    smaller = pruning.smaller_model if processes > 1 else module
+    out: dict[str, Any] = {"y": y, "removed": pruning.removed, "rank": fit.global_rank,
+                           "full_size": full_state(module)}
+    if smaller is not None:
+        with torch.no_grad():
+            out["y_smaller"] = smaller.eval()(x)
+        out["smaller"] = {k: v.detach().clone() for k, v in smaller.state_dict().items()}
+    return out

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.fsdp.common import CASES, run_case, run_export
+from tests.fsdp.common import CASES, run_case, run_channel, run_export
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +34,7 @@ def _launch(out: Path, strategy: str, cases: list[str]) -> dict:
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> dict:
-    return _launch(tmp_path_factory.mktemp("fsdp"), "fsdp", [*CASES, "resume", "export", "unsynced"])
+    return _launch(tmp_path_factory.mktemp("fsdp"), "fsdp", [*CASES, "resume", "export", "unsynced", "channel"])
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +113,15 @@ def test_parameters_left_out_of_fully_shard_are_refused(sharded):
     assert got["steps"] == 0
     assert got["error"] is not None and "every trainable parameter under fully_shard" in got["error"]
     assert "adapters.2.proj.weight" in got["error"]
+
+
+def test_channel_pruning_of_a_sharded_fit(sharded, tmp_path):
+    """Channels traced on the whole model in `setup`, scored on shards (per-channel sums added over processes),
+    masked on shards; at the end rank zero gets the smaller model, equal to the one-process fit's own."""
+    got, want = sharded["channel"], run_channel(1, tmp_path)
+    assert got["removed"] == want["removed"] == {"model.0": (36, 18), "model.2": (27, 13)}
+    _close(got["smaller"], want["smaller"])  # same shapes: the same channels were removed
+    torch.testing.assert_close(got["y"], want["y"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(got["y_smaller"], got["y"], atol=ATOL, rtol=0)  # the masked model, computed smaller
+    zero_rows = (got["full_size"]["model.0.weight"].abs().sum(1) == 0).sum()
+    assert zero_rows == 18  # the sharded model itself keeps its size, its pruned channels zero
