@@ -12,7 +12,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from litcompress import DistillationModule, LowRankFactorization, Pruning, QuantizationAwareTraining
-from tests.models import LitClassifier, classification_data
+from tests.models import LitClassifier, TransformerClassifier, classification_data
+from tests.test_hf_models import LitHF, gpt2
+from tests.test_hf_models import data as hf_data
 
 STEPS = 16  # 2 epochs of 8 optimizer steps
 PER_STEP = 16  # samples per optimizer step, over all processes
@@ -24,11 +26,13 @@ def mlp() -> nn.Module:
 
 
 def shard_(model: nn.Module, mesh: Any) -> None:
-    """FSDP2 as users apply it: every layer holding parameters, then the whole model."""
+    """FSDP2 as users apply it: every layer holding parameters, then the whole model. An attention layer's output
+    projection stays in the attention's unit (nn.MultiheadAttention reads its weight without calling it)."""
     from torch.distributed.fsdp import fully_shard
 
+    inside = {id(m) for a in model.modules() if isinstance(a, nn.MultiheadAttention) for m in a.modules() if m is not a}
     for module in list(model.modules())[1:]:
-        if next(module.parameters(recurse=False), None) is not None:
+        if id(module) not in inside and next(module.parameters(recurse=False), None) is not None:
             fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
 
@@ -40,9 +44,37 @@ def sharded(module: pl.LightningModule) -> bool:
 
 
 class Classifier(LitClassifier):
+    shape: tuple[int, ...] = (16,)
+
+    def dataset(self) -> Any:
+        return classification_data(self.shape, n=STEPS // 2 * PER_STEP)
+
     def configure_model(self) -> None:
         if sharded(self):
             shard_(self.model, self.device_mesh["data_parallel"])
+
+
+class SequenceClassifier(Classifier):
+    """nn.MultiheadAttention blocks (tests.models.TransformerClassifier) on (6, 8) sequences."""
+
+    shape = (6, 8)
+
+
+class CausalLM(LitHF):
+    """A tiny Hugging Face GPT-2 (Conv1D projections, LM head tied to the token embedding): each block is one FSDP
+    unit, the embeddings and the tied head belong to the root unit."""
+
+    def dataset(self) -> Any:
+        return hf_data("gpt2", n=STEPS // 2 * PER_STEP)
+
+    def configure_model(self) -> None:
+        if sharded(self):
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            for block in self.model.transformer.h:
+                fully_shard(block, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
 
 
 class Distiller(DistillationModule):
@@ -65,9 +97,9 @@ def teacher() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
 
 
-def loader(trainer: pl.Trainer) -> DataLoader:
+def loader(trainer: pl.Trainer, module: Any = None) -> DataLoader:
     """Process ``r`` of ``n`` takes samples ``r, r + n, ...`` in order (no shuffling, unlike Lightning's sampler)."""
-    data = classification_data((16,), n=STEPS // 2 * PER_STEP)
+    data = module.dataset() if hasattr(module, "dataset") else classification_data((16,), n=STEPS // 2 * PER_STEP)
     n, rank = trainer.world_size, trainer.global_rank
     return DataLoader(data, batch_size=PER_STEP // n, sampler=range(rank, len(data), n))
 
@@ -100,6 +132,14 @@ CASES: dict[str, Any] = {
     "distill_replicated": (lambda: Distiller(mlp(), teacher(), temperature=2.0, alpha=0.5, lr=0.05), lambda: []),
     "distill_sharded": (lambda: Distiller(mlp(), teacher(), temperature=2.0, alpha=0.5, lr=0.05,
                                           shard_teacher=True), lambda: []),
+    "transformer": (lambda: SequenceClassifier(TransformerClassifier()),
+                    lambda: [Pruning(0.5, scope="layer", interval="step", start=2, end=8, verbose=False),
+                             QuantizationAwareTraining(activation_bits=None, interval="step", start=1,
+                                                       verbose=False)]),
+    "gpt2": (lambda: CausalLM(gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),  # no dropout: same draws
+             lambda: [Pruning(0.5, interval="step", start=2, end=8, verbose=False),
+                      QuantizationAwareTraining(weight_bits=4, activation_bits=None, interval="step", start=1,
+                                                verbose=False)]),
     "distill_features": (lambda: Distiller(mlp(), teacher(), temperature=2.0, alpha=0.5, lr=0.05,
                                            features={"student.2": "teacher.0"}), lambda: []),
     "all": (lambda: Distiller(mlp(), teacher(), temperature=2.0, alpha=0.5, lr=0.05),
@@ -181,7 +221,7 @@ def trainer(processes: int, root: Any, strategy: str = "fsdp", **overrides: Any)
 def run_case(case: str, processes: int, root: Any, strategy: str = "fsdp") -> dict[str, Any]:
     module, callbacks = make(case)
     fit = trainer(processes, root, strategy, callbacks=callbacks)
-    fit.fit(module, loader(fit))
+    fit.fit(module, loader(fit, module))
     return collect(module, callbacks)
 
 
