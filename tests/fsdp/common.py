@@ -210,8 +210,9 @@ def trainer(processes: int, root: Any, strategy: str = "fsdp", **overrides: Any)
         accelerator="cpu", devices=processes, max_steps=STEPS, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=root,
         use_distributed_sampler=False)
-    if processes > 1 and strategy == "fsdp":
-        kwargs["strategy"] = ModelParallelStrategy(data_parallel_size=processes, tensor_parallel_size=1)
+    if processes > 1 and strategy.startswith("fsdp"):  # "fsdp_full": checkpoints gathered into one file
+        kwargs["strategy"] = ModelParallelStrategy(data_parallel_size=processes, tensor_parallel_size=1,
+                                                   save_distributed_checkpoint=strategy != "fsdp_full")
     elif processes > 1:
         kwargs["strategy"] = strategy
     kwargs.update(overrides)
@@ -225,7 +226,7 @@ def run_case(case: str, processes: int, root: Any, strategy: str = "fsdp") -> di
     return collect(module, callbacks)
 
 
-def run_resume(processes: int, root: Any) -> dict[str, Any]:
+def run_resume(processes: int, root: Any, strategy: str = "fsdp") -> dict[str, Any]:
     """Pruning + QAT: uninterrupted, and resumed from the checkpoint written at the end of epoch 1 (step 8)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -235,12 +236,12 @@ def run_resume(processes: int, root: Any) -> dict[str, Any]:
     torch.manual_seed(0)
     module, cbs = Classifier(mlp()), callbacks()
     saver = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=8, save_top_k=-1, filename="{step}")
-    fit = trainer(processes, root, callbacks=[*cbs, saver], enable_checkpointing=True)
+    fit = trainer(processes, root, strategy, callbacks=[*cbs, saver], enable_checkpointing=True)
     fit.fit(module, loader(fit))
     whole = collect(module, cbs)
     torch.manual_seed(123)  # a different initialisation: everything must come from the checkpoint
     module, cbs = Classifier(mlp()), callbacks()
-    fit = trainer(processes, root, callbacks=cbs)
+    fit = trainer(processes, root, strategy, callbacks=cbs)
     fit.fit(module, loader(fit), ckpt_path=str(root / "ckpt" / "step=8.ckpt"))
     return {"whole": whole, "resumed": collect(module, cbs)}
 

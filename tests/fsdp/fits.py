@@ -3,8 +3,8 @@
     python -m tests.fsdp.fits OUT STRATEGY CASE [CASE ...]
 
 STRATEGY: ``fsdp`` (ModelParallelStrategy) or ``ddp`` (the reference for quantization-aware training, whose first
-activation range is each process's own); CASE: a name of ``tests.fsdp.common.CASES``, ``resume``, ``export``,
-``unsynced`` or ``channel``.
+activation range is each process's own); CASE: a name of ``tests.fsdp.common.CASES``, ``resume``,
+``resume_full`` (one-file checkpoints), ``export``, ``unsynced`` or ``channel``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ def main() -> None:
     for case in sys.argv[3:]:
         began = time.perf_counter()
         root = out / case
-        special = {"resume": run_resume, "export": run_export, "unsynced": run_unsynced, "channel": run_channel}
+        special = {"resume": run_resume, "export": run_export, "unsynced": run_unsynced, "channel": run_channel,
+                   "resume_full": lambda n, r: run_resume(n, r, "fsdp_full")}
         results[case] = special[case](2, root) if case in special else run_case(case, 2, root, strategy)
         results[case]["seconds"] = time.perf_counter() - began
         if torch.distributed.get_rank() == 0:

@@ -34,7 +34,8 @@ def _launch(out: Path, strategy: str, cases: list[str]) -> dict:
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> dict:
-    return _launch(tmp_path_factory.mktemp("fsdp"), "fsdp", [*CASES, "resume", "export", "unsynced", "channel"])
+    special = ["resume", "resume_full", "export", "unsynced", "channel"]  # see tests/fsdp/fits.py
+    return _launch(tmp_path_factory.mktemp("fsdp"), "fsdp", [*CASES, *special])
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +74,11 @@ def test_sharded_fit_equals_one_process(sharded, ddp, case, tmp_path):
                             assert other == value, (layer, key, field)
 
 
-def test_resumed_sharded_fit_equals_uninterrupted(sharded):
-    whole, resumed = sharded["resume"]["whole"], sharded["resume"]["resumed"]
+@pytest.mark.parametrize("kind", ["resume", "resume_full"])
+def test_resumed_sharded_fit_equals_uninterrupted(sharded, kind):
+    """Distributed checkpoints (state on shards written with the weights' shards) and one-file checkpoints
+    (gathered like the weights) both resume exactly."""
+    whole, resumed = sharded[kind]["whole"], sharded[kind]["resumed"]
     for name, value in whole["weights"].items():
         assert torch.equal(resumed["weights"][name], value), name  # bit-identical
     for g, w in zip(resumed["pruning"], whole["pruning"]):
