@@ -150,9 +150,11 @@ def remove_channels(callback: Pruning, pruner: ChannelPruner) -> dict[str, tuple
     return removed
 
 
-def smaller_copy(callback: Pruning, pruner: ChannelPruner, traced: Any) -> tuple[dict[str, tuple[int, int]], Any]:
-    """FSDP2: the sharded model keeps its size (its channels masked); rank zero gathers a whole copy (the model's
-    memory once, on its CPU), traces it again and removes the masked channels from it. Collective."""
+def smaller_copy(callback: Pruning, pruner: ChannelPruner, traced: Any,
+                 dead: bool = False) -> tuple[dict[str, tuple[int, int]], Any]:
+    """FSDP2: the sharded model keeps its size (its channels masked, or zeroed by unstructured pruning); rank zero
+    gathers a whole copy (the model's memory once, on its CPU), traces it again and removes from it the masked
+    channels (``dead``: the all-zero ones). Collective. Returns what was removed and the copy (``None`` elsewhere)."""
     from litcompress.distributed import gather_model
 
     copy = gather_model(pruner.model)
@@ -163,8 +165,11 @@ def smaller_copy(callback: Pruning, pruner: ChannelPruner, traced: Any) -> tuple
     was_training = copy.training
     copy.eval()
     try:
-        twin = ChannelPruner(copy, x, pruner.layers, pruner.sparsity, pruner.importance)
+        twin = ChannelPruner(copy, x, pruner.layers, 0.0 if dead else pruner.sparsity,
+                             "magnitude" if dead else pruner.importance)
     finally:
         copy.train(was_training)
+    if dead:
+        return remove_dead_channels(callback, twin, x), copy
     twin.load_state_dict({"masks": {g.name: g.mask for g in pruner.groups if g.mask is not None}})
     return remove_channels(callback, twin), copy

@@ -247,9 +247,8 @@ class Pruning(_CompressionCallback):
         if stage != "fit":
             return
         self._training = False
-        dead = self.remove_channels and self.pattern != "channel"
-        _check_sharding(trainer, pl_module, type(self).__name__, ("remove_channels", "False", True) if dead else None,
-                        layers_before_sharding=self.pattern == "channel")
+        _check_sharding(trainer, pl_module, type(self).__name__,
+                        layers_before_sharding=self.pattern == "channel" or self.remove_channels)
         if self.pattern == "channel":
             self._follower.attach(pl_module)
             if self.remove_at is not None:
@@ -274,6 +273,8 @@ class Pruning(_CompressionCallback):
             pruner = self.pruner = Pruner(refs, self.sparsity, self.scope, self.pattern, self.importance, self.seed)
             self._last_point = None
         self._check_disjoint(trainer, {id(r.tensor) for r in pruner.refs})
+        if self.remove_channels and self._dead is None and isinstance(trainer.strategy, ModelParallelStrategy):
+            self._dead = build_channel_pruner(self, trainer, pl_module, pruner.refs, dead=True)  # the whole model
         self._apply_pending_state()
 
     def _check_disjoint(self, trainer: pl.Trainer, mine: set[int]) -> None:
@@ -322,7 +323,7 @@ class Pruning(_CompressionCallback):
             if self._traced is None:
                 self.pruner, _ = build_channel_pruner(self, trainer, pl_module, self._channel_refs)
             self._apply_pending_state()
-        elif self.remove_channels:  # traced now, so a model that cannot be is an error before the first step
+        elif self.remove_channels and self._dead is None:  # traced now: an untraceable model fails before step 0
             assert isinstance(self.pruner, Pruner)
             self._dead = build_channel_pruner(self, trainer, pl_module, self.pruner.refs, dead=True)
         assert self.pruner is not None
@@ -368,7 +369,11 @@ class Pruning(_CompressionCallback):
             self.pruner = None
         elif self._dead is not None:
             self._remove_hooks()
-            self.removed, self._dead, self.pruner = remove_dead_channels(self, *self._dead), None, None
+            if isinstance(self.pruner, Pruner) and self.pruner.shards is not None:  # FSDP2: on rank zero's copy
+                self.removed, self.smaller_model = smaller_copy(self, *self._dead, dead=True)
+            else:
+                self.removed = remove_dead_channels(self, *self._dead)
+            self._dead, self.pruner = None, None
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

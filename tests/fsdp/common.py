@@ -140,6 +140,9 @@ CASES: dict[str, Any] = {
              lambda: [Pruning(0.5, interval="step", start=2, end=8, verbose=False),
                       QuantizationAwareTraining(weight_bits=4, activation_bits=None, interval="step", start=1,
                                                 verbose=False)]),
+    "gpt2_nm": (lambda: CausalLM(gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),  # groups along dim 0
+                lambda: [Pruning(pattern="2:4", parameters=r"\.h\.", interval="step", start=2, end=8,
+                                 verbose=False)]),
     "distill_features": (lambda: Distiller(mlp(), teacher(), temperature=2.0, alpha=0.5, lr=0.05,
                                            features={"student.2": "teacher.0"}), lambda: []),
     "all": (lambda: Distiller(mlp(), teacher(), temperature=2.0, alpha=0.5, lr=0.05),
@@ -293,14 +296,19 @@ def run_unsynced(processes: int, root: Any) -> dict[str, Any]:
     return {"error": None, "steps": fit.global_step}
 
 
-def run_channel(processes: int, root: Any) -> dict[str, Any]:
-    """Channel pruning: traced in `setup` on the whole model, masks on shards; at the end rank zero gets the smaller
-    model (the sharded one keeps its size, masked). One process: the model itself ends smaller."""
+def run_channel(processes: int, root: Any, dead: bool = False) -> dict[str, Any]:
+    """Channel pruning (``dead``: unstructured pruning whose all-zero channels are removed): traced in `setup` on
+    the whole model, masks on shards; at the end rank zero gets the smaller model (the sharded one keeps its size,
+    masked). One process: the model itself ends smaller."""
     x = torch.randn(5, 16, generator=torch.Generator().manual_seed(7))
     torch.manual_seed(0)
     module = Classifier(mlp())
-    pruning = Pruning(0.5, pattern="channel", interval="step", start=2, end=8, frequency=2, example_input=x,
-                      verbose=False)
+    if dead:  # 95% of the first layer's weights: at least 8 of its 36 rows end all zero
+        pruning = Pruning({r"^model\.0": 0.95}, remove_channels=True, interval="step", start=2, end=8,
+                          example_input=x, verbose=False)
+    else:
+        pruning = Pruning(0.5, pattern="channel", interval="step", start=2, end=8, frequency=2, example_input=x,
+                          verbose=False)
     fit = trainer(processes, root, callbacks=[pruning])
     fit.fit(module, loader(fit))
     module.eval()

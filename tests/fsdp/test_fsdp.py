@@ -34,7 +34,7 @@ def _launch(out: Path, strategy: str, cases: list[str]) -> dict:
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> dict:
-    special = ["resume", "resume_full", "export", "unsynced", "channel"]  # see tests/fsdp/fits.py
+    special = ["resume", "resume_full", "export", "unsynced", "channel", "dead"]  # see tests/fsdp/fits.py
     return _launch(tmp_path_factory.mktemp("fsdp"), "fsdp", [*CASES, *special])
 
 
@@ -129,3 +129,12 @@ def test_channel_pruning_of_a_sharded_fit(sharded, tmp_path):
     torch.testing.assert_close(got["y_smaller"], got["y"], atol=ATOL, rtol=0)  # the masked model, computed smaller
     zero_rows = (got["full_size"]["model.0.weight"].abs().sum(1) == 0).sum()
     assert zero_rows == 18  # the sharded model itself keeps its size, its pruned channels zero
+
+
+def test_dead_channels_of_a_sharded_fit(sharded, tmp_path):
+    """Unstructured pruning with `remove_channels=True`: rank zero's copy loses the all-zero channels (their constant
+    output folded into the next biases), as the one-process model does."""
+    got, want = sharded["dead"], run_channel(1, tmp_path, dead=True)
+    assert got["removed"] == want["removed"] and got["removed"]["model.0"][1] <= 28
+    _close(got["smaller"], want["smaller"])
+    torch.testing.assert_close(got["y_smaller"], got["y"], atol=ATOL, rtol=0)

@@ -18,11 +18,6 @@ def _setup(callback, strategy, module=None) -> None:
     callback.setup(trainer, module if module is not None else Classifier(mlp()), "fit")
 
 
-def test_dead_channel_removal_is_refused_on_shards():
-    with pytest.raises(ValueError, match=r"`remove_channels` to be False under ModelParallelStrategy"):
-        _setup(Pruning(0.5, remove_channels=True), ModelParallelStrategy())
-
-
 @pytest.mark.parametrize("callback", [lambda: Pruning(0.5), lambda: QuantizationAwareTraining(),
                                       lambda: LowRankFactorization(rank_ratio=0.5)])
 def test_fsdp1_is_refused_with_the_way_to_fsdp2(callback):
@@ -37,7 +32,8 @@ class BuiltInConfigureModel(Classifier):
 
 @pytest.mark.parametrize("callback", [lambda: QuantizationAwareTraining(),
                                       lambda: LowRankFactorization(rank_ratio=0.5),
-                                      lambda: Pruning(0.5, pattern="channel")])
+                                      lambda: Pruning(0.5, pattern="channel"),
+                                      lambda: Pruning(0.5, remove_channels=True)])
 def test_layer_swaps_need_layers_before_sharding(callback):
     with pytest.raises(ValueError, match=r"layers built in the LightningModule's __init__.*build the layers in"):
         _setup(callback(), ModelParallelStrategy(), BuiltInConfigureModel())
