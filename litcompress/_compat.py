@@ -27,6 +27,7 @@ __all__ = [
     "foreach_sub_",
     "qdq_ops",
     "rnn_forward",
+    "without_fsdp",
 ]
 
 
@@ -138,3 +139,45 @@ def foreach_abs_(tensors: Sequence[Tensor]) -> None:
 def foreach_norm(tensors: Sequence[Tensor]) -> list[Tensor]:
     """The 2-norm of each tensor (``torch._foreach_norm``)."""
     return list(_foreach("norm", torch.linalg.vector_norm, tensors))
+
+
+_FSDP_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+_FSDP_HOOK_FLAGS = ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+_FSDP_STATE = ("__composable_api_state_key", "_fsdp", "_is_fsdp_managed_module")
+
+
+def _fsdp_hook(hook: Any) -> bool:
+    for obj in (hook, getattr(hook, "__self__", None), getattr(hook, "func", None)):
+        if obj is not None and str(getattr(obj, "__module__", None) or type(obj).__module__).startswith(
+                "torch.distributed"):
+            return True
+    return False
+
+
+def without_fsdp(module: nn.Module) -> tuple[type, dict[str, Any]]:
+    """The class ``module`` had before ``fully_shard`` and its attributes without FSDP2's: the pieces of a plain copy.
+
+    FSDP2 (``torch.distributed.fsdp.fully_shard``) swaps a module's class for a generated subclass of
+    ``FSDPModule``, keeps its state under private attribute names (``__composable_api_state_key_*``, ``_fsdp_*``,
+    ``_is_fsdp_managed_module``) and registers forward / backward hooks bound to its state objects. It offers no
+    public way back (``copy.deepcopy`` refuses: "use state dict"), so
+    :func:`~litcompress.distributed.gather_model` rebuilds the module tree from these pieces. Hook dictionaries
+    are copied without FSDP's hooks.
+    """
+    from collections import OrderedDict
+
+    from torch.distributed.fsdp import FSDPModule
+
+    cls: type = type(module)
+    if issubclass(cls, FSDPModule):
+        cls = next(base for base in cls.__mro__ if not issubclass(base, FSDPModule))
+    attrs = {k: v for k, v in module.__dict__.items() if not k.startswith(_FSDP_STATE)}
+    for name in _FSDP_HOOKS:
+        if name in attrs:
+            attrs[name] = OrderedDict((k, h) for k, h in attrs[name].items() if not _fsdp_hook(h))
+    kept = set().union(*(attrs[h].keys() for h in ("_forward_pre_hooks", "_forward_hooks") if h in attrs))
+    for name in _FSDP_HOOK_FLAGS:
+        if name in attrs:
+            attrs[name] = type(attrs[name])((k, v) for k, v in attrs[name].items() if k in kept)
+    return cls, attrs

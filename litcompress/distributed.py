@@ -18,22 +18,16 @@ True
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any
 
 import torch
 from torch import nn
 
+from litcompress._compat import without_fsdp
 from litcompress._shards import is_dtensor
 from litcompress._validation import fail
 
 __all__ = ["check_synced", "gather_model", "is_sharded_model"]
-
-_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks", "_state_dict_hooks",
-          "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
-_FSDP_STATE = ("__composable_api_state_key", "_fsdp", "_is_fsdp_managed_module")  # FSDP's per-module state
-_HOOK_FLAGS = ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
-
 
 def is_sharded_model(model: nn.Module) -> bool:
     """Whether any parameter of ``model`` is a ``DTensor`` (FSDP2 or tensor parallel)."""
@@ -81,38 +75,12 @@ def gather_model(model: nn.Module) -> nn.Module | None:
     return _plain(model, state, "", {})
 
 
-def _from_fsdp(hook: Any) -> bool:
-    for obj in (hook, getattr(hook, "__self__", None), getattr(hook, "func", None)):
-        if obj is None:
-            continue
-        where = getattr(obj, "__module__", None) or type(obj).__module__
-        if str(where).startswith("torch.distributed"):
-            return True
-    return False
-
-
-def _plain_class(cls: type) -> type:
-    from torch.distributed.fsdp import FSDPModule
-
-    if not issubclass(cls, FSDPModule):
-        return cls
-    return next(base for base in cls.__mro__ if not issubclass(base, FSDPModule))
-
-
 def _plain(module: nn.Module, state: dict[str, Any], prefix: str, memo: dict[int, Any]) -> nn.Module:
     if id(module) in memo:
         return memo[id(module)]
-    cls = _plain_class(type(module))
+    cls, attrs = without_fsdp(module)
     copy: nn.Module = cls.__new__(cls)  # type: ignore[call-overload]
     memo[id(module)] = copy
-    attrs = {k: v for k, v in module.__dict__.items() if not k.startswith(_FSDP_STATE)}
-    for name in _HOOKS:
-        if name in attrs:
-            attrs[name] = OrderedDict((k, h) for k, h in attrs[name].items() if not _from_fsdp(h))
-    for name in _HOOK_FLAGS:
-        if name in attrs:
-            kept = set().union(*(attrs[h].keys() for h in ("_forward_pre_hooks", "_forward_hooks") if h in attrs))
-            attrs[name] = type(attrs[name])((k, v) for k, v in attrs[name].items() if k in kept)
     params: dict[str, nn.Parameter | None] = {}
     for name, p in module._parameters.items():
         if p is None or id(p) in memo:

@@ -120,3 +120,50 @@ def test_eager_calls_bypasses_both_compiled_entry_points_and_restores_them():
     assert not runs
     by_method(x), wrapped(x), by_forward(x)
     assert len(runs) == 3  # compiled again after the block
+
+
+def _unwrap_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from litcompress.distributed import gather_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    seen = []
+    model[2].register_forward_hook(lambda *_: seen.append(1))  # a user's own hook survives
+    x = torch.randn(3, 4)
+    expected = model(x).detach()
+    mesh = init_device_mesh("cpu", (1,))
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    cls, attrs = _compat.without_fsdp(model)
+    copy = gather_model(model)
+    seen.clear()
+    y = copy(x)
+    torch.save({"cls": cls.__name__, "keys": sorted(attrs), "types": [type(m).__name__ for m in copy.modules()],
+                "equal": torch.equal(y, expected), "hooked": len(seen),
+                "plain": all(type(p) is nn.Parameter for p in copy.parameters()),
+                "pre_hooks": [len(m._forward_pre_hooks) for m in copy.modules()]}, f"{out}/unwrap.pt")
+    dist.destroy_process_group()
+
+
+def test_without_fsdp_gives_back_the_plain_module(tmp_path):
+    """FSDP2's generated class, private state attributes and hooks (gather_model's plain copy depends on them)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_unwrap_worker, args=(port, str(tmp_path)), nprocs=1, join=True)
+    got = torch.load(tmp_path / "unwrap.pt")
+    assert got["cls"] == "Sequential" and not any(k.startswith(("__composable", "_fsdp")) for k in got["keys"])
+    assert got["types"] == ["Sequential", "Linear", "ReLU", "Linear"]  # no FSDP classes left
+    assert got["equal"] and got["plain"] and got["hooked"] == 1 and got["pre_hooks"] == [0, 0, 0, 0]
