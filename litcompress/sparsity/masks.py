@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -98,8 +98,33 @@ def unstructured_mask(
     return ~_prune_lowest(flat, _count(sparsity, flat.numel(), mask)).reshape(scores.shape)
 
 
+Scores = Tensor | Callable[[], Tensor]
+"""Importance scores of one tensor, or a function computing them when they are needed (``lambda: w.abs()``)."""
+
+
+class _Lazy:
+    """Scores materialised one tensor at a time (a callable's result is dropped after each use), checked once."""
+
+    def __init__(self, scores: Sequence[Scores], check: bool = True) -> None:
+        self.scores = list(scores)
+        self.shapes: list[torch.Size | None] = [None if callable(x) else x.shape for x in self.scores]
+        self._checked: set[int] = set() if check else set(range(len(self.scores)))
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def flat(self, i: int) -> Tensor:
+        x = self.scores[i]
+        value = x() if callable(x) else x
+        self.shapes[i] = value.shape
+        if i in self._checked:
+            return value.detach().float().reshape(-1)
+        self._checked.add(i)
+        return _checked(value, "scores")
+
+
 def global_masks(
-    scores: Sequence[Tensor],
+    scores: Sequence[Scores],
     sparsity: float,
     masks: Sequence[Tensor | None] | None = None,
     shards: Shards | None = None,
@@ -108,7 +133,9 @@ def global_masks(
 
     Ties go to the lower position in tensor order, then index. The threshold is found one tensor at a time (a
     bisection over the order of float32 values, at most 32 counting passes), so no concatenated or sorted copy of
-    all scores is ever made: the extra memory is one temporary the size of the largest tensor. With ``shards``
+    all scores is ever made: the extra memory is one temporary the size of the largest tensor. A score given as a
+    callable (``lambda: w.abs()``) is computed when needed and dropped, so the scores of all tensors never exist
+    at once (the cost: a few more passes over the weights). With ``shards``
     (``scores`` are this process's rows of sharded tensors) each pass sums the counts over processes, and the
     masks are this process's rows of the masks computed over whole tensors.
 
@@ -118,28 +145,34 @@ def global_masks(
     """
     check_fraction("sparsity", sparsity, closed_right=True)
     masks = list(masks) if masks is not None else [None] * len(scores)
-    flats = [_checked(s, "scores") for s in scores]
-    keeps = [None if m is None else m.reshape(-1).to(f.device) for f, m in zip(flats, masks)]
-    sizes = torch.tensor([f.numel() for f in flats])
+    flats = _Lazy(scores)
+    keeps = [None if m is None else m.reshape(-1) for m in masks]
+    sizes = torch.tensor([flats.flat(i).numel() for i in range(len(flats))])  # also checks each once
     pruned_before = torch.tensor([0 if m is None else m.numel() - int(torch.count_nonzero(m)) for m in keeps])
     if shards is not None:
         sizes, pruned_before = shards.total(sizes), shards.total(pruned_before)
     total, already = int(sizes.sum()), int(pruned_before.sum())
     k = max(round(sparsity * total), already)
+    shapes = [shape for shape in flats.shapes if shape is not None]
     if k <= 0 or k >= total:
-        return [torch.full(s.shape, k <= 0, dtype=torch.bool, device=s.device) for s in scores]
-    pruned = _lowest(flats, keeps, k, already, shards)
-    return [~p.reshape(s.shape).to(s.device) for s, p in zip(scores, pruned)]
+        return [torch.full(shape, k <= 0, dtype=torch.bool) for shape in shapes]
+    return [~p.reshape(shape) for shape, p in zip(shapes, _lowest(flats, keeps, k, already, shards))]
 
 
 def _lowest(
-    flats: Sequence[Tensor], keeps: Sequence[Tensor | None], k: int, already: int, shards: Shards | None
+    flats: _Lazy | Sequence[Tensor], keeps: Sequence[Tensor | None], k: int, already: int, shards: Shards | None
 ) -> list[Tensor]:
     """Mark the ``k`` lowest entries of the 1-D ``flats`` together (``already`` of them are pruned by ``keeps``)."""
+    lazy = flats if isinstance(flats, _Lazy) else _Lazy(flats, check=False)  # N:M: +-inf mark fixed entries
+
+    def each() -> Iterator[tuple[Tensor, Tensor | None]]:  # one tensor's scores at a time, next to its keep-mask
+        for i, keep in enumerate(keeps):
+            f = lazy.flat(i)
+            yield f, (None if keep is None else keep.to(f.device))
 
     def count(value: float, strict: bool) -> int:  # entries below (or at) `value`; pruned ones count as -inf
         per = []
-        for f, keep in zip(flats, keeps):
+        for f, keep in each():
             below = f < value if strict else f <= value
             n = 0
             if keep is not None:
@@ -149,9 +182,12 @@ def _lowest(
         counts = torch.tensor(per)
         return int((shards.total(counts) if shards is not None else counts).sum())
 
-    lows = [float(f.min() if keep is None else f[keep].min()) for f, keep in zip(flats, keeps)
-            if f.numel() and (keep is None or bool(keep.any()))]
-    highs = [float(f.max()) for f in flats if f.numel()]
+    lows, highs = [], []
+    for f, keep in each():
+        if f.numel() and (keep is None or bool(keep.any())):
+            lows.append(float(f.min() if keep is None else f[keep].min()))
+        if f.numel():
+            highs.append(float(f.max()))
     low, high = min(lows, default=float("inf")), max(highs, default=float("-inf"))
     if shards is not None:
         low, high = shards.min(low), shards.max(high)
@@ -167,12 +203,13 @@ def _lowest(
         threshold = _from_order_key(lo)
     need = k - count(threshold, strict=True) if k > already else 0
     out, ties = [], []
-    for f, keep in zip(flats, keeps):
+    for f, keep in each():
         pruned = f < threshold
         if keep is not None:
             pruned |= ~keep
         out.append(pruned)
-        ties.append(((f == threshold) & keep) if keep is not None else (f == threshold))
+        if need > 0:
+            ties.append(((f == threshold) & keep) if keep is not None else (f == threshold))
     if need > 0:  # ties are pruned in position order: tensor by tensor, rows in rank order, then index
         local_ties = torch.tensor([int(torch.count_nonzero(t)) for t in ties])
         if shards is not None:

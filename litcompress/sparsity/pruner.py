@@ -18,6 +18,7 @@ outside the model, so the model's ``state_dict`` keys never change.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -32,11 +33,15 @@ from litcompress.selection import ParameterRef
 from litcompress.sparsity.importance import DATA_DEPENDENT, IMPORTANCES, ImportanceFn, accumulate_
 from litcompress.sparsity.importance import magnitude as _magnitude
 from litcompress.sparsity.importance import random_scores as _random_scores
-from litcompress.sparsity.masks import global_masks, nm_mask, parse_nm, unstructured_mask
+from litcompress.sparsity.masks import Scores, global_masks, nm_mask, parse_nm, unstructured_mask
 
 __all__ = ["Pruner", "default_scope"]
 
 Reduce = Callable[[Tensor], Tensor]
+
+
+def _resolved(scores: Scores) -> Tensor:
+    return scores() if callable(scores) else scores
 
 
 def _resolve_targets(refs: Sequence[ParameterRef], sparsity: float | Mapping[str, float]) -> dict[str, float]:
@@ -181,10 +186,10 @@ class Pruner:
         accumulate_(self.importance, [self.scores[r.name] for r in refs], [self._local(r) for r in refs], grads)
         return True
 
-    def _importance(self, reduce: Reduce | None) -> dict[str, Tensor]:
+    def _importance(self, reduce: Reduce | None) -> Mapping[str, Scores]:
         rows = self.shards.rows if self.shards is not None else [None] * len(self.refs)
-        if self.importance == "magnitude":
-            return {r.name: _magnitude(self._local(r)) for r in self.refs}
+        if self.importance == "magnitude":  # computed when needed: |w| of all tensors never exists at once
+            return {r.name: functools.partial(_magnitude, self._local(r)) for r in self.refs}
         if self.importance == "random":  # drawn for the whole tensor (the same on every process), then sliced
             return {r.name: local_part(_random_scores(r.tensor, self.seed * 1_000_003 + self._updates * 1009 + i),
                                        r.tensor, rows[i]).to(self._local(r).device)
@@ -229,13 +234,13 @@ class Pruner:
         one = [None if shards is None else shards.subset([i]) for i in range(len(self.refs))]
         if self.nm is not None:
             n, m = self.nm
-            new = [nm_mask(scores[r.name], n, m, fraction, prev, r.input_dim, shards=sub)
+            new = [nm_mask(_resolved(scores[r.name]), n, m, fraction, prev, r.input_dim, shards=sub)
                    for r, prev, sub in zip(self.refs, previous, one)]
         elif self.scope == "global":
             target = fraction * next(iter(self.targets.values()))
             new = global_masks([scores[r.name] for r in self.refs], target, previous, shards=shards)
         else:
-            new = [unstructured_mask(scores[r.name], fraction * self.targets[r.name], prev, shards=sub)
+            new = [unstructured_mask(_resolved(scores[r.name]), fraction * self.targets[r.name], prev, shards=sub)
                    for r, prev, sub in zip(self.refs, previous, one)]
         self.masks = {r.name: mask.to(self._local(r).device) for r, mask in zip(self.refs, new)}
         self._groups = None

@@ -130,3 +130,26 @@ def test_streamed_global_threshold_equals_one_sort_of_all_scores(seed):
         want = _reference_global_masks(scores, sparsity, masks)
         assert all(torch.equal(a, b) for a, b in zip(got, want)), sparsity
         masks = got if sparsity < 1.0 else masks
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.75, 1.0])
+def test_global_masks_from_callables_equal_masks_from_tensors(sparsity):
+    """Scores given as functions (computed one tensor at a time, as the magnitude pruner does) give the same masks,
+    ties and earlier masks included; every function is called again for each pass it is needed in."""
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randint(-4, 5, (6, 5), generator=g).float(), torch.randn(7, generator=g), torch.zeros(3, 2)]
+    earlier = [torch.rand(6, 5, generator=g) > 0.3, None, None]
+    calls = []
+
+    def lazy(w):
+        def scores():
+            calls.append(1)
+            return w.abs()
+        return scores
+
+    want = global_masks([w.abs() for w in weights], sparsity, earlier)
+    got = global_masks([lazy(w) for w in weights], sparsity, earlier)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert all(a.shape == w.shape for a, w in zip(got, weights))
+    if 0 < sparsity < 1:
+        assert len(calls) > 2 * len(weights)
