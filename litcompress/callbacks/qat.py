@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
+from litcompress._shards import is_dtensor
 from litcompress._validation import check_bool, check_int, check_real, fail
 from litcompress.callbacks._base import (
     _check_sharding,
@@ -188,6 +189,8 @@ class QuantizationAwareTraining(_CompressionCallback):
         check_synced(pl_module)
         if not self.layers:
             self._prepare(_compression_target(pl_module), trainer)
+        for module in self.layers.values():  # FSDP2: no whole fake-quantized weight kept from forward to backward
+            module.recompute_weights = any(is_dtensor(module.weight_tensor(k)) for k in module.weight_quantizers)
         if self.config.scale != "learned":
             return
         # step sizes join the optimizer now, idle until `start`, so a resumed optimizer state lines up

@@ -20,6 +20,7 @@ between several converted layers (an embedding and its LM head) has one quantize
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 
 from litcompress._compat import ATTENTION_OUT_PROJ, conv_forward, rnn_forward
 from litcompress._validation import fail
+from litcompress.quantization._recompute import recomputed_weights
 from litcompress.quantization.quantizers import ActivationQuantizer, QuantConfig, WeightQuantizer
 from litcompress.selection import HFConv1D, weight_attributes
 
@@ -73,6 +75,27 @@ class QuantizedLayer(nn.Module):
     input_quantizers: dict[str, ActivationQuantizer]
     fake_quant_enabled: bool
     original_class: type[nn.Module]
+    recompute_weights: bool = False  # FSDP2: fake-quantized weights recomputed in backward (set by the callback)
+    _made: dict[int, tuple[Tensor, Any]] | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        forward = cls.__dict__.get("forward")
+        if forward is None:
+            return
+
+        @functools.wraps(forward)
+        def wrapped(self: QuantizedLayer, *args: Any, **kw: Any) -> Any:
+            if not (self.recompute_weights and self.fake_quant_enabled and torch.is_grad_enabled()):
+                return forward(self, *args, **kw)
+            self._made = {}
+            try:
+                with recomputed_weights(self._made):
+                    return forward(self, *args, **kw)
+            finally:
+                self._made = None
+
+        cls.forward = wrapped
 
     def weight_tensor(self, key: str) -> Tensor:
         """The float weight that ``weight_quantizers[key]`` quantizes (the live ``Parameter``)."""
@@ -86,7 +109,12 @@ class QuantizedLayer(nn.Module):
 
     def _quantize_weight(self, key: str, w: Tensor) -> Tensor:
         quantizer = self.weight_quantizers.get(key)
-        return w if quantizer is None else quantizer(w)
+        if quantizer is None:
+            return w
+        q = quantizer(w)
+        if self._made is not None and q is not w:  # recomputed in backward rather than saved
+            self._made[q.untyped_storage().data_ptr()] = (w, quantizer)
+        return q
 
     def _exporting(self) -> bool:
         return any(q.exporting for q in self.weight_quantizers.values())
@@ -378,5 +406,6 @@ def revert_(module: nn.Module) -> None:
     if isinstance(module, QuantizedLayer):
         plain: nn.Module = module  # the same object, typed as what it becomes
         plain.__class__ = module.original_class
-        for attr in ("weight_quantizers", "input_quantizers", "fake_quant_enabled", "original_class"):
+        for attr in ("weight_quantizers", "input_quantizers", "fake_quant_enabled", "original_class",
+                     "recompute_weights"):
             module.__dict__.pop(attr, None)

@@ -156,7 +156,7 @@ def global_masks(
     shapes = [shape for shape in flats.shapes if shape is not None]
     if k <= 0 or k >= total:
         return [torch.full(shape, k <= 0, dtype=torch.bool) for shape in shapes]
-    return [~p.reshape(shape) for shape, p in zip(shapes, _lowest(flats, keeps, k, already, shards))]
+    return [p.logical_not_().reshape(shape) for shape, p in zip(shapes, _lowest(flats, keeps, k, already, shards))]
 
 
 def _lowest(
