@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from litcompress._validation import check_bool, check_choice, check_fraction, check_int, check_nonempty_str, fail
+from litcompress._validation import check_bool, check_choice, check_int, check_nonempty_str, fail
 from litcompress.callbacks._base import (
     _check_sharding,
     _compression_target,
@@ -23,20 +23,19 @@ from litcompress.callbacks._base import (
 )
 from litcompress.callbacks._channels import (
     build_channel_pruner,
-    check_channel_options,
     check_remove_at,
     remove_channels,
     remove_channels_mid_fit,
     remove_dead_channels,
     smaller_copy,
 )
+from litcompress.callbacks._pruning_args import check_importance, resolve_sparsity
 from litcompress.callbacks._structure import StructureFollower, check_mid_fit
 from litcompress.distributed import check_synced
 from litcompress.schedules import Schedule, get_schedule
 from litcompress.selection import ParameterFilter, ParameterRef, check_patterns, select_parameters
 from litcompress.sparsity.channels import ChannelPruner
-from litcompress.sparsity.importance import DATA_DEPENDENT, IMPORTANCES, ImportanceFn
-from litcompress.sparsity.masks import parse_nm
+from litcompress.sparsity.importance import DATA_DEPENDENT, ImportanceFn
 from litcompress.sparsity.pruner import Pruner, Scope, default_scope
 
 log = logging.getLogger(__name__)
@@ -165,42 +164,8 @@ class Pruning(_CompressionCallback):
         remove_channels = (pattern == "channel") if remove_channels is None else remove_channels
         check_bool("remove_channels", remove_channels)
         check_remove_at(remove_at, pattern, remove_channels, end)
-        nm = None if pattern in ("unstructured", "channel") else parse_nm(pattern)
-        if pattern == "channel":
-            check_channel_options(sparsity, scope, importance, rewind)
-            sparsity = float(sparsity)  # type: ignore[arg-type]  # checked: a float
-        elif nm is not None:
-            nm_sparsity = 1 - nm[0] / nm[1]
-            if isinstance(sparsity, Mapping) or (sparsity is not None and abs(float(sparsity) - nm_sparsity) > 1e-9):
-                fail("sparsity", f"None or {nm_sparsity} with pattern {pattern!r}", sparsity,
-                      hint="an N:M pattern fixes the sparsity at 1 - N/M")
-            if scope == "global":
-                fail("scope", "'layer' with an N:M pattern", scope, hint="N:M prunes every tensor to 1 - N/M")
-            sparsity = nm_sparsity
-        elif sparsity is None:
-            fail("sparsity", "a float in the [0, 1) range or a mapping of name patterns to floats", sparsity,
-                  exc=TypeError)
-        elif isinstance(sparsity, Mapping):
-            if not sparsity:
-                fail("sparsity", "a non-empty mapping", sparsity)
-            if scope == "global":
-                fail("scope", "'layer' when `sparsity` is a per-tensor mapping", scope,
-                      hint="a global threshold takes one float sparsity")
-            for key, value in sparsity.items():
-                if not isinstance(key, str):
-                    fail("sparsity", "a mapping of parameter-name patterns (str) to floats", dict(sparsity),
-                          exc=TypeError, hint="e.g. {'encoder': 0.5, 'head': 0.2}")
-                check_patterns("sparsity", key)
-                check_fraction(f"sparsity[{key!r}]", value)
-        else:
-            check_fraction("sparsity", sparsity)
-        if callable(importance):
-            pass
-        elif pattern != "channel":
-            check_choice("importance", importance, IMPORTANCES, hint="or pass a callable fn(name, weight)")
-            if importance in DATA_DEPENDENT and start == 0 and self.schedule(0.0) > 0:
-                fail("start", f"an int >= 1 with importance={importance!r} and a schedule that prunes at start",
-                      start, hint="gradient-based scores need at least one optimizer step before the first prune")
+        sparsity = resolve_sparsity(sparsity, pattern, scope, importance, rewind)
+        check_importance(importance, pattern, start, self.schedule)
         if parameters is not None and not callable(parameters):
             check_patterns("parameters", parameters)
         check_patterns("exclude", exclude)

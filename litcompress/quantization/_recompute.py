@@ -13,6 +13,7 @@ weight again (FSDP has gathered it again by then). The values are the same, so t
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -52,3 +53,25 @@ def recomputed_weights(made: dict[int, tuple[Tensor, Any]]) -> Iterator[None]:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield
+
+
+def wrap_forward(cls: type) -> None:
+    """Make ``cls.forward`` (a quantized layer's) run inside :func:`recomputed_weights` when the layer's
+    ``recompute_weights`` is set, fake quantization is on and gradients are recorded; the layer lists the weights it
+    quantizes in ``_made`` meanwhile."""
+    forward = cls.__dict__.get("forward")
+    if forward is None:
+        return
+
+    @functools.wraps(forward)
+    def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not (self.recompute_weights and self.fake_quant_enabled and torch.is_grad_enabled()):
+            return forward(self, *args, **kwargs)
+        self._made = {}
+        try:
+            with recomputed_weights(self._made):
+                return forward(self, *args, **kwargs)
+        finally:
+            self._made = None
+
+    cls.forward = wrapped  # type: ignore[attr-defined]

@@ -20,7 +20,6 @@ between several converted layers (an embedding and its LM head) has one quantize
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -31,7 +30,7 @@ from torch import Tensor, nn
 
 from litcompress._compat import ATTENTION_OUT_PROJ, conv_forward, rnn_forward
 from litcompress._validation import fail
-from litcompress.quantization._recompute import recomputed_weights
+from litcompress.quantization._recompute import wrap_forward
 from litcompress.quantization.quantizers import ActivationQuantizer, QuantConfig, WeightQuantizer
 from litcompress.selection import HFConv1D, weight_attributes
 
@@ -80,22 +79,7 @@ class QuantizedLayer(nn.Module):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        forward = cls.__dict__.get("forward")
-        if forward is None:
-            return
-
-        @functools.wraps(forward)
-        def wrapped(self: QuantizedLayer, *args: Any, **kw: Any) -> Any:
-            if not (self.recompute_weights and self.fake_quant_enabled and torch.is_grad_enabled()):
-                return forward(self, *args, **kw)
-            self._made = {}
-            try:
-                with recomputed_weights(self._made):
-                    return forward(self, *args, **kw)
-            finally:
-                self._made = None
-
-        cls.forward = wrapped
+        wrap_forward(cls)  # FSDP2: fake-quantized weights recomputed in backward when `recompute_weights` is set
 
     def weight_tensor(self, key: str) -> Tensor:
         """The float weight that ``weight_quantizers[key]`` quantizes (the live ``Parameter``)."""

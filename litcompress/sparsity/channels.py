@@ -187,18 +187,14 @@ class ChannelPruner:
 
     def _add_heads(self, model: nn.Module, names: list[str]) -> None:
         """One group per attention layer: its heads (see :mod:`litcompress.sparsity.heads`)."""
-        from litcompress.quantization.modules import QuantizedLayer
-        from litcompress.sparsity.heads import head_slices
+        from litcompress.sparsity.heads import head_slices, heads_stay
 
         modules = dict(model.named_modules())
         for name in names:
             attn = modules[name]
-            if isinstance(attn, QuantizedLayer):
-                self.skipped[name] = "quantization-aware attention keeps its heads (exclude it from QAT to prune them)"
-            elif getattr(attn, "bias_k", None) is not None or getattr(attn, "add_zero_attn", False):
-                self.skipped[name] = "attention with add_bias_kv / add_zero_attn keeps its heads"
-            elif attn.num_heads < 2:
-                self.skipped[name] = "attention with one head keeps it"
+            why = heads_stay(attn)
+            if why is not None:
+                self.skipped[name] = why
             else:
                 self.groups.append(ChannelGroup(name, int(attn.num_heads), head_slices(attn),
                                                 ("heads", name)))
@@ -414,9 +410,3 @@ class ChannelPruner:
         self._zero_index = None
 
 
-
-def _per_index(value: Tensor, s: _Slice) -> Tensor:
-    """``value`` summed over every dimension but ``s.dim``, at the positions ``s.index``."""
-    dims = [d for d in range(value.dim()) if d != s.dim]
-    total = value.sum(dim=dims) if dims else value
-    return total[s.index.to(total.device)]

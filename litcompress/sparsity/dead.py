@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from litcompress.selection import HFConv1D
-from litcompress.sparsity.channels import ChannelGroup, ChannelPruner, _per_index, _Slice
+from litcompress.sparsity.channels import ChannelGroup, ChannelPruner, _Slice
 
 __all__ = ["DeadChannels"]
 
@@ -166,3 +166,10 @@ class DeadChannels:
             dead = self.dead.get(g.name)
             g.mask = None if dead is None or not dead.any() else ~dead
         return self.pruner.remove()
+
+
+def _per_index(value: Tensor, s: _Slice) -> Tensor:
+    """``value`` summed over every dimension but ``s.dim``, at the positions ``s.index``."""
+    dims = [d for d in range(value.dim()) if d != s.dim]
+    total = value.sum(dim=dims) if dims else value
+    return total[s.index.to(total.device)]

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from litcompress.sparsity.channels import _Slice
 
-__all__ = ["PrunedMultiheadAttention", "head_slices", "remove_heads"]
+__all__ = ["PrunedMultiheadAttention", "head_slices", "heads_stay", "remove_heads"]
 
 
 class PrunedMultiheadAttention(nn.Module):
@@ -121,6 +121,19 @@ def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 
 Attention = (nn.MultiheadAttention, PrunedMultiheadAttention)
+
+
+def heads_stay(attn: Any) -> str | None:
+    """Why the heads of ``attn`` cannot be pruned, or ``None`` when they can."""
+    from litcompress.quantization.modules import QuantizedLayer
+
+    if isinstance(attn, QuantizedLayer):
+        return "quantization-aware attention keeps its heads (exclude it from QAT to prune them)"
+    if getattr(attn, "bias_k", None) is not None or getattr(attn, "add_zero_attn", False):
+        return "attention with add_bias_kv / add_zero_attn keeps its heads"
+    if attn.num_heads < 2:
+        return "attention with one head keeps it"
+    return None
 
 
 def head_slices(attn: Any) -> list[_Slice]:
