@@ -296,7 +296,7 @@ def run_unsynced(processes: int, root: Any) -> dict[str, Any]:
     return {"error": None, "steps": fit.global_step}
 
 
-def run_channel(processes: int, root: Any, dead: bool = False) -> dict[str, Any]:
+def run_channel(processes: int, root: Any, dead: bool = False, importance: str = "magnitude") -> dict[str, Any]:
     """Channel pruning (``dead``: unstructured pruning whose all-zero channels are removed): traced in `setup` on
     the whole model, masks on shards; at the end rank zero gets the smaller model (the sharded one keeps its size,
     masked). One process: the model itself ends smaller."""
@@ -307,8 +307,8 @@ def run_channel(processes: int, root: Any, dead: bool = False) -> dict[str, Any]
         pruning = Pruning({r"^model\.0": 0.95}, remove_channels=True, interval="step", start=2, end=8,
                           example_input=x, verbose=False)
     else:
-        pruning = Pruning(0.5, pattern="channel", interval="step", start=2, end=8, frequency=2, example_input=x,
-                          verbose=False)
+        pruning = Pruning(0.5, pattern="channel", importance=importance, interval="step", start=2, end=8, frequency=2,
+                          example_input=x, verbose=False)
     fit = trainer(processes, root, callbacks=[pruning])
     fit.fit(module, loader(fit))
     module.eval()

@@ -4,7 +4,8 @@
 
 STRATEGY: ``fsdp`` (ModelParallelStrategy) or ``ddp`` (the reference for quantization-aware training, whose first
 activation range is each process's own); CASE: a name of ``tests.fsdp.common.CASES``, ``resume``,
-``resume_full`` (one-file checkpoints), ``export``, ``unsynced``, ``channel`` or ``dead``.
+``resume_full`` (one-file checkpoints), ``export``, ``unsynced``, ``channel``, ``channel_taylor`` or
+``dead``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def main() -> None:
         root = out / case
         special = {"resume": run_resume, "export": run_export, "unsynced": run_unsynced, "channel": run_channel,
                    "resume_full": lambda n, r: run_resume(n, r, "fsdp_full"),
-                   "dead": lambda n, r: run_channel(n, r, dead=True)}
+                   "dead": lambda n, r: run_channel(n, r, dead=True),
+                   "channel_taylor": lambda n, r: run_channel(n, r, importance="taylor")}
         results[case] = special[case](2, root) if case in special else run_case(case, 2, root, strategy)
         results[case]["seconds"] = time.perf_counter() - began
         if torch.distributed.get_rank() == 0:

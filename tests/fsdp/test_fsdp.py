@@ -34,7 +34,7 @@ def _launch(out: Path, strategy: str, cases: list[str]) -> dict:
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> dict:
-    special = ["resume", "resume_full", "export", "unsynced", "channel", "dead"]  # see tests/fsdp/fits.py
+    special = ["resume", "resume_full", "export", "unsynced", "channel", "channel_taylor", "dead"]  # fits.py
     return _launch(tmp_path_factory.mktemp("fsdp"), "fsdp", [*CASES, *special])
 
 
@@ -119,10 +119,12 @@ def test_parameters_left_out_of_fully_shard_are_refused(sharded):
     assert "adapters.2.proj.weight" in got["error"]
 
 
-def test_channel_pruning_of_a_sharded_fit(sharded, tmp_path):
+@pytest.mark.parametrize("importance", ["magnitude", "taylor"])
+def test_channel_pruning_of_a_sharded_fit(sharded, tmp_path, importance):
     """Channels traced on the whole model in `setup`, scored on shards (per-channel sums added over processes),
     masked on shards; at the end rank zero gets the smaller model, equal to the one-process fit's own."""
-    got, want = sharded["channel"], run_channel(1, tmp_path)
+    got = sharded["channel" if importance == "magnitude" else "channel_taylor"]
+    want = run_channel(1, tmp_path, importance=importance)
     assert got["removed"] == want["removed"] == {"model.0": (36, 18), "model.2": (27, 13)}
     _close(got["smaller"], want["smaller"])  # same shapes: the same channels were removed
     torch.testing.assert_close(got["y"], want["y"], atol=ATOL, rtol=0)
