@@ -103,8 +103,8 @@ class Shards:
         sharded = [t for t in tensors if is_sharded(t)]
         for name, t in zip(names, tensors):
             check_row_sharded(name, t)
-        meshes = {id(t.device_mesh) for t in sharded}  # type: ignore[attr-defined]
-        if len({tuple(t.device_mesh.mesh.flatten().tolist()) for t in sharded}) > 1:  # type: ignore[attr-defined]
+        meshes = {tuple(t.device_mesh.mesh.flatten().tolist()) for t in sharded}  # type: ignore[attr-defined]
+        if len(meshes) > 1:
             fail("parameters", "tensors sharded over one device mesh", f"{len(meshes)} meshes",
                  hint="select the tensors of each mesh with a separate callback")
         mesh = sharded[0].device_mesh  # type: ignore[attr-defined]

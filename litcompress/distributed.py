@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from litcompress._compat import without_fsdp
@@ -94,9 +93,8 @@ def _plain(module: nn.Module, state: dict[str, Any], prefix: str, memo: dict[int
             value = p
         memo[id(p)] = params[name] = nn.Parameter(value.detach().cpu(), requires_grad=p.requires_grad)
     attrs["_parameters"] = params
-    attrs["_buffers"] = {name: (state.get(prefix + name, b) if b is not None else None)
+    attrs["_buffers"] = {name: None if b is None else state.get(prefix + name, b).cpu()
                          for name, b in module._buffers.items()}
-    attrs["_buffers"] = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in attrs["_buffers"].items()}
     attrs["_modules"] = {name: (_plain(child, state, f"{prefix}{name}.", memo) if child is not None else None)
                          for name, child in module._modules.items()}
     copy.__dict__.update(attrs)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import Logger
@@ -107,3 +109,10 @@ class TeacherCalls(pl.Callback):
 
     def on_validation_start(self, trainer, pl_module):
         self.epoch = -1  # validation calls are not counted
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on, for a process group's rendezvous in a test."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

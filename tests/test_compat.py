@@ -155,14 +155,11 @@ def _unwrap_worker(rank: int, port: int, out: str) -> None:
 
 def test_without_fsdp_gives_back_the_plain_module(tmp_path):
     """FSDP2's generated class, private state attributes and hooks (gather_model's plain copy depends on them)."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_unwrap_worker, args=(port, str(tmp_path)), nprocs=1, join=True)
+    from tests.helpers import free_port
+
+    mp.spawn(_unwrap_worker, args=(free_port(), str(tmp_path)), nprocs=1, join=True)
     got = torch.load(tmp_path / "unwrap.pt")
     assert got["cls"] == "Sequential" and not any(k.startswith(("__composable", "_fsdp")) for k in got["keys"])
     assert got["types"] == ["Sequential", "Linear", "ReLU", "Linear"]  # no FSDP classes left

@@ -23,7 +23,7 @@ from torch import nn
 from typing_extensions import override
 
 from litcompress._validation import check_choice, check_int, fail
-from litcompress.callbacks._sharded_state import has_references, load_sharded, save_sharded
+from litcompress.callbacks._sharded_state import load_sharded, save_sharded
 from litcompress.schedules import Schedule, latest_update, progress
 
 __all__: list[str] = []
@@ -86,15 +86,13 @@ def _warn_inexact_resume(trainer: pl.Trainer) -> None:
     )
 
 
-def _check_sharding(trainer: pl.Trainer, pl_module: nn.Module, who: str, refused: tuple[str, str, Any] | None = None,
-                    layers_before_sharding: bool = False) -> None:
+def _check_sharding(trainer: pl.Trainer, pl_module: nn.Module, who: str, layers_before_sharding: bool = False) -> None:
     """What a sharded fit supports, checked in ``setup`` (before any step).
 
     FSDP2 (``ModelParallelStrategy``, ``fully_shard`` in ``configure_model``) shards each parameter as a ``DTensor``:
     supported. FSDP1 (``FSDPStrategy``) flattens parameters into per-process slices that no mask or scale can be laid
-    over: refused. ``refused``: ``(argument, expected, value)`` of an option a sharded fit cannot honour.
-    ``layers_before_sharding``: the callback changes (or traces) layers, so they must exist before ``configure_model``
-    shards them.
+    over: refused. ``layers_before_sharding``: the callback changes (or traces) layers, so they must exist before
+    ``configure_model`` shards them.
     """
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
@@ -106,10 +104,6 @@ def _check_sharding(trainer: pl.Trainer, pl_module: nn.Module, who: str, refused
                   "configure_model")
     if not isinstance(strategy, ModelParallelStrategy):
         return
-    if refused is not None:
-        name, expected, value = refused
-        fail(name, f"{expected} under ModelParallelStrategy", value,
-             hint=f"{who} cannot do this on sharded parameters yet; use DDP or one device for it")
     if layers_before_sharding and next(_compression_target(pl_module).parameters(), None) is None:
         fail("model", "layers built in the LightningModule's __init__ under ModelParallelStrategy",
              "layers built in configure_model",
@@ -178,9 +172,7 @@ class _CompressionCallback(Callback):
         self._checkpoint_source = (trainer.ckpt_path, pl_module)  # where sharded state is read from
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if has_references(state_dict):
-            path, module = self._checkpoint_source or (None, None)
-            state_dict = load_sharded(state_dict, path, module)
+        state_dict = load_sharded(state_dict, *(self._checkpoint_source or (None, None)))
         if self._ready():
             self._load(state_dict)
         else:  # restored before `setup` found the tensors (or outside a fit): applied by `_apply_pending_state`

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from litcompress._extras import require
@@ -160,8 +160,7 @@ def smaller_copy(callback: Pruning, pruner: ChannelPruner, traced: Any,
     copy = gather_model(pruner.model)
     if copy is None:
         return {}, None
-    x = {k: v.cpu() for k, v in traced.items()} if isinstance(traced, Mapping) else (
-        traced.cpu() if isinstance(traced, Tensor) else traced)
+    x = move_data_to_device(traced, "cpu")  # the copy lives on rank zero's CPU
     was_training = copy.training
     copy.eval()
     try:

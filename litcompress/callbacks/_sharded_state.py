@@ -55,7 +55,7 @@ def save_sharded(state_key: str, state: Any, checkpoint: dict[str, Any]) -> Any:
     return _walk(state, out)
 
 
-def has_references(state: Any) -> bool:
+def _has_references(state: Any) -> bool:
     found = []
     _walk(state, lambda v, _: found.append(v) if isinstance(v, Mapping) else None)
     return bool(found)
@@ -64,7 +64,7 @@ def has_references(state: Any) -> bool:
 def load_sharded(state: Any, path: str | PathLike[str] | None, model: nn.Module | None) -> Any:
     """``state`` with every reference written by :func:`save_sharded` read back from the checkpoint at ``path``,
     laid out over the device mesh of ``model``'s sharded parameters. Collective: call it on every process."""
-    if not has_references(state):
+    if not _has_references(state):
         return state
     params = model.parameters() if model is not None else iter(())
     mesh = next((p.device_mesh for p in params if is_dtensor(p)), None)  # type: ignore[attr-defined]

@@ -329,6 +329,7 @@ class Pruning(_CompressionCallback):
             self._remove_hooks()  # the optimizers point at the removed parameters
             if self.pruner.local is not None:  # FSDP2: shards cannot shrink; rank zero gets a smaller copy
                 self.removed, self.smaller_model = smaller_copy(self, self.pruner, self._traced)
+                self._traced = None  # spent with the masks: a later fit traces again
             else:
                 self.removed = remove_channels(self, self.pruner)
             self.pruner = None
