@@ -30,6 +30,8 @@ __all__ = ["check_synced", "gather_model", "is_sharded_model"]
 
 def is_sharded_model(model: nn.Module) -> bool:
     """Whether any parameter of ``model`` is a ``DTensor`` (FSDP2 or tensor parallel)."""
+    if not isinstance(model, nn.Module):
+        fail("model", "a torch.nn.Module", type(model).__name__, exc=TypeError)
     return any(is_dtensor(p) for p in model.parameters())
 
 
@@ -43,9 +45,9 @@ def check_synced(model: nn.Module) -> None:
     Raises:
         ValueError: naming the unwrapped parameters.
     """
-    named = list(model.named_parameters())
-    if not any(is_dtensor(p) for _, p in named):
+    if not is_sharded_model(model):
         return
+    named = list(model.named_parameters())
     plain = [n for n, p in named if p.requires_grad and not is_dtensor(p)]
     if plain:
         fail("model", "every trainable parameter under fully_shard in a model sharded with FSDP2",

@@ -164,3 +164,4 @@ def test_without_fsdp_gives_back_the_plain_module(tmp_path):
     assert got["cls"] == "Sequential" and not any(k.startswith(("__composable", "_fsdp")) for k in got["keys"])
     assert got["types"] == ["Sequential", "Linear", "ReLU", "Linear"]  # no FSDP classes left
     assert got["equal"] and got["plain"] and got["hooked"] == 1 and got["pre_hooks"] == [0, 0, 0, 0]
+
