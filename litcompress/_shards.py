@@ -16,12 +16,15 @@ Pure torch; without ``torch.distributed`` initialised nothing here communicates.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 from torch import Tensor
 
 from litcompress._validation import fail
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__: list[str] = []
 
@@ -34,26 +37,26 @@ def _dtensor_type() -> Any:
     return DTensor
 
 
-def is_dtensor(t: Any) -> bool:
+def is_dtensor(t: Any) -> TypeGuard[DTensor]:
     cls = _dtensor_type()
     return cls is not None and isinstance(t, cls)
 
 
 def local(t: Tensor) -> Tensor:
     """The part of ``t`` this process holds (``t`` itself unless it is a ``DTensor``)."""
-    return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined]
+    return t.to_local() if is_dtensor(t) else t
 
 
-def is_sharded(t: Tensor) -> bool:
+def is_sharded(t: Any) -> TypeGuard[DTensor]:
     """Whether ``t`` is a ``DTensor`` split over processes (not merely replicated)."""
-    return is_dtensor(t) and any(p.is_shard() for p in t.placements)  # type: ignore[attr-defined]
+    return is_dtensor(t) and any(p.is_shard() for p in t.placements)
 
 
 def check_row_sharded(name: str, t: Tensor) -> None:
     """Only FSDP2's default layout is supported: rows (dim 0) split over a 1-D mesh."""
     if not is_sharded(t):
         return
-    placements = t.placements  # type: ignore[attr-defined]
+    placements = t.placements
     if len(placements) != 1 or not placements[0].is_shard(0):
         fail("parameters", "tensors sharded along dimension 0 over a 1-D device mesh (FSDP2's default layout)",
              f"`{name}` with placements {placements}",
@@ -61,11 +64,11 @@ def check_row_sharded(name: str, t: Tensor) -> None:
                   "exclude this tensor or shard it with plain `fully_shard`")
 
 
-def to_dtensor_like(value: Tensor, like: Tensor) -> Tensor:
+def to_dtensor_like(value: Tensor, like: DTensor) -> Tensor:
     """``value`` (this process's rows) as a ``DTensor`` laid out like ``like``; for a checkpoint that saves shards."""
     from torch.distributed.tensor import DTensor
 
-    return DTensor.from_local(value, like.device_mesh, like.placements, run_check=False,  # type: ignore[attr-defined]
+    return DTensor.from_local(value, like.device_mesh, like.placements, run_check=False,
                               shape=like.shape, stride=_contiguous_stride(like.shape))
 
 
@@ -83,7 +86,7 @@ def local_part(value: Tensor, like: Tensor, rows: tuple[int, int] | None) -> Ten
     ``rows``: the ``(start, stop)`` rows of ``like`` held here; ``None`` when ``like`` is not sharded.
     """
     if is_dtensor(value):
-        return value.to_local()  # type: ignore[attr-defined]
+        return value.to_local()
     if rows is None:
         return value
     return value[rows[0]:rows[1]]
@@ -103,11 +106,11 @@ class Shards:
         sharded = [t for t in tensors if is_sharded(t)]
         for name, t in zip(names, tensors):
             check_row_sharded(name, t)
-        meshes = {tuple(t.device_mesh.mesh.flatten().tolist()) for t in sharded}  # type: ignore[attr-defined]
+        meshes = {tuple(t.device_mesh.mesh.flatten().tolist()) for t in sharded}
         if len(meshes) > 1:
             fail("parameters", "tensors sharded over one device mesh", f"{len(meshes)} meshes",
                  hint="select the tensors of each mesh with a separate callback")
-        mesh = sharded[0].device_mesh  # type: ignore[attr-defined]
+        mesh = sharded[0].device_mesh
         self.group = mesh.get_group()
         self.rank = dist.get_rank(self.group)
         self.world = dist.get_world_size(self.group)

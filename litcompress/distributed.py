@@ -80,7 +80,7 @@ def _plain(module: nn.Module, state: dict[str, Any], prefix: str, memo: dict[int
     if id(module) in memo:
         return memo[id(module)]
     cls, attrs = without_fsdp(module)
-    copy: nn.Module = cls.__new__(cls)  # type: ignore[call-overload]
+    copy: nn.Module = object.__new__(cls)  # nn.Module defines no __new__; __init__ is not run
     memo[id(module)] = copy
     params: dict[str, nn.Parameter | None] = {}
     for name, p in module._parameters.items():

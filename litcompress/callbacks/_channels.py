@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
@@ -87,8 +87,9 @@ def build_channel_pruner(callback: Pruning, trainer: pl.Trainer, pl_module: pl.L
     was_training = target.training
     target.eval()
     try:
-        pruner = ChannelPruner(target, x, layers, 0.0 if dead else callback.sparsity,  # type: ignore[arg-type]
-                               "magnitude" if dead else callback.importance, refs=refs)  # type: ignore[arg-type]
+        # pattern="channel" takes one float sparsity and a named importance (checked in Pruning.__init__)
+        pruner = ChannelPruner(target, x, layers, 0.0 if dead else cast(float, callback.sparsity),
+                               "magnitude" if dead else cast(str, callback.importance), refs=refs)
     finally:
         target.train(was_training)
     if not pruner.groups:

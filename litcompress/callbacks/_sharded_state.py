@@ -67,7 +67,7 @@ def load_sharded(state: Any, path: str | PathLike[str] | None, model: nn.Module 
     if not _has_references(state):
         return state
     params = model.parameters() if model is not None else iter(())
-    mesh = next((p.device_mesh for p in params if is_dtensor(p)), None)  # type: ignore[attr-defined]
+    mesh = next((p.device_mesh for p in params if is_dtensor(p)), None)
     if path is None or mesh is None:
         fail("checkpoint", "a distributed checkpoint loaded into a model sharded with FSDP2",
              f"sharded callback state with checkpoint path {path!r}",

@@ -173,19 +173,20 @@ class LowRankFactorization(_CompressionCallback):
     def _factorize(self, trainer: pl.Trainer, pl_module: pl.LightningModule, mid_fit: bool) -> None:
         target = _compression_target(pl_module)
         modules = dict(target.named_modules())
-        old = {n: modules[n].weight for n in self.layers}
+        old = {n: modules[n].get_parameter("weight") for n in self.layers}
         before = sum(p.numel() for p in target.parameters())
         self.results = factorize_(target, self.layers, rank=self.rank, rank_ratio=self.rank_ratio,
                                   energy=self.energy)
         self.done = True
         modules = dict(target.named_modules())
         if mid_fit:
-            replacements = {}
+            replacements: dict[nn.Parameter, list[tuple[nn.Parameter, None]]] = {}
             for name, weight in old.items():
                 new = modules[name]
                 if isinstance(new, Factorized):
-                    replacements[weight] = [(new.first.weight, None), (new.second.weight, None)]
-            point_optimizers(trainer, type(self).__name__, replacements)  # type: ignore[arg-type]
+                    replacements[weight] = [(new.first.get_parameter("weight"), None),
+                                            (new.second.get_parameter("weight"), None)]
+            point_optimizers(trainer, type(self).__name__, replacements)
         after = sum(p.numel() for p in target.parameters())
         self._log(trainer, {f"{self.log_prefix}/params": float(after)})
         if self.verbose:

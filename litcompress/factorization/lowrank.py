@@ -57,7 +57,7 @@ class Factorized(nn.Sequential):
 
     @property
     def rank(self) -> int:
-        return int(self.first.weight.shape[0])  # type: ignore[index]
+        return int(_weight(self.first).shape[0])
 
     @classmethod
     def like(cls, layer: nn.Module, rank: int) -> Factorized:
@@ -102,19 +102,22 @@ class LowRankResult:
     factorized: bool
 
 
-def _dims(layer: nn.Module) -> tuple[int, int]:
-    """(inputs, outputs) of the layer's weight as a matrix (a convolution's inputs include its kernel)."""
+def _weight(layer: nn.Module) -> Tensor:
     weight = layer.weight
     assert isinstance(weight, Tensor)
+    return weight
+
+
+def _dims(layer: nn.Module) -> tuple[int, int]:
+    """(inputs, outputs) of the layer's weight as a matrix (a convolution's inputs include its kernel)."""
+    weight = _weight(layer)
     if isinstance(layer, HFConv1D):  # weight (in, out)
         return int(weight.shape[0]), int(weight.shape[1])
     return math.prod(weight.shape[1:]), int(weight.shape[0])
 
 
 def _matrix(layer: nn.Module) -> Tensor:
-    weight = layer.weight
-    assert isinstance(weight, Tensor)
-    w = weight.detach().float()
+    w = _weight(layer).detach().float()
     return w.t() if isinstance(layer, HFConv1D) else w.reshape(w.shape[0], -1)
 
 
@@ -223,9 +226,9 @@ def factorize_(model: nn.Module, layers: Sequence[str], *, rank: int | None = No
             continue
         root = s[:r].sqrt()
         new = Factorized.like(layer, r)
-        first, second = new.first.weight, new.second.weight
-        first.copy_((root[:, None] * vh[:r]).reshape(first.shape))  # type: ignore[operator]
-        second.copy_((u[:, :r] * root[None, :]).reshape(second.shape))  # type: ignore[operator]
+        first, second = _weight(new.first), _weight(new.second)
+        first.copy_((root[:, None] * vh[:r]).reshape(first.shape))
+        second.copy_((u[:, :r] * root[None, :]).reshape(second.shape))
         model.set_submodule(name, new)
         modules[name] = new
         report[name] = LowRankResult(r, len(s), before, r * (n_in + n_out), error, True)

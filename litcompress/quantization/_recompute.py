@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__: list[str] = []
 
@@ -55,7 +55,7 @@ def recomputed_weights(made: dict[int, tuple[Tensor, Any]]) -> Iterator[None]:
         yield
 
 
-def wrap_forward(cls: type) -> None:
+def wrap_forward(cls: type[nn.Module]) -> None:
     """Make ``cls.forward`` (a quantized layer's) run inside :func:`recomputed_weights` when the layer's
     ``recompute_weights`` is set, fake quantization is on and gradients are recorded; the layer lists the weights it
     quantizes in ``_made`` meanwhile."""
@@ -74,4 +74,4 @@ def wrap_forward(cls: type) -> None:
         finally:
             self._made = None
 
-    cls.forward = wrapped  # type: ignore[attr-defined]
+    cls.forward = wrapped

@@ -87,7 +87,7 @@ class WeightQuantizer:
     def observed_scale(self, w: Tensor) -> Tensor:
         scale = symmetric_scale(w, self.qmax, self.axis)
         if is_dtensor(scale):  # FSDP2 shards, outside forward: each process reduces its rows, then one collective
-            scale = scale.full_tensor()  # type: ignore[attr-defined]  # one scale per channel, never the weight
+            scale = scale.full_tensor()  # one scale per channel, never the weight
         return power_of_two(scale) if self.config.scale == "power_of_two" else scale
 
     def placeholder(self, w: Tensor) -> Tensor:

@@ -138,7 +138,7 @@ class ChannelPruner:
     def __init__(self, model: nn.Module, example_input: Any, layers: Sequence[str], sparsity: float,
                  importance: str = "magnitude", refs: Sequence[Any] = ()) -> None:
         require("torch_pruning", what="channel pruning")
-        import torch_pruning as tp  # type: ignore[import-untyped]
+        import torch_pruning as tp
 
         check_fraction("sparsity", sparsity)
         check_choice("importance", importance, CHANNEL_IMPORTANCES)

@@ -173,13 +173,15 @@ def remove_heads(attn: Any, keep: Tensor) -> PrunedMultiheadAttention:
     inner = h * d
     if attn.in_proj_weight is not None:
         three = torch.cat([rows + i * inner for i in range(3)]).to(ref.device)
-        new.in_proj_weight.copy_(attn.in_proj_weight.index_select(0, three))  # type: ignore[union-attr]
+        assert new.in_proj_weight is not None  # packed like the original's
+        new.in_proj_weight.copy_(attn.in_proj_weight.index_select(0, three))
     else:
         for attr in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
             getattr(new, attr).copy_(getattr(attn, attr).index_select(0, rows.to(ref.device)))
     if attn.in_proj_bias is not None:
         three = torch.cat([rows + i * inner for i in range(3)]).to(ref.device)
-        new.in_proj_bias.copy_(attn.in_proj_bias.index_select(0, three))  # type: ignore[union-attr]
+        assert new.in_proj_bias is not None  # built with bias=True above
+        new.in_proj_bias.copy_(attn.in_proj_bias.index_select(0, three))
     out = attn.out_proj  # the same module, its weight narrowed and its bias the same Parameter
     assert isinstance(out, nn.Linear)
     out.weight = nn.Parameter(ref.index_select(1, rows.to(ref.device)), requires_grad=ref.requires_grad)
