@@ -35,7 +35,9 @@ from litcompress._shards import local
 from litcompress._validation import check_choice, check_fraction, fail
 from litcompress.selection import HFConv1D
 from litcompress.sparsity._local import LocalView
+from litcompress.sparsity._slice import _Slice
 from litcompress.sparsity._tp import conv1d_pruner, first_output
+from litcompress.sparsity.hf_heads import find_attention, remove_heads_
 
 __all__ = ["CHANNEL_IMPORTANCES", "ChannelGroup", "ChannelPruner"]
 
@@ -46,22 +48,6 @@ BatchNorm layers (network slimming)."""
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _ATTENTION = (nn.MultiheadAttention,)
-
-
-@dataclass
-class _Slice:
-    """One parameter a group touches: ``param[..., index, ...]`` along ``dim`` belongs to root channel ``root``."""
-
-    module: nn.Module
-    attr: str
-    dim: int
-    index: Tensor  # positions along `dim`
-    root: Tensor  # the root channel of each position
-    producer: bool  # an output slice (scored); consumers' input slices are only zeroed
-
-    @property
-    def tensor(self) -> Tensor:
-        return getattr(self.module, self.attr)
 
 
 @dataclass
@@ -130,7 +116,8 @@ class ChannelPruner:
             traced once to find which channels are coupled.
         layers: names of the Linear / Conv layers whose output channels may be pruned (the model's output layers
             never are: their channels are the model's outputs), and of ``nn.MultiheadAttention`` layers, whose
-            whole heads are pruned (:mod:`litcompress.sparsity.heads`).
+            whole heads are pruned (:mod:`litcompress.sparsity.heads`). Hugging Face attention blocks whose query,
+            key or value projection is selected lose whole heads too (:mod:`litcompress.sparsity.hf_heads`).
         sparsity: the final fraction of channels removed from each group.
         importance: one of :data:`CHANNEL_IMPORTANCES`.
     """
@@ -165,7 +152,10 @@ class ChannelPruner:
         roots = (nn.Linear, nn.modules.conv._ConvNd, HFConv1D)
         self.groups: list[ChannelGroup] = []
         self.skipped: dict[str, str] = {}  # root layer -> why its channels are left alone
-        for group in self.graph.get_all_groups(root_module_types=list(roots), ignored_layers=self._outputs(model)):
+        blocks = find_attention(model)  # Hugging Face attention: heads pruned whole, never channel by channel
+        projections = {p: n for n, b in blocks.items() for p in b.projections}
+        ignored = self._outputs(model) + list(projections)
+        for group in self.graph.get_all_groups(root_module_types=list(roots), ignored_layers=ignored):
             root = group._group[0].dep.target.module
             producers = [it.dep.target.module for it in group._group if it.dep.handler.__name__ ==
                          "prune_out_channels" and isinstance(it.dep.target.module, roots)]
@@ -173,6 +163,9 @@ class ChannelPruner:
                 continue
             name = min((names[p] for p in producers if p in selected), key=list(modules).index)
             slices, why = _slices(group, names)
+            block = next((projections[s.module] for s in slices if s.module in projections), None)
+            why = why or (None if block is None else f"coupled to the projections of `{block}`, whose heads are "
+                                                     "pruned whole")
             if why is not None:
                 self.skipped[name] = why
                 continue
@@ -180,6 +173,13 @@ class ChannelPruner:
             channels = len(group._group[0].idxs)
             self.groups.append(ChannelGroup(name, channels, slices, (root, handler)))
         self._add_heads(model, [n for n in layers if isinstance(modules[n], _ATTENTION)])
+        for name, b in blocks.items():
+            if any(p in selected for p in b.projections[:3]):
+                why = b.why_not()
+                if why is None:
+                    self.groups.append(ChannelGroup(name, b.units, b.slices(), ("hf_heads", b)))
+                else:
+                    self.skipped[name] = why
         self.scores: dict[str, Tensor] = {}
         self.local: LocalView | None = None  # FSDP2 row shards (see `follow_layout`)
         self._zero_index: list[tuple[_Slice, Tensor]] | None = None
@@ -373,7 +373,9 @@ class ChannelPruner:
             if g.mask is None:
                 continue
             pruned = torch.nonzero(~g.mask).flatten().tolist()
-            if pruned and isinstance(g.root[0], str):  # ("heads", name)
+            if pruned and g.root[0] == "hf_heads":  # Hugging Face attention: its projections narrowed in place
+                remove_heads_(g.root[1], g.mask)
+            elif pruned and g.root[0] == "heads":  # nn.MultiheadAttention: replaced by a smaller layer
                 from litcompress.sparsity.heads import remove_heads
 
                 old = self.model.get_submodule(g.name)

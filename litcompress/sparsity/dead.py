@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from litcompress.selection import HFConv1D
-from litcompress.sparsity.channels import ChannelGroup, ChannelPruner, _Slice
+from litcompress.sparsity._slice import _Slice
+from litcompress.sparsity.channels import ChannelGroup, ChannelPruner
 
 __all__ = ["DeadChannels"]
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from litcompress.sparsity.channels import _Slice
+from litcompress.sparsity._slice import _Slice
 
 __all__ = ["PrunedMultiheadAttention", "head_slices", "heads_stay", "remove_heads"]
 
