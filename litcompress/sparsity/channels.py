@@ -37,7 +37,7 @@ from litcompress.selection import HFConv1D
 from litcompress.sparsity._local import LocalView
 from litcompress.sparsity._slice import _Slice
 from litcompress.sparsity._tp import conv1d_pruner, first_output
-from litcompress.sparsity.hf_heads import find_attention, remove_heads_
+from litcompress.sparsity.hf_heads import find_attention, traceable
 
 __all__ = ["CHANNEL_IMPORTANCES", "ChannelGroup", "ChannelPruner"]
 
@@ -139,20 +139,20 @@ class ChannelPruner:
         if isinstance(example_input, Mapping):  # keyword inputs (a Hugging Face batch)
             example_input = dict(example_input)
         conv1d = {type(m): conv1d_pruner(tp) for m in modules.values() if isinstance(m, HFConv1D)}
+        blocks = find_attention(model)  # Hugging Face attention: heads pruned whole, never channel by channel
         try:
-            self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input,
-                                                               output_transform=first_output,
-                                                               customized_pruners=conv1d or None)
+            with traceable(blocks.values()):
+                self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input,
+                                                                   output_transform=first_output,
+                                                                   customized_pruners=conv1d or None)
         except (TypeError, ValueError, RuntimeError, KeyError, IndexError, AttributeError) as err:
             fail("model", "a model whose coupled channels Torch-Pruning can trace", type(model).__name__,
-                 hint=f"tracing failed ({type(err).__name__}: {err}); attention blocks that split and concatenate "
-                      "projections (GPT-2's c_attn) are not supported yet: use an unstructured or N:M pattern")
+                 hint=f"tracing failed ({type(err).__name__}: {err}); use an unstructured or N:M pattern")
         names = {m: n for n, m in modules.items()}
         selected = {modules[n] for n in layers}
         roots = (nn.Linear, nn.modules.conv._ConvNd, HFConv1D)
         self.groups: list[ChannelGroup] = []
         self.skipped: dict[str, str] = {}  # root layer -> why its channels are left alone
-        blocks = find_attention(model)  # Hugging Face attention: heads pruned whole, never channel by channel
         projections = {p: n for n, b in blocks.items() for p in b.projections}
         ignored = self._outputs(model) + list(projections)
         for group in self.graph.get_all_groups(root_module_types=list(roots), ignored_layers=ignored):
@@ -174,7 +174,7 @@ class ChannelPruner:
             self.groups.append(ChannelGroup(name, channels, slices, (root, handler)))
         self._add_heads(model, [n for n in layers if isinstance(modules[n], _ATTENTION)])
         for name, b in blocks.items():
-            if any(p in selected for p in b.projections[:3]):
+            if any(p in selected for p in b.selectors):
                 why = b.why_not()
                 if why is None:
                     self.groups.append(ChannelGroup(name, b.units, b.slices(), ("hf_heads", b)))
@@ -374,7 +374,7 @@ class ChannelPruner:
                 continue
             pruned = torch.nonzero(~g.mask).flatten().tolist()
             if pruned and g.root[0] == "hf_heads":  # Hugging Face attention: its projections narrowed in place
-                remove_heads_(g.root[1], g.mask)
+                g.root[1].remove(g.mask)
             elif pruned and g.root[0] == "heads":  # nn.MultiheadAttention: replaced by a smaller layer
                 from litcompress.sparsity.heads import remove_heads
 

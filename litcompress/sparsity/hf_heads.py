@@ -7,6 +7,9 @@ Two layouts are recognised by what the modules hold, not by class name (no ``tra
 - Llama-style: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` (``nn.Linear``) and ``head_dim`` (Llama, Mistral,
   Qwen2, ...). With grouped-query attention one key/value head serves ``heads / kv_heads`` query heads: the unit
   pruned is that key/value head together with its query heads, so the ratio the block was built with holds.
+- GPT-2-style: one packed ``c_attn`` (``Conv1D``, query, key and value side by side, split by ``split_size``) and
+  ``c_proj``, with ``head_dim``. Torch-Pruning cannot trace the split, so :func:`traceable` gives such blocks a
+  stand-in forward while the channel graph of the rest of the model is traced.
 
 Head ``h`` owns rows ``h*d .. (h+1)*d`` of the query, key and value projections (weights and biases) and the same
 columns of the output projection. Zeroing them all makes the head add exactly nothing, so the masked block computes
@@ -26,21 +29,25 @@ channels of different heads.
 >>> block = found[""]
 >>> block.heads, block.kv_heads, block.units
 (4, 2, 2)
->>> remove_heads_(block, torch.tensor([False, True]))
+>>> block.remove(torch.tensor([False, True]))
 >>> block.q.out_features, block.k.out_features, block.o.in_features
 (8, 4, 8)
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from litcompress.selection import HFConv1D
 from litcompress.sparsity._slice import _Slice
 
-__all__ = ["HFAttention", "find_attention", "remove_heads_"]
+__all__ = ["HFAttention", "PackedAttention", "find_attention", "traceable"]
 
 
 @dataclass
@@ -75,8 +82,13 @@ class HFAttention:
         return self.kv_heads
 
     @property
-    def projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+    def projections(self) -> tuple[nn.Module, ...]:
         return self.q, self.k, self.v, self.o
+
+    @property
+    def selectors(self) -> tuple[nn.Module, ...]:
+        """The projections whose selection asks for the block's heads to be pruned."""
+        return self.q, self.k, self.v
 
     def why_not(self) -> str | None:
         """Why the heads of this block cannot be pruned, or ``None`` when they can."""
@@ -106,16 +118,110 @@ class HFAttention:
         out.append(_Slice(self.o, "weight", 1, q_rows, q_unit, True))
         return out
 
+    @torch.no_grad()
+    def remove(self, keep: Tensor) -> None:
+        """Delete the units where ``keep`` is ``False`` (at least one stays) from the projections, in place. The
+        blocks infer their head count from the projections' widths; the BERT-style counters follow."""
+        keep = keep.bool().cpu()
+        d, per_unit = self.head_dim, self.heads // self.kv_heads
+        q_keep = torch.nonzero(keep.repeat_interleave(per_unit * d)).flatten()
+        kv_keep = torch.nonzero(keep.repeat_interleave(d)).flatten()
+        _narrow(self.q, 0, q_keep, output=True)
+        _narrow(self.k, 0, kv_keep, output=True)
+        _narrow(self.v, 0, kv_keep, output=True)
+        _narrow(self.o, 1, q_keep, output=False)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Set the block's head counters from its projections' widths (after a removal, or a resize on load)."""
+        for attr, value in (("num_attention_heads", self.heads), ("all_head_size", self.heads * self.head_dim)):
+            if isinstance(getattr(self.module, attr, None), int):
+                setattr(self.module, attr, value)
+
+
+@dataclass
+class PackedAttention:
+    """A GPT-2-style block: ``c_attn`` holds query, key and value side by side (``Conv1D``, weight ``(in, 3 *
+    inner)``), ``c_proj`` maps the heads back (weight ``(inner, out)``)."""
+
+    module: nn.Module
+    c_attn: nn.Module
+    c_proj: nn.Module
+    head_dim: int
+
+    @property
+    def inner(self) -> int:
+        return _width(self.c_proj, 0)
+
+    @property
+    def heads(self) -> int:
+        return self.inner // self.head_dim
+
+    kv_heads = heads
+    units = heads
+
+    @property
+    def projections(self) -> tuple[nn.Module, ...]:
+        return self.c_attn, self.c_proj
+
+    @property
+    def selectors(self) -> tuple[nn.Module, ...]:
+        return (self.c_attn,)
+
+    def why_not(self) -> str | None:
+        from litcompress.quantization.modules import QuantizedLayer
+
+        if getattr(self.module, "is_cross_attention", False):
+            return "cross-attention keeps its heads"
+        if self.head_dim < 1 or self.inner % self.head_dim or _width(self.c_attn, 1) != 3 * self.inner:
+            return f"its projections are not whole heads of size {self.head_dim}"
+        if self.heads < 2:
+            return "attention with one head keeps it"
+        if any(isinstance(p, QuantizedLayer) for p in self.projections):
+            return "quantization-aware attention keeps its heads (exclude its projections from QAT to prune them)"
+        return None
+
+    def slices(self) -> list[_Slice]:
+        columns = torch.arange(3 * self.inner)
+        unit = columns % self.inner // self.head_dim
+        rows = torch.arange(self.inner)
+        out = [_Slice(self.c_attn, "weight", 1, columns, unit, True)]
+        if self.c_attn.bias is not None:
+            out.append(_Slice(self.c_attn, "bias", 0, columns, unit, True))
+        out.append(_Slice(self.c_proj, "weight", 0, rows, rows // self.head_dim, True))
+        return out
+
+    @torch.no_grad()
+    def remove(self, keep: Tensor) -> None:
+        keep = keep.bool().cpu()
+        inner = self.inner
+        rows = torch.nonzero(keep.repeat_interleave(self.head_dim)).flatten()
+        _narrow(self.c_attn, 1, torch.cat([rows + i * inner for i in range(3)]), output=True)
+        _narrow(self.c_proj, 0, rows, output=False)
+        self.refresh()
+
+    def refresh(self) -> None:
+        for attr, value in (("split_size", self.inner), ("num_heads", self.heads)):
+            if isinstance(getattr(self.module, attr, None), int):
+                setattr(self.module, attr, value)
+
+    def stand_in(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, None]:
+        """A forward Torch-Pruning can trace: the same projections and shapes, no split."""
+        return self.c_proj(self.c_attn(hidden_states)[..., : self.inner]), None
+
+
+Block = HFAttention | PackedAttention
+
 
 def _linear(module: nn.Module | None, *names: str) -> list[nn.Linear] | None:
     found = [getattr(module, n, None) for n in names]
     return [m for m in found if isinstance(m, nn.Linear)] if all(isinstance(m, nn.Linear) for m in found) else None
 
 
-def find_attention(model: nn.Module) -> dict[str, HFAttention]:
-    """The BERT-style and Llama-style attention blocks of ``model``, by the name of the module that holds the
+def find_attention(model: nn.Module) -> dict[str, Block]:
+    """The BERT-, Llama- and GPT-2-style attention blocks of ``model``, by the name of the module that holds the
     query/key/value projections."""
-    out: dict[str, HFAttention] = {}
+    out: dict[str, Block] = {}
     for name, module in model.named_modules():
         inner, output = getattr(module, "self", None), getattr(module, "output", None)
         qkv = _linear(inner, "query", "key", "value")
@@ -130,37 +236,51 @@ def find_attention(model: nn.Module) -> dict[str, HFAttention]:
         if proj and isinstance(size, int):
             q, k, v, o = proj
             out[name] = HFAttention(module, q, k, v, o, size)
+            continue
+        c_attn, c_proj = getattr(module, "c_attn", None), getattr(module, "c_proj", None)
+        if isinstance(c_attn, HFConv1D) and isinstance(c_proj, HFConv1D) and isinstance(size, int) and isinstance(
+                getattr(module, "split_size", None), int):
+            out[name] = PackedAttention(module, c_attn, c_proj, size)
     return out
 
 
-def _narrow(layer: nn.Linear, dim: int, keep: Tensor) -> None:
+@contextlib.contextmanager
+def traceable(blocks: Iterable[Block]) -> Iterator[None]:
+    """GPT-2-style blocks run :meth:`PackedAttention.stand_in` inside the context (for tracing), their own forward
+    again after it."""
+    packed = [b for b in blocks if isinstance(b, PackedAttention)]
+    own = [vars(b.module).get("forward") for b in packed]  # a forward set on the instance (hooks, wrappers) stays
+    for b in packed:
+        b.module.forward = b.stand_in
+    try:
+        yield
+    finally:
+        for b, forward in zip(packed, own):
+            if forward is None:
+                del b.module.forward
+            else:
+                b.module.forward = forward
+
+
+def _width(layer: nn.Module, dim: int) -> int:
     weight = layer.weight
+    assert isinstance(weight, Tensor)
+    return int(weight.shape[dim])
+
+
+def _narrow(layer: nn.Module, dim: int, keep: Tensor, output: bool) -> None:
+    """Keep positions ``keep`` of ``layer``'s weight along ``dim`` (and of its bias when they are its outputs)."""
+    weight = layer.weight
+    assert isinstance(weight, Tensor)
     keep = keep.to(weight.device)
     layer.weight = nn.Parameter(weight.index_select(dim, keep), requires_grad=weight.requires_grad)
-    if dim == 0:
-        if layer.bias is not None:
-            bias = layer.bias
-            layer.bias = nn.Parameter(bias.index_select(0, keep), requires_grad=bias.requires_grad)
-        layer.out_features = int(keep.numel())
-    else:
-        layer.in_features = int(keep.numel())
-
-
-@torch.no_grad()
-def remove_heads_(block: HFAttention, keep: Tensor) -> None:
-    """Delete the units where ``keep`` is ``False`` (at least one stays) from the block's projections, in place.
-
-    The blocks infer their head count from the projections' widths; the BERT-style counters
-    (``num_attention_heads``, ``all_head_size``) are updated too.
-    """
-    keep = keep.bool().cpu()
-    d, per_unit = block.head_dim, block.heads // block.kv_heads
-    q_keep = torch.nonzero(keep.repeat_interleave(per_unit * d)).flatten()
-    kv_keep = torch.nonzero(keep.repeat_interleave(d)).flatten()
-    _narrow(block.q, 0, q_keep)
-    _narrow(block.k, 0, kv_keep)
-    _narrow(block.v, 0, kv_keep)
-    _narrow(block.o, 1, q_keep)
-    for attr, value in (("num_attention_heads", block.heads), ("all_head_size", block.heads * d)):
-        if isinstance(getattr(block.module, attr, None), int):
-            setattr(block.module, attr, value)
+    bias = layer.bias
+    if output and isinstance(bias, Tensor):
+        layer.bias = nn.Parameter(bias.index_select(0, keep), requires_grad=bias.requires_grad)
+    rows, columns = (int(n) for n in layer.weight.shape)
+    if isinstance(layer, nn.Linear):
+        layer.out_features, layer.in_features = rows, columns
+    else:  # transformers' Conv1D: weight (in, out)
+        setattr(layer, "nf", columns)  # noqa: B010 - a duck-typed class: no declared attribute
+        if hasattr(layer, "nx"):
+            setattr(layer, "nx", rows)  # noqa: B010

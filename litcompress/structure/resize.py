@@ -37,6 +37,7 @@ from litcompress._validation import fail
 from litcompress.factorization.lowrank import Factorized, factorizable
 from litcompress.selection import HFConv1D
 from litcompress.sparsity.heads import PrunedMultiheadAttention, remove_heads
+from litcompress.sparsity.hf_heads import find_attention
 
 _ATTENTION = (nn.MultiheadAttention, PrunedMultiheadAttention)
 
@@ -87,6 +88,9 @@ def match_structure_(model: nn.Module, state_dict: Mapping[str, Tensor], prefix:
             _sizes(module, f"{key}{own[0][0]}")
             if name not in changed:
                 changed.append(name)
+    if changed:
+        for block in find_attention(model).values():
+            block.refresh()  # HF head counters follow the resized projections (GPT-2 splits by one)
     return changed
 
 

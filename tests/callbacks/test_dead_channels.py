@@ -43,12 +43,11 @@ def test_remove_channels_defaults_off_for_unstructured_patterns(tmp_path):
 
 
 def test_an_untraceable_model_is_refused_before_the_first_step(tmp_path):
-    pytest.importorskip("transformers")
-    from tests.test_hf_models import LitHF, gpt2
-    from tests.test_hf_models import fit as fit_hf
+    from tests.models import LitClassifier
+    from tests.sparsity.test_channels import Untraceable
 
-    module = LitHF(gpt2())
+    module = LitClassifier(Untraceable())
     before = {k: v.clone() for k, v in module.state_dict().items()}
     with pytest.raises(ValueError, match="Torch-Pruning can trace"):
-        fit_hf(tmp_path, "gpt2", [Pruning(0.5, remove_channels=True, verbose=False)], module=module)
+        fit(tmp_path, [Pruning(0.5, remove_channels=True, verbose=False)], module=module)
     assert all(torch.equal(v, module.state_dict()[k]) for k, v in before.items())  # not one step was taken

@@ -145,10 +145,18 @@ def test_hugging_face_conv1d_neurons_are_pruned_and_removed():
     assert torch.allclose(masked, model(x), atol=1e-6)
 
 
-def test_a_model_torch_pruning_cannot_trace_is_a_clear_error():
-    pytest.importorskip("transformers")
-    from transformers import GPT2Config, GPT2LMHeadModel
+class Untraceable(nn.Module):
+    """Splits a layer's output and concatenates the halves transposed: Torch-Pruning cannot map those channels."""
 
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=8, n_embd=16, n_layer=1, n_head=2)).eval()
-    with pytest.raises(ValueError, match=r"`model`.*Torch-Pruning can trace.*c_attn"):
-        ChannelPruner(model, {"input_ids": torch.randint(0, 32, (2, 8))}, ["transformer.h.0.mlp.c_fc"], 0.5)
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.fc(x).unsqueeze(1).split(8, dim=2)  # (B, 1, 8) each
+        return self.out(torch.cat([a.transpose(1, 2), b.transpose(1, 2)], dim=1).transpose(1, 2).squeeze(1))
+
+
+def test_a_model_torch_pruning_cannot_trace_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"`model`.*Torch-Pruning can trace.*unstructured or N:M"):
+        ChannelPruner(Untraceable(), torch.randn(2, 16), ["fc"], 0.5)
