@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -96,6 +97,19 @@ def test_bench_compact_runs(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "| int4 |" in run.stdout and out.exists()
+
+
+def test_bench_heads_quick(tmp_path):
+    out = tmp_path / "heads.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_heads.py"), "--quick", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"bert", "gpt2", "llama"}
+    for r in results.values():
+        assert r["attention_groups"] == 1  # one block: its heads are one group
+        assert r["pruned"]["parameters"] < r["dense"]["parameters"] and r["pruned"]["flops"] < r["dense"]["flops"]
+        assert r["max_abs_diff_removed_vs_masked"] <= 1e-5 * max(1.0, r["output_scale"])
 
 
 @pytest.mark.slow

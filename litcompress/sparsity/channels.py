@@ -23,6 +23,7 @@ shift, and the consumers' input columns; :meth:`ChannelPruner.remove` then delet
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -141,7 +142,9 @@ class ChannelPruner:
         conv1d = {type(m): conv1d_pruner(tp) for m in modules.values() if isinstance(m, HFConv1D)}
         blocks = find_attention(model)  # Hugging Face attention: heads pruned whole, never channel by channel
         try:
-            with traceable(blocks.values()):
+            with traceable(blocks.values()), warnings.catch_warnings():
+                # norms Torch-Pruning does not know (RMSNorm): their groups are skipped below, with the reason
+                warnings.filterwarnings("ignore", "Unwrapped parameters detected", UserWarning)
                 self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input,
                                                                    output_transform=first_output,
                                                                    customized_pruners=conv1d or None)
