@@ -296,21 +296,27 @@ def run_unsynced(processes: int, root: Any) -> dict[str, Any]:
     return {"error": None, "steps": fit.global_step}
 
 
-def run_channel(processes: int, root: Any, dead: bool = False, importance: str = "magnitude") -> dict[str, Any]:
+def run_channel(processes: int, root: Any, dead: bool = False, importance: str = "magnitude",
+                gpt: bool = False) -> dict[str, Any]:
     """Channel pruning (``dead``: unstructured pruning whose all-zero channels are removed): traced in `setup` on
     the whole model, masks on shards; at the end rank zero gets the smaller model (the sharded one keeps its size,
-    masked). One process: the model itself ends smaller."""
+    masked). One process: the model itself ends smaller. ``gpt``: GPT-2's heads (packed in c_attn) and MLP neurons."""
     x = torch.randn(5, 16, generator=torch.Generator().manual_seed(7))
     torch.manual_seed(0)
     module = Classifier(mlp())
-    if dead:  # 95% of the first layer's weights: at least 8 of its 36 rows end all zero
+    if gpt:
+        x = hf_data("gpt2", n=4).tensors[0]
+        module = CausalLM(gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+        pruning = Pruning(0.5, pattern="channel", interval="step", start=2, end=8, frequency=2, example_input=x,
+                          verbose=False)
+    elif dead:  # 95% of the first layer's weights: at least 8 of its 36 rows end all zero
         pruning = Pruning({r"^model\.0": 0.95}, remove_channels=True, interval="step", start=2, end=8,
                           example_input=x, verbose=False)
     else:
         pruning = Pruning(0.5, pattern="channel", importance=importance, interval="step", start=2, end=8, frequency=2,
                           example_input=x, verbose=False)
     fit = trainer(processes, root, callbacks=[pruning])
-    fit.fit(module, loader(fit))
+    fit.fit(module, loader(fit, module))
     module.eval()
     with torch.no_grad():
         y = module(x)  # sharded: every process takes part

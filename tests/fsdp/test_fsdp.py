@@ -34,7 +34,8 @@ def _launch(out: Path, strategy: str, cases: list[str]) -> dict:
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> dict:
-    special = ["resume", "resume_full", "export", "unsynced", "channel", "channel_taylor", "dead"]  # fits.py
+    special = ["resume", "resume_full", "export", "unsynced", "channel", "channel_taylor", "channel_gpt2",
+               "dead"]  # fits.py
     return _launch(tmp_path_factory.mktemp("fsdp"), "fsdp", [*CASES, *special])
 
 
@@ -131,6 +132,18 @@ def test_channel_pruning_of_a_sharded_fit(sharded, tmp_path, importance):
     torch.testing.assert_close(got["y_smaller"], got["y"], atol=ATOL, rtol=0)  # the masked model, computed smaller
     zero_rows = (got["full_size"]["model.0.weight"].abs().sum(1) == 0).sum()
     assert zero_rows == 18  # the sharded model itself keeps its size, its pruned channels zero
+
+
+def test_gpt2_heads_and_neurons_of_a_sharded_fit(sharded, tmp_path):
+    """GPT-2 under FSDP2: heads (columns of the packed c_attn, whose rows are sharded) and MLP neurons scored on
+    shards; rank zero's smaller model equals the one the same fit leaves in one process."""
+    got, want = sharded["channel_gpt2"], run_channel(1, tmp_path, gpt=True)
+    assert got["removed"] == want["removed"]
+    assert {k: v for k, v in want["removed"].items() if k.endswith("attn")} == {
+        "model.transformer.h.0.attn": (2, 1), "model.transformer.h.1.attn": (2, 1)}
+    _close(got["smaller"], want["smaller"])
+    torch.testing.assert_close(got["y"], want["y"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(got["y_smaller"], got["y"], atol=ATOL, rtol=0)
 
 
 def test_dead_channels_of_a_sharded_fit(sharded, tmp_path):
