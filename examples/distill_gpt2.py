@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "(default: the last epoch)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--alpha", type=float, default=0.9)
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of every student (one-cycle)")
+    parser.add_argument("--no-cache-teacher", dest="cache_teacher", action="store_false",
+                        help="run the teacher on every batch instead of caching its logits after the first epoch")
     parser.add_argument("--no-compress", action="store_true",
                         help="distil only (no Pruning, no QAT): how much of the result is distillation's own")
     parser.add_argument("--seed", type=int, default=0)
@@ -180,19 +183,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             QuantizationAwareTraining(start=qat_start, verbose=False)]
 
     students = {"scratch": copy.deepcopy(student)}
-    seconds["scratch"] = fit(CausalLM(students["scratch"], 3e-3), "scratch student", train, args.epochs,
+    seconds["scratch"] = fit(CausalLM(students["scratch"], args.lr), "scratch student", train, args.epochs,
                              args.batch_size)
     if not args.no_compress:
         students["scratch_compressed"] = copy.deepcopy(student)
         pl.seed_everything(args.seed, verbose=False)
-        seconds["scratch_compressed"] = fit(CausalLM(students["scratch_compressed"], 3e-3),
+        seconds["scratch_compressed"] = fit(CausalLM(students["scratch_compressed"], args.lr),
                                             "scratch student + compression", train, args.epochs, args.batch_size,
                                             compression())
 
     pl.seed_everything(args.seed, verbose=False)
     student.load_state_dict(initial)
     students["distilled"] = student
-    module = Distilled(student, teacher, temperature=args.temperature, alpha=args.alpha, lr=3e-3)
+    # the teacher's logits are computed in the first epoch and reused after it (float32: the targets are exact)
+    module = Distilled(student, teacher, temperature=args.temperature, alpha=args.alpha, lr=args.lr,
+                       cache_teacher=args.cache_teacher, cache_max_bytes=2 << 30)
     report = CompressionReport(metrics=[], dirpath=str(args.out), plots=False)
     seconds["distilled"] = fit(module, "distilled student", train, args.epochs, args.batch_size,
                                [*compression(), report], args.out)
