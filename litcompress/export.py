@@ -37,11 +37,14 @@ logger = logging.getLogger(__name__)
 @contextlib.contextmanager
 def _quiet_export() -> Iterator[None]:
     """Silence what torch's ONNX exporter says on every call that is not about the model: it skips torchvision's
-    ops when torchvision is absent (four log lines), and torch's own deprecation warnings from its tracing code.
+    ops when torchvision is absent (four log lines), onnxscript's constant folder says when it leaves a node unfolded
+    ("Evaluation failed", e.g. BERT's attention mask), and torch's own deprecation warnings from its tracing code.
     Errors, and warnings about the model, still come through."""
-    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registration.level
-    registration.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(name) for name in ("torch.onnx._internal.exporter._registration",
+                                                    "onnxscript.optimizer._constant_folding")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
@@ -51,7 +54,8 @@ def _quiet_export() -> Iterator[None]:
                                     category=UserWarning)
             yield
     finally:
-        registration.setLevel(level)
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
 
 
 @contextlib.contextmanager
