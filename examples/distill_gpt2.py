@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--train-windows", type=int, default=12_000, help="training windows of `context` bytes")
     parser.add_argument("--teacher-epochs", type=int, default=3)
+    parser.add_argument("--teacher-windows", type=int, default=None,
+                        help="training windows of the teacher (default: --train-windows; the students always train on "
+                             "--train-windows): a teacher trained on more of the text, as pretrained teachers are")
     parser.add_argument("--epochs", type=int, default=3, help="student epochs (scratch and distilled alike)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--sparsity", type=float, default=0.3)
@@ -156,18 +159,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     train_text, held_text = stdlib_bytes()
     train = Chunks(train_text, args.context, args.train_windows)
+    teacher_windows = args.train_windows if args.teacher_windows is None or args.quick else args.teacher_windows
+    teacher_train = train if teacher_windows == args.train_windows else Chunks(train_text, args.context,
+                                                                               teacher_windows)
     held = Chunks(held_text, args.context, 2_000 if not args.quick else 128)
     t0 = time.perf_counter()
 
     pl.seed_everything(args.seed, verbose=False)
     teacher = gpt2(128, 4, 4, args.context)
-    saved = args.out / (f"teacher_s{args.seed}_e{args.teacher_epochs}_w{args.train_windows}_c{args.context}"
+    saved = args.out / (f"teacher_s{args.seed}_e{args.teacher_epochs}_w{teacher_windows}_c{args.context}"
                         f"_b{args.batch_size}.pt")
     if args.reuse_teacher and saved.exists():
         teacher.load_state_dict(torch.load(saved, weights_only=True))
         seconds = {"teacher": 0.0}
     else:
-        seconds = {"teacher": fit(CausalLM(teacher, 3e-3), "teacher", train, args.teacher_epochs, args.batch_size)}
+        seconds = {"teacher": fit(CausalLM(teacher, 3e-3), "teacher", teacher_train, args.teacher_epochs,
+                                  args.batch_size)}
         torch.save(teacher.state_dict(), saved)
     teacher.eval()
 
