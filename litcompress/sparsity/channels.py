@@ -38,7 +38,7 @@ from litcompress.selection import HFConv1D
 from litcompress.sparsity._local import LocalView
 from litcompress.sparsity._slice import _Slice
 from litcompress.sparsity._tp import conv1d_pruner, first_output
-from litcompress.sparsity.hf_heads import find_attention, traceable
+from litcompress.sparsity.hf_heads import AttentionPlan, traceable
 
 __all__ = ["CHANNEL_IMPORTANCES", "ChannelGroup", "ChannelPruner"]
 
@@ -140,9 +140,9 @@ class ChannelPruner:
         if isinstance(example_input, Mapping):  # keyword inputs (a Hugging Face batch)
             example_input = dict(example_input)
         conv1d = {type(m): conv1d_pruner(tp) for m in modules.values() if isinstance(m, HFConv1D)}
-        blocks = find_attention(model)  # Hugging Face attention: heads pruned whole, never channel by channel
+        plan = AttentionPlan.of(model)  # Hugging Face attention: heads pruned whole, never channel by channel
         try:
-            with traceable(blocks.values()), warnings.catch_warnings():
+            with traceable(plan.blocks.values()), warnings.catch_warnings():
                 # norms Torch-Pruning does not know (RMSNorm): their groups are skipped below, with the reason
                 warnings.filterwarnings("ignore", "Unwrapped parameters detected", UserWarning)
                 self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input,
@@ -156,7 +156,7 @@ class ChannelPruner:
         roots = (nn.Linear, nn.modules.conv._ConvNd, HFConv1D)
         self.groups: list[ChannelGroup] = []
         self.skipped: dict[str, str] = {}  # root layer -> why its channels are left alone
-        projections = {p: n for n, b in blocks.items() for p in b.projections}
+        projections = plan.keep
         ignored = self._outputs(model) + list(projections)
         for group in self.graph.get_all_groups(root_module_types=list(roots), ignored_layers=ignored):
             root = group._group[0].dep.target.module
@@ -166,9 +166,7 @@ class ChannelPruner:
                 continue
             name = min((names[p] for p in producers if p in selected), key=list(modules).index)
             slices, why = _slices(group, names)
-            block = next((projections[s.module] for s in slices if s.module in projections), None)
-            why = why or (None if block is None else f"coupled to the projections of `{block}`, whose heads are "
-                                                     "pruned whole")
+            why = why or next((projections[s.module] for s in slices if s.module in projections), None)
             if why is not None:
                 self.skipped[name] = why
                 continue
@@ -176,13 +174,9 @@ class ChannelPruner:
             channels = len(group._group[0].idxs)
             self.groups.append(ChannelGroup(name, channels, slices, (root, handler)))
         self._add_heads(model, [n for n in layers if isinstance(modules[n], _ATTENTION)])
-        for name, b in blocks.items():
-            if any(p in selected for p in b.selectors):
-                why = b.why_not()
-                if why is None:
-                    self.groups.append(ChannelGroup(name, b.units, b.slices(), ("hf_heads", b)))
-                else:
-                    self.skipped[name] = why
+        heads, why_not = plan.selected(selected)
+        self.groups += [ChannelGroup(name, b.units, b.slices(), ("hf_heads", b)) for name, b in heads.items()]
+        self.skipped |= why_not
         self.scores: dict[str, Tensor] = {}
         self.local: LocalView | None = None  # FSDP2 row shards (see `follow_layout`)
         self._zero_index: list[tuple[_Slice, Tensor]] | None = None

@@ -47,7 +47,12 @@ from torch import Tensor, nn
 from litcompress.selection import HFConv1D
 from litcompress.sparsity._slice import _Slice
 
-__all__ = ["HFAttention", "PackedAttention", "find_attention", "traceable"]
+__all__ = ["HEAD_ATTRIBUTES", "AttentionPlan", "HFAttention", "PackedAttention", "find_attention", "traceable",
+           "unknown_attention"]
+
+HEAD_ATTRIBUTES = ("num_heads", "n_heads", "n_head", "num_attention_heads", "attention_head_size", "head_dim",
+                   "head_size", "key_value_proj_dim")
+"""Attributes that mark a module as attention: its projections are split into heads."""
 
 
 @dataclass
@@ -244,6 +249,27 @@ def find_attention(model: nn.Module) -> dict[str, Block]:
     return out
 
 
+def unknown_attention(model: nn.Module, blocks: dict[str, Block]) -> dict[str, tuple[str, list[nn.Module]]]:
+    """Modules that look like attention (an integer head attribute, projections as direct children) in a layout
+    :func:`find_attention` does not know (OPT, T5, ViT, GPT-NeoX, ...): ``name -> (why, projections)``. Their
+    channels must not be pruned one by one (the heads would be regrouped wrongly after removal), so they keep them."""
+    from litcompress.sparsity.heads import Attention
+
+    known = {id(b.module) for b in blocks.values()}
+    out: dict[str, tuple[str, list[nn.Module]]] = {}
+    for name, module in model.named_modules():
+        if id(module) in known or isinstance(module, Attention):
+            continue
+        marks = [a for a in HEAD_ATTRIBUTES if type(getattr(module, a, None)) is int]
+        layers: list[nn.Module] = [m for m in module.children() if isinstance(m, (nn.Linear, HFConv1D))]
+        if marks and layers:
+            why = (f"{type(module).__name__} (with `{marks[0]}`) looks like attention in a layout litcompress does "
+                   "not know: its projections keep their channels (single channels of head-split projections cannot "
+                   "be removed exactly)")
+            out[name] = (why, layers)
+    return out
+
+
 @contextlib.contextmanager
 def traceable(blocks: Iterable[Block]) -> Iterator[None]:
     """GPT-2-style blocks run :meth:`PackedAttention.stand_in` inside the context (for tracing), their own forward
@@ -284,3 +310,38 @@ def _narrow(layer: nn.Module, dim: int, keep: Tensor, output: bool) -> None:
         setattr(layer, "nf", columns)  # noqa: B010 - a duck-typed class: no declared attribute
         if hasattr(layer, "nx"):
             setattr(layer, "nx", rows)  # noqa: B010
+
+
+@dataclass
+class AttentionPlan:
+    """What channel pruning does with a model's attention: the blocks whose heads go whole, and the projections
+    (of those and of attention in unknown layouts) whose channels channel groups must leave alone, with why."""
+
+    blocks: dict[str, Block]
+    unknown: dict[str, tuple[str, list[nn.Module]]]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> AttentionPlan:
+        blocks = find_attention(model)
+        return cls(blocks, unknown_attention(model, blocks))
+
+    @property
+    def keep(self) -> dict[nn.Module, str]:
+        """Projection -> why a channel group that touches it is skipped."""
+        out = {p: f"coupled to the projections of `{n}`, whose heads are pruned whole"
+               for n, b in self.blocks.items() for p in b.projections}
+        return out | {p: f"coupled to `{n}`: {why}" for n, (why, layers) in self.unknown.items() for p in layers}
+
+    def selected(self, selected: set[nn.Module]) -> tuple[dict[str, Block], dict[str, str]]:
+        """The blocks whose heads are pruned (one of their projections selected), and why other selected ones
+        keep theirs."""
+        heads, why_not = {}, {}
+        for name, b in self.blocks.items():
+            if any(p in selected for p in b.selectors):
+                why = b.why_not()
+                if why is None:
+                    heads[name] = b
+                else:
+                    why_not[name] = why
+        why_not |= {n: why for n, (why, layers) in self.unknown.items() if any(p in selected for p in layers)}
+        return heads, why_not

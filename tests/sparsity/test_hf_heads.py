@@ -180,3 +180,22 @@ def test_gpt2_dead_neurons_and_a_dead_head_are_removed_exactly():
     dead = DeadChannels(ChannelPruner(model, {"input_ids": x}, layers, 0.0), {"input_ids": x})
     assert dead.remove() == {"transformer.h.0.mlp.c_fc": (128, 126), "transformer.h.1.attn": (4, 3)}
     assert torch.allclose(logits(model, x), before, atol=1e-5)  # the neurons' constants folded into c_proj's bias
+
+
+def test_attention_of_an_unknown_layout_keeps_its_channels_and_says_why():
+    """OPT's attention (q/k/v/out_proj, `num_heads`) is not a layout litcompress knows: pruning its channels one by
+    one made the model fail after removal ("shape '[2, -1, 4, 8]' is invalid"); now they stay, and the MLP shrinks."""
+    torch.manual_seed(0)
+    model = transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=4,
+        max_position_embeddings=32, word_embed_proj_dim=32, init_std=0.5)).eval()
+    x = tokens()
+    layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    pruner = ChannelPruner(model, {"input_ids": x}, layers, sparsity=0.5)
+    assert [g.name for g in pruner.groups] == ["model.decoder.layers.0.fc1"]
+    assert "OPTAttention (with `num_heads`) looks like attention" in pruner.skipped["model.decoder.layers.0.self_attn"]
+    pruner.update(1.0)
+    masked = logits(model, x)
+    pruner.remove()
+    assert model.model.decoder.layers[0].fc1.out_features == 32
+    assert torch.allclose(logits(model, x), masked, atol=1e-5)
