@@ -30,6 +30,7 @@ def first_output(output: Any) -> Tensor:
 
 def conv1d_pruner(tp: Any) -> Any:
     """Torch-Pruning's handler for Hugging Face's ``Conv1D`` (GPT-2's projections): ``nn.Linear`` transposed."""
+    from litcompress.structure.resize import sync_sizes  # structure imports the sparsity package
 
     class _Conv1DPruner(tp.pruner.BasePruningFunc):
         def prune_out_channels(self, layer: Any, idxs: Sequence[int]) -> Any:
@@ -37,14 +38,13 @@ def conv1d_pruner(tp: Any) -> Any:
             layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 1)
             if layer.bias is not None:
                 layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
-            layer.nf = len(keep)
+            sync_sizes(layer)
             return layer
 
         def prune_in_channels(self, layer: Any, idxs: Sequence[int]) -> Any:
             keep = sorted(set(range(layer.weight.shape[0])) - set(idxs))
             layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
-            if hasattr(layer, "nx"):
-                layer.nx = len(keep)
+            sync_sizes(layer)
             return layer
 
         def get_out_channels(self, layer: Any) -> int:

@@ -296,6 +296,8 @@ def _width(layer: nn.Module, dim: int) -> int:
 
 def _narrow(layer: nn.Module, dim: int, keep: Tensor, output: bool) -> None:
     """Keep positions ``keep`` of ``layer``'s weight along ``dim`` (and of its bias when they are its outputs)."""
+    from litcompress.structure.resize import sync_sizes  # structure imports this module
+
     weight = layer.weight
     assert isinstance(weight, Tensor)
     keep = keep.to(weight.device)
@@ -303,13 +305,7 @@ def _narrow(layer: nn.Module, dim: int, keep: Tensor, output: bool) -> None:
     bias = layer.bias
     if output and isinstance(bias, Tensor):
         layer.bias = nn.Parameter(bias.index_select(0, keep), requires_grad=bias.requires_grad)
-    rows, columns = (int(n) for n in layer.weight.shape)
-    if isinstance(layer, nn.Linear):
-        layer.out_features, layer.in_features = rows, columns
-    else:  # transformers' Conv1D: weight (in, out)
-        setattr(layer, "nf", columns)  # noqa: B010 - a duck-typed class: no declared attribute
-        if hasattr(layer, "nx"):
-            setattr(layer, "nx", rows)  # noqa: B010
+    sync_sizes(layer)
 
 
 @dataclass

@@ -85,7 +85,7 @@ def match_structure_(model: nn.Module, state_dict: Mapping[str, Tensor], prefix:
                 module._buffers[attr] = new
             resized = True
         if resized:
-            _sizes(module, f"{key}{own[0][0]}")
+            sync_sizes(module, f"{key}{own[0][0]}")
             if name not in changed:
                 changed.append(name)
     if changed:
@@ -94,8 +94,16 @@ def match_structure_(model: nn.Module, state_dict: Mapping[str, Tensor], prefix:
     return changed
 
 
-def _sizes(module: nn.Module, key: str) -> None:
-    """Set ``module``'s size attributes from its (resized) tensors."""
+def sync_sizes(module: nn.Module, key: str = "") -> None:
+    """Set ``module``'s size attributes (``out_features``, ``out_channels``, ``num_features``, ``nf``, ...) from its
+    resized tensors. ``key``: the tensor's name, for the error raised on a layer kind that cannot be resized.
+
+    >>> layer = nn.Linear(8, 4)
+    >>> layer.weight = nn.Parameter(layer.weight[:2])
+    >>> sync_sizes(layer)
+    >>> layer.out_features, layer.in_features
+    (2, 8)
+    """
     w = getattr(module, "weight", None)
     if isinstance(module, nn.Linear) and isinstance(w, Tensor):
         module.out_features, module.in_features = int(w.shape[0]), int(w.shape[1])
