@@ -1,4 +1,4 @@
-"""Channel pruning that makes a model faster: `Pruning(pattern="channel")` on real digits, measured in ONNX Runtime.
+"""Channel pruning that makes a model faster: `ChannelPruning` on real digits, measured in ONNX Runtime.
 
 The CNN of the MNIST examples (conv32-conv64-fc256-fc10, 317k parameters) trained on MNIST-5k with the same seed,
 data and optimizer: dense, and with 50% and 75% of the channels of every conv and hidden layer pruned during the
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from mnist5k import Classifier, TeacherCNN, mnist_5k, quiet_lightning
 
-from litcompress import Pruning
+from litcompress import ChannelPruning
 from litcompress._timing import median_seconds, ort_session
 from litcompress.export import export_onnx
 
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     models["dense"], acc["dense"] = train(data, test, args.epochs, args.seed, [])
     for sparsity in args.sparsity:
         name = f"{sparsity:.0%} removed"
-        pruning = Pruning(sparsity, pattern="channel", verbose=False)
+        pruning = ChannelPruning(sparsity, verbose=False)
         models[name], acc[name] = train(data, test, args.epochs, args.seed, [pruning])
         removed[name] = {k: list(v) for k, v in pruning.removed.items()}
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}

@@ -3,7 +3,7 @@
 Tiny-to-small BERT, GPT-2 and Llama configs with random weights (nothing downloaded): dense, and with half the heads
 (half the key/value heads with their query heads under grouped-query attention) and half the MLP neurons of every
 block pruned by :class:`~litcompress.sparsity.channels.ChannelPruner` (magnitude, the same code path as
-``Pruning(0.5, pattern="channel")``) and removed. Rows: parameters, FLOPs (``torch.utils.flop_counter``, one batch),
+``ChannelPruning(0.5)``) and removed. Rows: parameters, FLOPs (``torch.utils.flop_counter``, one batch),
 the largest difference between the removed and the masked model's outputs, and fp32 latency in eager PyTorch and in
 ONNX Runtime (median of repeated runs, dense and pruned alternating in one process). Random weights measure cost,
 not accuracy: what pruning heads costs in accuracy depends on training (see the examples).

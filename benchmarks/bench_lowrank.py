@@ -1,7 +1,7 @@
 """Low-rank factorization of LeNet-300-100 on real digits: `LowRankFactorization` at several energies.
 
 LeNet-300-100 (784-300-100-10, 266k weights) trained on MNIST-5k for ``--epochs`` epochs with Adam and a cosine
-decay: once dense, and once per energy with `LowRankFactorization(energy=e, at=--at)`: dense for ``--at`` epochs,
+decay: once dense, and once per energy with `LowRankFactorization(energy=e, start=--at)`: dense for ``--at`` epochs,
 then every layer whose truncated SVD keeping ``e`` of its squared singular values cuts its weights is factorized
 in the same fit, and the remaining epochs fine-tune the factorized model (same seed, data and optimizer; the first
 ``--at`` epochs are identical to the dense run's). Rows: the ranks, parameters, test accuracy right after the
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     models["dense"], acc["dense"] = train(data, test, args.epochs, args.seed, [])
     for energy in args.energy:
         name = f"energy {energy:g}"
-        lowrank = LowRankFactorization(energy=energy, at=args.at, verbose=False)
+        lowrank = LowRankFactorization(energy=energy, start=args.at, verbose=False)
         probe = AccuracyAtChange(args.at, test)
         models[name], acc[name] = train(data, test, args.epochs, args.seed, [lowrank, probe])
         at_change[name] = probe.value

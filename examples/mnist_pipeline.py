@@ -13,8 +13,11 @@
    than fp32 ones: the printed table shows what was chosen). Run the file with ONNX Runtime on the 1,000
    held-out digits, and save the compact weights (safetensors).
 
-    python examples/mnist_pipeline.py                    # about one minute on 2 CPU cores
+    python examples/mnist_pipeline.py                    # about two minutes on 2 CPU cores
     python examples/mnist_pipeline.py --sparsity 0.75 --bits 4 --epochs 60
+
+Measured figures are in `benchmarks/RESULTS.md` (the default run: 97-116 s for seeds 0-2 on 2 CPU cores; several
+times longer on a machine busy with other jobs).
 
 Writes to `--out` (default `mnist_pipeline_out/`): teacher.pt, student.safetensors, student.onnx (the deployed
 file), compression_report.json, pipeline.json (with the int8 choice) and the two PNG charts.

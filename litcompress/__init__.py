@@ -1,8 +1,10 @@
 """litcompress: pruning, quantization-aware training and distillation inside an ordinary ``Trainer.fit``.
 
-The Lightning parts (:class:`Pruning`, :class:`QuantizationAwareTraining`, :class:`CompressionReport`,
-:class:`DistillationModule`) load on first use, so ``import litcompress.sparsity`` (or ``.quantization``,
-``.distillation``, ``.schedules``, ``.export``, ``.report``) never imports Lightning or torchmetrics.
+The Lightning parts (:class:`Pruning`, :class:`ChannelPruning`, :class:`QuantizationAwareTraining`,
+:class:`LowRankFactorization`, :class:`CompressionReport`, :class:`DistillationModule`) load on first use, so
+``import litcompress.sparsity`` (or any other pure-torch package: ``.quantization``, ``.distillation``,
+``.factorization``, ``.structure``, ``.export``, ``.report``, ``.schedules``) never imports Lightning or
+torchmetrics.
 
 >>> import litcompress
 >>> litcompress.Pruning.__name__
@@ -19,12 +21,19 @@ from litcompress.selection import select_parameters
 from litcompress.sparsity import Pruner
 
 if TYPE_CHECKING:  # pragma: no cover
-    from litcompress.callbacks import CompressionReport, LowRankFactorization, Pruning, QuantizationAwareTraining
+    from litcompress.callbacks import (
+        ChannelPruning,
+        CompressionReport,
+        LowRankFactorization,
+        Pruning,
+        QuantizationAwareTraining,
+    )
     from litcompress.modules import DistillationModule
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChannelPruning",
     "CompressionReport",
     "DistillationModule",
     "LowRankFactorization",
@@ -37,6 +46,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "ChannelPruning": "litcompress.callbacks",
     "CompressionReport": "litcompress.callbacks",
     "LowRankFactorization": "litcompress.callbacks",
     "Pruning": "litcompress.callbacks",

@@ -21,7 +21,13 @@ __all__ = ["median_seconds", "ort_feed", "ort_session"]
 
 @torch.inference_mode()
 def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
-    """The median wall-clock seconds of ``repeats`` calls of ``fn``, after ``warmup`` untimed calls."""
+    """The median wall-clock seconds of ``repeats`` calls of ``fn``, after ``warmup`` untimed calls.
+
+    Args:
+        fn: the call to time, without arguments; it runs under ``torch.inference_mode()``.
+        repeats: timed calls (at least 1: the median of none is an error).
+        warmup: untimed calls first (0 for none).
+    """
     for _ in range(warmup):
         fn()
     times = []
@@ -38,6 +44,11 @@ def ort_session(path: str | os.PathLike, threads: int, spinning: bool = True) ->
     ``spinning=False`` lets idle intra-op threads sleep at once instead of spinning for more work: several sessions
     timed in turn then do not slow each other, and another process on the machine distorts the timings far less
     (measured on 2 shared cores: the same fp32 file 1.1-6.3 ms with spinning, 1.5-2.7 ms without).
+
+    Args:
+        path: the ONNX file.
+        threads: ONNX Runtime's intra-op thread count (0 lets ONNX Runtime choose).
+        spinning: let idle intra-op threads spin (ONNX Runtime's default); ``False`` makes them sleep at once.
     """
     import onnxruntime as ort
 
@@ -49,7 +60,13 @@ def ort_session(path: str | os.PathLike, threads: int, spinning: bool = True) ->
 
 
 def ort_feed(session: Any, args: tuple[Tensor, ...], kwargs: dict[str, Tensor]) -> dict[str, Any]:
-    """The session's inputs, by name, as numpy arrays: positional tensors in order, keyword tensors by name."""
+    """The session's inputs, by name, as numpy arrays: positional tensors in order, keyword tensors by name.
+
+    Args:
+        session: an ONNX Runtime ``InferenceSession``.
+        args: input tensors matched to the session's inputs in order; when not empty, ``kwargs`` is ignored.
+        kwargs: input tensors by input name, used when ``args`` is empty: it must hold every input of the session.
+    """
     names = [i.name for i in session.get_inputs()]
     values = dict(zip(names, args)) if args else {n: kwargs[n] for n in names}
     return {name: value.detach().cpu().numpy() for name, value in values.items()}

@@ -85,6 +85,11 @@ SCHEDULES: dict[str, Schedule] = {
 def progress(step: int, start: int, end: int) -> float:
     """Position of ``step`` between ``start`` and ``end``, clamped to ``[0, 1]``.
 
+    Args:
+        step: the current step (for the callbacks: ``trainer.global_step``, in optimizer steps).
+        start: the step where progress is 0.
+        end: the step where progress reaches 1; when ``end <= start`` progress jumps from 0 to 1 at ``start``.
+
     >>> progress(0, 10, 20), progress(15, 10, 20), progress(99, 10, 20)
     (0.0, 0.5, 1.0)
     """
@@ -96,6 +101,12 @@ def progress(step: int, start: int, end: int) -> float:
 def latest_update(step: int, start: int, end: int, every: int) -> int | None:
     """The last update point at or before ``step``; points are ``start, start + every, ...`` and ``end`` (all in
     optimizer steps). ``None`` before ``start``. A callback updates when this changes.
+
+    Args:
+        step: the current optimizer step.
+        start: the first update point.
+        end: the last update point, an update point even off the ``every`` grid; every step from it on returns it.
+        every: optimizer steps between update points from ``start`` on (a positive int).
 
     >>> [latest_update(s, start=2, end=9, every=3) for s in range(11)]
     [None, None, 2, 2, 2, 5, 5, 5, 8, 9, 9]

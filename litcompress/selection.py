@@ -6,7 +6,7 @@ several modules (tied embeddings) is one tensor: listed once, under its canonica
 
 Layers are recognised by what their weight does, not only by class: Hugging Face's
 ``transformers.pytorch_utils.Conv1D`` (GPT-2's projections, weight stored ``(in_features, out_features)``) is a
-layer kind like ``nn.Linear`` (:class:`HFConv1D`), found without importing transformers.
+layer kind like ``nn.Linear`` (:class:`~litcompress.layers.HFConv1D`), found without importing transformers.
 
 >>> from torch import nn
 >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2))
@@ -19,20 +19,18 @@ layer kind like ``nn.Linear`` (:class:`HFConv1D`), found without importing trans
 from __future__ import annotations
 
 import re
-from abc import ABCMeta
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from torch import nn
 
 from litcompress._validation import fail
+from litcompress.layers import HFConv1D
 
 __all__ = [
     "FIRST",
     "LAST",
     "PRUNABLE_KINDS",
-    "HFConv1D",
     "ParameterRef",
     "check_patterns",
     "select_parameters",
@@ -43,36 +41,6 @@ FIRST = "<first>"
 """Token for ``exclude``: the first selected layer (in module registration order)."""
 LAST = "<last>"
 """Token for ``exclude``: the last selected layer (in module registration order)."""
-
-
-class HFConv1D(nn.Module, metaclass=ABCMeta):
-    """The layer kind of Hugging Face's ``transformers.pytorch_utils.Conv1D`` (GPT-2, GPT, ImageGPT, ...).
-
-    A virtual base class, never instantiated: ``isinstance(module, HFConv1D)`` is true for a class named ``Conv1D``
-    from a module under ``transformers`` (or a subclass of one), so transformers is never imported to find it. The
-    layer computes ``x @ weight + bias`` with ``weight`` stored ``(in_features, out_features)``: its input
-    dimension is 0 and its output channels lie along dimension 1 (the transpose of ``nn.Linear``). Layers that
-    stand in for it (the quantization-aware ``QATConv1D``) are registered with :meth:`register`.
-
-    >>> Conv1D = type("Conv1D", (nn.Module,), {"__module__": "transformers.pytorch_utils"})
-    >>> isinstance(Conv1D(), HFConv1D), isinstance(nn.Linear(2, 2), HFConv1D)
-    (True, False)
-    """
-
-    weight: nn.Parameter
-    bias: nn.Parameter | None
-    nf: int
-
-    @staticmethod
-    def matches(cls: type) -> bool:
-        """Whether ``cls`` itself (not a subclass of it) is transformers' ``Conv1D``."""
-        return cls.__name__ == "Conv1D" and cls.__module__.split(".")[0] == "transformers"
-
-    @classmethod
-    def __subclasshook__(cls, other: type) -> Any:
-        if cls is HFConv1D and any(HFConv1D.matches(base) for base in other.__mro__):
-            return True
-        return NotImplemented  # the registry (``HFConv1D.register``) decides
 
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

@@ -1,9 +1,8 @@
-"""The README's Python blocks run as written; the examples and benchmark scripts run end to end."""
+"""The examples and benchmark scripts run end to end (the README's and the docs' Python blocks: tests/test_docs.py)."""
 
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,20 +10,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def readme_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
-
-
-def test_readme_has_python_blocks():
-    assert len(readme_blocks()) >= 2
-
-
-@pytest.mark.parametrize("index", range(len(readme_blocks())))
-def test_readme_python_block_runs(index, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    exec(compile(readme_blocks()[index], f"README.md block {index}", "exec"), {"__name__": "__readme__"})
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from torch import nn
 
 from litcompress import QuantizationAwareTraining
 from litcompress.export import export_onnx
@@ -57,6 +58,47 @@ def test_quantized_export_runs_on_integer_kernels(tmp_path, model):
     # the batch dimension is dynamic
     out2, _ = run_ort(path, torch.cat([x, x]), tmp_path)
     assert out2.shape[0] == 2 * x.shape[0]
+
+
+@pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
+@pytest.mark.parametrize(("bits", "dtype", "zero_point"), [(8, onnx.TensorProto.UINT8, 128),
+                                                          (7, onnx.TensorProto.INT8, 0)])
+def test_integer_kernels_cannot_saturate(tmp_path, bits, dtype, zero_point, granularity):
+    """The worst case for ONNX Runtime's U8S8 kernel on x86 CPUs without VNNI (VPMADDUBSW adds two u8 x s8
+    products in a saturating int16): activations at 255 times weights at +-127. 8-bit weights are stored uint8
+    (zero point 128: U8U8, exact kernels), 7-bit ones int8 (2 * 255 * 63 fits in int16); either way the initializer
+    dequantizes to exactly the fake-quantized weight, and ONNX Runtime agrees with torch."""
+    from litcompress.quantization import QuantConfig, convert_, fake_quant
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 8))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.sign(torch.randn(8, 1)).expand(8, 64))  # every row +-1: every q at +-qmax
+    layer = convert_(model, QuantConfig(weight_bits=bits, weight_granularity=granularity), ["0"])["0"]
+    x = torch.rand(2, 3, 64)  # N-D: MatMul, run as MatMulIntegerToFloat
+    x[0] = 1.0  # quantized to 255, with zero point 0
+    with fake_quant(model, True):
+        model.train()
+        model(torch.cat([x, torch.zeros_like(x)]))  # observe [0, 1]
+        for q in layer.input_quantizers.values():
+            q.commit()
+        model.eval()
+        with torch.no_grad():
+            expected = model(x).numpy()
+            fake_weight = layer.weight_quantizers["weight"](model[0].weight)
+        path = export_onnx(model, x, tmp_path / "model.onnx")
+    out, ops = run_ort(path, x, tmp_path)
+    assert INTEGER_KERNELS & set(ops), ops
+    graph = onnx.load(str(path)).graph
+    weights = {i.name: i for i in graph.initializer}
+    dq = next(n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights)
+    assert weights[dq.input[0]].data_type == dtype
+    q, scale, zeros = (onnx.numpy_helper.to_array(weights[name]) for name in dq.input)
+    assert (zeros == zero_point).all()
+    shape = (-1, 1) if scale.ndim else ()
+    dequantized = (q.astype(np.float32) - zeros.astype(np.float32).reshape(shape)) * scale.reshape(shape)
+    np.testing.assert_array_equal(dequantized, fake_weight.numpy())
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("model", ["lstm", "gru"])

@@ -14,7 +14,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from litcompress import CompressionReport, DistillationModule, Pruning, QuantizationAwareTraining
+from litcompress import (
+    ChannelPruning,
+    CompressionReport,
+    DistillationModule,
+    LowRankFactorization,
+    Pruning,
+    QuantizationAwareTraining,
+)
 from litcompress.distillation import TeacherCache, kd_loss
 from litcompress.export import export_onnx
 from litcompress.quantization import QuantConfig
@@ -43,6 +50,14 @@ def _report(**kwargs):
 
 def _prune(*args, **kwargs):
     return lambda model, tmp: Pruning(*args, **kwargs)
+
+
+def _channels(*args, **kwargs):
+    return lambda model, tmp: ChannelPruning(*args, **kwargs)
+
+
+def _lowrank(*args, **kwargs):
+    return lambda model, tmp: LowRankFactorization(*args, **kwargs)
 
 
 def _qat(**kwargs):
@@ -81,6 +96,32 @@ CONSTRUCTION = [
     Case("pruning-rewind", _prune(0.5, rewind="yes"), TypeError, r"`rewind`"),
     Case("pruning-verbose", _prune(0.5, verbose="no"), TypeError, r"`verbose`"),
     Case("pruning-log-prefix", _prune(0.5, log_prefix=3), TypeError, r"`log_prefix`"),
+    Case("pruning-channel-pattern", _prune(0.5, pattern="channel"), ValueError, r"`pattern`.*ChannelPruning"),
+    Case("pruning-remove-channels", _prune(0.5, remove_channels="yes"), TypeError, r"`remove_channels`"),
+    # ChannelPruning
+    Case("channels-sparsity-map", _channels({"fc": 0.5}), TypeError, r"`sparsity`"),
+    Case("channels-sparsity-one", _channels(1.0), ValueError, r"`sparsity`"),
+    Case("channels-sparsity-bool", _channels(True), TypeError, r"`sparsity`"),
+    Case("channels-importance", _channels(0.5, importance="movement"), ValueError, r"`importance`"),
+    Case("channels-remove-at-zero", _channels(0.5, remove_at=0), ValueError, r"`remove_at`"),
+    Case("channels-remove-at-kept", _channels(0.5, remove_at=2, remove_channels=False), ValueError,
+         r"`remove_at`.*remove_channels=False"),
+    Case("channels-remove-at-before-end", _channels(0.5, end=3, remove_at=2), ValueError, r"`remove_at`.*`end`"),
+    Case("channels-end-before-start", _channels(0.5, start=2, end=1), ValueError, r"`end`"),
+    Case("channels-interval", _channels(0.5, interval="batch"), ValueError, r"`interval`"),
+    Case("channels-exclude-regex", _channels(0.5, exclude="fc("), ValueError, r"`exclude`"),
+    Case("channels-verbose", _channels(0.5, verbose="no"), TypeError, r"`verbose`"),
+    # LowRankFactorization
+    Case("lowrank-nothing", _lowrank(), TypeError, r"`rank`.*exactly one"),
+    Case("lowrank-two-targets", _lowrank(4, energy=0.9), ValueError, r"`rank`"),
+    Case("lowrank-rank-zero", _lowrank(0), ValueError, r"`rank`"),
+    Case("lowrank-rank-float", _lowrank(2.5), TypeError, r"`rank`"),
+    Case("lowrank-ratio", _lowrank(rank_ratio=1.5), ValueError, r"`rank_ratio`"),
+    Case("lowrank-energy", _lowrank(energy=0.0), ValueError, r"`energy`"),
+    Case("lowrank-start", _lowrank(4, start=-1), ValueError, r"`start`"),
+    Case("lowrank-interval", _lowrank(4, interval="batch"), ValueError, r"`interval`"),
+    Case("lowrank-parameters", _lowrank(4, parameters=3), TypeError, r"`parameters`"),
+    Case("lowrank-verbose", _lowrank(4, verbose="no"), TypeError, r"`verbose`"),
     # QuantizationAwareTraining
     Case("qat-weight-bits-1", _qat(weight_bits=1), ValueError, r"`weight_bits`"),
     Case("qat-weight-bits-16", _qat(weight_bits=16), ValueError, r"`weight_bits`"),
@@ -250,6 +291,15 @@ FIT = [
             ValueError, r"net\.0\.weight.*requires_grad", prepare=_frozen_first),
     FitCase("pruning-unsized-loader", lambda: [Pruning(0.5)], ValueError, r"`interval`.*'step'.*without a length",
             loader="unsized"),
+    FitCase("channels-no-match", lambda: [ChannelPruning(0.5, parameters="nothing_here")], ValueError,
+            r"`parameters`"),
+    FitCase("channels-start-after-fit", lambda: [ChannelPruning(0.5, start=5)], ValueError, r"`start`"),
+    FitCase("channels-and-pruning-overlap", lambda: [Pruning(0.5), ChannelPruning(0.5)], ValueError,
+            r"`parameters`.*disjoint"),
+    FitCase("lowrank-no-match", lambda: [LowRankFactorization(4, parameters="nothing_here")], ValueError,
+            r"`parameters`"),
+    FitCase("lowrank-rank-too-big", lambda: [LowRankFactorization(64)], ValueError, r"`rank`"),
+    FitCase("lowrank-start-after-fit", lambda: [LowRankFactorization(4, start=5)], ValueError, r"`start`"),
     FitCase("qat-unsized-loader", lambda: [QuantizationAwareTraining(start=1)], ValueError, r"`interval`",
             loader="unsized"),
     FitCase("qat-start-after-fit", lambda: [QuantizationAwareTraining(start=5)], ValueError, r"`start`"),

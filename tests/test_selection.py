@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from litcompress.selection import HFConv1D, select_parameters
+from litcompress.layers import HFConv1D
+from litcompress.selection import select_parameters
 from tests.models import MLP, ZOO, RNNClassifier, TinyGPT, TransformerClassifier
 
 

@@ -1,76 +1,47 @@
-"""`Pruning(pattern="channel")`: the Lightning side of structured pruning (kept here so `pruning.py` stays one
-concept): checking its options, tracing the coupled-channel graph on a batch, removing the channels at the end."""
+"""The Lightning side of removing channels, shared by `ChannelPruning` (masked channels and heads) and
+`Pruning(remove_channels=True)` (dead channels): tracing the coupled-channel graph on a batch, removing the channels
+at the end or mid-fit, and rank zero's smaller copy under FSDP2."""
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from litcompress._extras import require
-from litcompress._validation import check_choice, check_fraction, check_int, fail
+from litcompress._validation import fail
 from litcompress.callbacks._base import _compression_target
 from litcompress.callbacks._inputs import first_batch_inputs
+from litcompress.callbacks._pruning_base import _PruningBase
 from litcompress.callbacks._structure import point_optimizers
-from litcompress.quantization.modules import QuantizedLayer
-from litcompress.selection import HFConv1D, ParameterRef
-from litcompress.sparsity.channels import CHANNEL_IMPORTANCES, ChannelPruner
+from litcompress.layers import HFConv1D
+from litcompress.quantization.layers import QuantizedLayer
+from litcompress.selection import ParameterRef
+from litcompress.sparsity.channels import ChannelPruner
 from litcompress.sparsity.dead import DeadChannels
 from litcompress.structure import keep_slices
 
-if TYPE_CHECKING:
-    from litcompress.callbacks.pruning import Pruning
-
-__all__ = ["build_channel_pruner", "check_channel_options", "check_remove_at", "remove_channels",
-           "remove_channels_mid_fit", "remove_dead_channels"]
+__all__: list[str] = []
 
 _ROOTS = (nn.Linear, nn.modules.conv._ConvNd, HFConv1D, nn.MultiheadAttention)
 
 
-def check_channel_options(sparsity: Any, scope: Any, importance: Any, rewind: Any) -> None:
-    if isinstance(sparsity, (Mapping, bool)) or not isinstance(sparsity, numbers.Real):
-        fail("sparsity", "a float in the [0, 1) range with pattern='channel'", sparsity, exc=TypeError,
-             hint="the fraction of output channels removed from every selected layer")
-    check_fraction("sparsity", sparsity)
-    if scope == "global":
-        fail("scope", "'layer' or None with pattern='channel'", scope,
-             hint="every layer loses the same fraction of its channels")
-    check_choice("importance", importance, CHANNEL_IMPORTANCES,
-                 hint="channel importances: L2 ('magnitude') or L1 norm, first-order Taylor, BatchNorm scale")
-    if rewind is True:
-        fail("rewind", "False with pattern='channel'", rewind, hint="rewinding is for unstructured masks")
-
-
-def check_remove_at(remove_at: Any, pattern: str, remove_channels: bool, end: int | None) -> None:
-    check_int("remove_at", remove_at, minimum=1, allow_none=True)
-    if remove_at is None:
-        return
-    if pattern != "channel":
-        fail("remove_at", "None unless pattern='channel'", remove_at, hint="only whole channels can be removed")
-    if not remove_channels:
-        fail("remove_at", "None with remove_channels=False", remove_at, hint="pass remove_channels=True to remove them")
-    if end is not None and remove_at < end:
-        fail("remove_at", f"at or after `end` ({end}), when the masks are final", remove_at)
-
-
-def build_channel_pruner(callback: Pruning, trainer: pl.Trainer, pl_module: pl.LightningModule,
+def build_channel_pruner(callback: _PruningBase, trainer: pl.Trainer, pl_module: pl.LightningModule,
                          refs: Sequence[ParameterRef], dead: bool = False) -> tuple[ChannelPruner, Any]:
     """Trace the compressed model on ``example_input`` (else the first training batch) and mask the output
     channels of the selected Linear and Conv layers, with everything coupled to them. ``dead=True``: only trace
     (unstructured pruning with ``remove_channels=True``: all-zero channels are removed at the end). Returns the
     pruner and the input it traced."""
-    what = "Pruning(remove_channels=True)" if dead else "Pruning(pattern='channel')"
+    what = "Pruning(remove_channels=True)" if dead else "ChannelPruning"
     require("torch_pruning", what=what)
     target = _compression_target(pl_module)
     learned = [n for n, m in target.named_modules() if isinstance(m, QuantizedLayer)
                and any(q.config.scale == "learned" for q in m.weight_quantizers.values())]
     if learned:
-        fail("remove_channels" if dead else "pattern", "False / 'unstructured' or 'N:M' with "
-             "QuantizationAwareTraining(scale='learned')", True if dead else "channel",
+        fail("remove_channels", f"False with {what} and QuantizationAwareTraining(scale='learned')", True,
              hint=f"learned per-channel step sizes ({learned[0]}, ...) cannot shrink with their layer; use "
                   "scale='minmax' or 'power_of_two'")
     layers = sorted({r.module_name for r in refs if isinstance(r.module, _ROOTS)},
@@ -81,13 +52,13 @@ def build_channel_pruner(callback: Pruning, trainer: pl.Trainer, pl_module: pl.L
     if x is None:
         x = pl_module.example_input_array
     if x is None:
-        x = first_batch_inputs(trainer, pl_module, "Pruning")
+        x = first_batch_inputs(trainer, pl_module, type(callback).__name__)
     x = {k: v.to(pl_module.device) for k, v in x.items()} if isinstance(x, Mapping) else (
         x.to(pl_module.device) if isinstance(x, Tensor) else x)
     was_training = target.training
     target.eval()
     try:
-        # pattern="channel" takes one float sparsity and a named importance (checked in Pruning.__init__)
+        # ChannelPruning takes one float sparsity and a named importance (checked in its __init__)
         pruner = ChannelPruner(target, x, layers, 0.0 if dead else cast(float, callback.sparsity),
                                "magnitude" if dead else cast(str, callback.importance), refs=refs)
     finally:
@@ -100,11 +71,11 @@ def build_channel_pruner(callback: Pruning, trainer: pl.Trainer, pl_module: pl.L
         rank_zero_warn(f"{what}: {len(pruner.skipped)} layer(s) keep all their channels: "
                        + "; ".join(f"{k}: {v}" for k, v in pruner.skipped.items()))
     if callback.verbose:
-        rank_zero_info(f"Pruning: {len(pruner.groups)} channel groups over {len(layers)} layers")
+        rank_zero_info(f"{type(callback).__name__}: {len(pruner.groups)} channel groups over {len(layers)} layers")
     return pruner, x
 
 
-def remove_dead_channels(callback: Pruning, pruner: ChannelPruner, x: Any) -> dict[str, tuple[int, int]]:
+def remove_dead_channels(callback: _PruningBase, pruner: ChannelPruner, x: Any) -> dict[str, tuple[int, int]]:
     """Remove the channels unstructured pruning zeroed entirely (their constant output folded into the consumers'
     biases): the model computes what it computed, with smaller layers."""
     before = sum(p.numel() for p in pruner.model.parameters())
@@ -115,12 +86,12 @@ def remove_dead_channels(callback: Pruning, pruner: ChannelPruner, x: Any) -> di
                        + "; ".join(f"{k}: {v}" for k, v in dead.kept.items()))
     if callback.verbose:
         after = sum(p.numel() for p in pruner.model.parameters())
-        rank_zero_info(f"Pruning: removed {sum(b - a for b, a in removed.values())} all-zero channels from "
-                       f"{len(removed)} groups; parameters {before:,} -> {after:,}")
+        rank_zero_info(f"{type(callback).__name__}: removed {sum(b - a for b, a in removed.values())} all-zero "
+                       f"channels from {len(removed)} groups; parameters {before:,} -> {after:,}")
     return removed
 
 
-def remove_channels_mid_fit(callback: Pruning, trainer: pl.Trainer,
+def remove_channels_mid_fit(callback: _PruningBase, trainer: pl.Trainer,
                             pruner: ChannelPruner) -> dict[str, tuple[int, int]]:
     """Delete the masked channels during the fit: the optimizers then hold the smaller tensors, each with the
     kept slices of its state (momentum, Adam moments), and frozen per-channel weight scales shrink with them."""
@@ -133,25 +104,23 @@ def remove_channels_mid_fit(callback: Pruning, trainer: pl.Trainer,
         if new is not old[(module, attr)]:
             replacements[old[(module, attr)]] = [(new, keep_slices(dims))]
         if isinstance(module, QuantizedLayer) and attr in module.weight_quantizers:
-            quantizer = module.weight_quantizers[attr]
-            if quantizer.scale is not None and quantizer.axis in dims:
-                quantizer.scale = quantizer.scale.index_select(
-                    quantizer.axis, dims[quantizer.axis].to(quantizer.scale.device))
-    point_optimizers(trainer, "Pruning", replacements)
+            module.weight_quantizers[attr].keep_channels(dims)
+    point_optimizers(trainer, type(callback).__name__, replacements)
     return removed
 
 
-def remove_channels(callback: Pruning, pruner: ChannelPruner) -> dict[str, tuple[int, int]]:
+def remove_channels(callback: _PruningBase, pruner: ChannelPruner) -> dict[str, tuple[int, int]]:
     """Delete the masked channels: the model becomes an ordinary smaller ``nn.Module``."""
     before = sum(p.numel() for p in pruner.model.parameters())
     removed = pruner.remove()
     after = sum(p.numel() for p in pruner.model.parameters())
     if callback.verbose:
-        rank_zero_info(f"Pruning: removed channels from {len(removed)} groups; parameters {before:,} -> {after:,}")
+        rank_zero_info(f"{type(callback).__name__}: removed channels from {len(removed)} groups; parameters "
+                       f"{before:,} -> {after:,}")
     return removed
 
 
-def smaller_copy(callback: Pruning, pruner: ChannelPruner, traced: Any,
+def smaller_copy(callback: _PruningBase, pruner: ChannelPruner, traced: Any,
                  dead: bool = False) -> tuple[dict[str, tuple[int, int]], Any]:
     """FSDP2: the sharded model keeps its size (its channels masked, or zeroed by unstructured pruning); rank zero
     gathers a whole copy (the model's memory once, on its CPU), traces it again and removes from it the masked
@@ -165,7 +134,7 @@ def smaller_copy(callback: Pruning, pruner: ChannelPruner, traced: Any,
     was_training = copy.training
     copy.eval()
     try:
-        twin = ChannelPruner(copy, x, pruner.layers, 0.0 if dead else pruner.sparsity,
+        twin = ChannelPruner(copy, x, pruner.layers, 0.0 if dead else pruner.target,
                              "magnitude" if dead else pruner.importance)
     finally:
         copy.train(was_training)

@@ -6,7 +6,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from litcompress._validation import check_choice, check_fraction, fail
-from litcompress.callbacks._channels import check_channel_options
 from litcompress.schedules import Schedule
 from litcompress.selection import check_patterns
 from litcompress.sparsity.importance import DATA_DEPENDENT, IMPORTANCES
@@ -15,15 +14,13 @@ from litcompress.sparsity.masks import parse_nm
 __all__: list[str] = []
 
 
-def resolve_sparsity(
-    sparsity: Any, pattern: str, scope: Any, importance: Any, rewind: Any
-) -> float | Mapping[str, float]:
+def resolve_sparsity(sparsity: Any, pattern: str, scope: Any) -> float | Mapping[str, float]:
     """The final sparsity ``pattern`` asks for: ``sparsity`` itself, or ``1 - N/M`` for an ``N:M`` pattern; every
     combination that cannot be honoured is an error naming the argument."""
-    nm = None if pattern in ("unstructured", "channel") else parse_nm(pattern)
     if pattern == "channel":
-        check_channel_options(sparsity, scope, importance, rewind)
-        return float(sparsity)
+        fail("pattern", "'unstructured' or an 'N:M' pattern such as '2:4'", pattern,
+             hint="whole channels and heads are pruned and removed by the ChannelPruning callback")
+    nm = None if pattern == "unstructured" else parse_nm(pattern)
     if nm is not None:
         nm_sparsity = 1 - nm[0] / nm[1]
         if isinstance(sparsity, Mapping) or (sparsity is not None and abs(float(sparsity) - nm_sparsity) > 1e-9):
@@ -52,10 +49,10 @@ def resolve_sparsity(
     return sparsity
 
 
-def check_importance(importance: Any, pattern: str, start: Any, schedule: Schedule) -> None:
+def check_importance(importance: Any, start: Any, schedule: Schedule) -> None:
     """A named importance must exist; a gradient-based one needs an optimizer step before the first prune."""
-    if callable(importance) or pattern == "channel":
-        return  # channel importances are checked with the other channel options
+    if callable(importance):
+        return
     check_choice("importance", importance, IMPORTANCES, hint="or pass a callable fn(name, weight)")
     if importance in DATA_DEPENDENT and start == 0 and schedule(0.0) > 0:
         fail("start", f"an int >= 1 with importance={importance!r} and a schedule that prunes at start",

@@ -22,7 +22,8 @@ from litcompress.factorization.lowrank import (
     factorize_,
     tied_to,
 )
-from litcompress.selection import HFConv1D, ParameterFilter, check_patterns, select_parameters
+from litcompress.layers import HFConv1D
+from litcompress.selection import ParameterFilter, check_patterns, select_parameters
 
 __all__ = ["LowRankFactorization"]
 
@@ -30,14 +31,14 @@ _KINDS = (nn.Linear, HFConv1D, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class LowRankFactorization(_CompressionCallback):
-    """Replace chosen layers by their truncated SVD at ``at``, then keep training the factorized model.
+    """Replace chosen layers by their truncated SVD at ``start``, then keep training the factorized model.
 
     Each selected Linear (or transformers ``Conv1D``, or ungrouped convolution) becomes a
     :class:`~litcompress.factorization.Factorized` pair, ``in -> r -> out``, initialised from the SVD, when that
     cuts its weights; a layer whose chosen rank would not is kept and reported. The rank is chosen per layer by
     exactly one of ``rank``, ``rank_ratio`` or ``energy``.
 
-    At ``at=0`` the layers are factorized in ``setup``, before the optimizers exist. Later, they are factorized at
+    At ``start=0`` the layers are factorized in ``setup``, before the optimizers exist. Later, they are factorized at
     that optimizer step and the optimizers are edited in place: the new factors join the param group of the
     weight they replace (fresh state), the bias is the same ``Parameter`` (its state kept), the LR schedulers
     continue. A checkpoint written after the change restores into the factorized structure with
@@ -50,7 +51,7 @@ class LowRankFactorization(_CompressionCallback):
         rank_ratio: the rank as a fraction of each layer's full rank, in ``(0, 1]``.
         energy: keep the smallest rank holding this fraction of the squared singular values, in ``(0, 1]``
             (relative squared reconstruction error ``<= 1 - energy``).
-        at: when, in ``interval`` units; ``0``: before training. Mid-fit changes run on a single device.
+        start: when, in ``interval`` units (the same word as every callback's); ``0``: before training. Mid-fit changes run on a single device.
         interval: ``"epoch"`` (default) or ``"step"`` (optimizer steps).
         parameters: which layers, by weight-name regex (or ``fn(module, name)``), as for
             :class:`~litcompress.callbacks.Pruning`; default: every Linear, ``Conv1D`` and ungrouped convolution.
@@ -62,7 +63,7 @@ class LowRankFactorization(_CompressionCallback):
         >>> import lightning.pytorch as pl
         >>> from lightning.pytorch.demos.boring_classes import BoringModel
         >>> model = BoringModel()  # one Linear(32, 2): 64 weights; at rank 1, 32 + 2
-        >>> lowrank = LowRankFactorization(rank=1, at=1, verbose=False)  # after the first epoch
+        >>> lowrank = LowRankFactorization(rank=1, start=1, verbose=False)  # after the first epoch
         >>> trainer = pl.Trainer(max_epochs=2, callbacks=[lowrank], logger=False, enable_checkpointing=False,
         ...                      enable_progress_bar=False, enable_model_summary=False, limit_train_batches=4)
         >>> trainer.fit(model)
@@ -76,7 +77,7 @@ class LowRankFactorization(_CompressionCallback):
         *,
         rank_ratio: float | None = None,
         energy: float | None = None,
-        at: int = 0,
+        start: int = 0,
         interval: Literal["epoch", "step"] = "epoch",
         parameters: str | Sequence[str] | ParameterFilter | None = None,
         exclude: str | Sequence[str] = (),
@@ -85,14 +86,14 @@ class LowRankFactorization(_CompressionCallback):
     ) -> None:
         super().__init__(interval)
         check_rank_options(rank, rank_ratio, energy)
-        check_int("at", at, minimum=0)
+        check_int("start", start, minimum=0)
         if parameters is not None and not callable(parameters):
             check_patterns("parameters", parameters)
         check_patterns("exclude", exclude)
         check_nonempty_str("log_prefix", log_prefix)
         check_bool("verbose", verbose)
         self.rank, self.rank_ratio, self.energy = rank, rank_ratio, energy
-        self.at, self.parameters, self.exclude = at, parameters, exclude
+        self.start, self.parameters, self.exclude = start, parameters, exclude
         self.log_prefix, self.verbose = log_prefix, verbose
         self.layers: list[str] = []  # selected in `setup`
         self.results: dict[str, LowRankResult] = {}  # per layer, once factorized
@@ -102,7 +103,7 @@ class LowRankFactorization(_CompressionCallback):
         self._originals: dict[str, nn.Module] = {}  # layers replaced in this fit's setup (restored on failure)
 
     def _key_fields(self) -> dict[str, Any]:
-        return {"rank": self.rank, "rank_ratio": self.rank_ratio, "energy": self.energy, "at": self.at,
+        return {"rank": self.rank, "rank_ratio": self.rank_ratio, "energy": self.energy, "start": self.start,
                 "parameters": self.parameters, "exclude": self.exclude}
 
     def _ready(self) -> bool:
@@ -121,8 +122,8 @@ class LowRankFactorization(_CompressionCallback):
             return  # this model was factorized by an earlier fit
         target = _compression_target(pl_module)
         self.layers = self._select(target)
-        if self.at > 0:
-            check_mid_fit(trainer, type(self).__name__, "at", self.at)
+        if self.start > 0:
+            check_mid_fit(trainer, type(self).__name__, "start", self.start)
         else:
             modules = dict(target.named_modules())
             self._originals = {n: modules[n] for n in self.layers}
@@ -155,12 +156,12 @@ class LowRankFactorization(_CompressionCallback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.done:
-            self._at_step = self._check_before_end(trainer, "at", self.at)
+            self._at_step = self._check_before_end(trainer, "start", self.start)
             modules = dict(_compression_target(pl_module).named_modules())
             for name in self.layers:  # other callbacks' setup ran since ours (QAT converts layers there)
                 why = factorizable(modules[name])
                 if why is not None:
-                    fail("at", "0 when another callback changes the selected layers before training", self.at,
+                    fail("start", "0 when another callback changes the selected layers before training", self.start,
                          hint=f"`{name}`: {why}")
 
     @override

@@ -23,7 +23,7 @@ from litcompress.callbacks._base import (
 )
 from litcompress.distributed import check_synced
 from litcompress.quantization.access import quantized_layers
-from litcompress.quantization.modules import QUANTIZABLE_KINDS, QuantizedLayer, convert_, revert_
+from litcompress.quantization.layers import QUANTIZABLE_KINDS, QuantizedLayer, convert_, revert_
 from litcompress.quantization.quantizers import ActivationQuantizer, QuantConfig, WeightQuantizer
 from litcompress.selection import ParameterFilter, check_patterns, select_parameters
 

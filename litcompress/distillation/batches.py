@@ -25,13 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from litcompress._calls import logits_of
 from litcompress._validation import fail_state
 
 __all__ = [
     "LABELS",
     "accepts_keyword",
     "aligned_targets",
-    "call_model",
     "is_causal_lm",
     "mix_inputs",
     "output_logits",
@@ -63,15 +63,6 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     return batch, None
 
 
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """``model(**inputs)`` for a dict of inputs, ``model(inputs)`` otherwise.
-
-    >>> call_model(nn.Identity(), torch.ones(1))
-    tensor([1.])
-    """
-    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
-
-
 def output_logits(output: Any) -> Tensor:
     """The logits of a model's output: the tensor itself, its ``logits`` attribute, or its ``"logits"`` key.
 
@@ -79,10 +70,8 @@ def output_logits(output: Any) -> Tensor:
     >>> output_logits(SimpleNamespace(loss=None, logits=torch.ones(1, 2)))  # e.g. a Hugging Face ModelOutput
     tensor([[1., 1.]])
     """
-    if isinstance(output, Tensor):
-        return output
-    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
-    if not isinstance(logits, Tensor):
+    logits = logits_of(output)
+    if logits is None:
         fail_state(f"the model returned a {type(output).__name__}, which is not a tensor and has no `logits` tensor",
                    "DistillationModule.logits", "return logits (or an object with a `logits` tensor), or override "
                    "`DistillationModule.logits(output)` to pick them from what your model returns", exc=TypeError)
@@ -127,7 +116,14 @@ def is_causal_lm(model: nn.Module) -> bool:
 def aligned_targets(logits: Tensor, targets: Tensor, shift: bool, ignore_index: int = -100) -> Tensor:
     """The targets position by position with ``logits``: with ``shift`` and token logits ``(B, T, V)`` and
     labels ``(B, T)``, the label of position ``t`` is ``targets[:, t + 1]`` and the last position gets
-    ``ignore_index`` (the comparison Hugging Face's causal LM loss makes); otherwise the targets as they are."""
+    ``ignore_index`` (the comparison Hugging Face's causal LM loss makes); otherwise the targets as they are.
+
+    Args:
+        logits: the model's logits (token logits ``(B, T, V)`` to shift).
+        targets: the batch's targets (labels ``(B, T)`` to shift).
+        shift: shift token labels by one position (a causal language model's batch); ``False`` returns ``targets``.
+        ignore_index: the label of the last position after a shift (ignored by the losses).
+    """
     if not (shift and logits.dim() == 3 and targets.dim() == 2 and targets.shape == logits.shape[:2]):
         return targets
     return torch.cat([targets[:, 1:], targets.new_full((targets.shape[0], 1), ignore_index)], dim=1)
@@ -137,6 +133,14 @@ def targets_and_mask(logits: Tensor, targets: Any, inputs: Any, shift: bool = Fa
                      ignore_index: int = -100) -> tuple[Any, Tensor | None]:
     """:func:`aligned_targets` (``shift`` for dict inputs only: tuple batches' targets are aligned already) and
     :func:`position_mask` (with a dict's ``attention_mask``) of a batch.
+
+    Args:
+        logits: the model's logits.
+        targets: the batch's targets; anything but a tensor (e.g. ``None``) is returned as it is.
+        inputs: the batch's inputs; a dict's ``attention_mask`` (if any) masks positions, and only dict inputs are
+            shifted.
+        shift: shift a dict batch's token labels by one position (a causal language model's batch).
+        ignore_index: the target value of positions that do not count (and of the last position after a shift).
 
     >>> targets_and_mask(torch.zeros(1, 3, 4), torch.tensor([[5, 6, 7]]), {"attention_mask": torch.tensor([[1, 1, 0]])},
     ...                  shift=True)
@@ -154,6 +158,12 @@ def position_mask(logits: Tensor, targets: Tensor | None, attention_mask: Any = 
     """The positions of token logits ``(B, T, V)`` that count: targets (aligned with the logits) other than
     ``ignore_index``, where the ``attention_mask`` is not 0; ``None`` when every position counts.
 
+    Args:
+        logits: the model's logits; fewer than 3 dimensions (no token positions) gives ``None``.
+        targets: targets aligned with the logits ``(B, T)``, or ``None``; a tensor of another shape is not used.
+        attention_mask: a ``(B, T)`` tensor, 0 at padding; anything else (default ``None``) is not used.
+        ignore_index: the target value of positions that do not count.
+
     >>> position_mask(torch.zeros(1, 3, 4), torch.tensor([[5, -100, 6]]), torch.tensor([[1, 1, 0]]))
     tensor([[ True, False, False]])
     """
@@ -169,6 +179,11 @@ def position_mask(logits: Tensor, targets: Tensor | None, attention_mask: Any = 
 
 def mix_inputs(inputs: Tensor, size: int, generator: torch.Generator) -> Tensor:
     """``size`` convex mixes of two random rows of ``inputs`` (the draws from ``generator``).
+
+    Args:
+        inputs: a floating-point batch ``(B, ...)``; the mixes keep its device and dtype.
+        size: how many mixes to make (rows of the result).
+        generator: a CPU generator for the row pairs and the mixing weights (uniform in ``[0, 1)``, one per mix).
 
     >>> mixed = mix_inputs(torch.tensor([[0.0], [1.0]]), 3, torch.Generator().manual_seed(0))
     >>> mixed.shape, bool(((mixed >= 0) & (mixed <= 1)).all())

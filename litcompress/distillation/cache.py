@@ -45,7 +45,15 @@ _COUNTERS = ("passes", "full", "hits", "lookups", "batches", "refused")  # the p
 
 
 def check_storage(max_bytes: Any, dtype: Any, top_k: Any, prefix: str = "") -> torch.dtype:
-    """Validate the storage options, named ``prefix + name`` in messages; returns ``dtype`` (a name resolved)."""
+    """Validate the storage options, named ``prefix + name`` in messages; returns ``dtype`` (a name resolved).
+
+    Args:
+        max_bytes: memory for stored outputs, an int >= 1.
+        dtype: the storage dtype: a floating-point ``torch.dtype`` or one of ``"float32"``, ``"float16"``,
+            ``"bfloat16"``.
+        top_k: logits kept per output row, an int >= 1, or ``None`` for all of them.
+        prefix: put before each argument's name in error messages (``"cache_"`` for ``DistillationModule``).
+    """
     check_int(prefix + "max_bytes", max_bytes, minimum=1)
     check_int(prefix + "top_k", top_k, minimum=1, allow_none=True)
     if isinstance(dtype, str):
@@ -61,6 +69,17 @@ def cache_from_options(enabled: Any, max_bytes: Any, dtype: Any, top_k: Any, in_
                        temperature: float, features: bool = False, regression: bool = False) -> TeacherCache | None:
     """Validate :class:`~litcompress.DistillationModule`'s ``cache_*`` arguments (named so in messages); returns
     the cache, or ``None`` when ``enabled`` is False.
+
+    Args:
+        enabled: ``cache_teacher``: build a cache (a bool; not allowed with ``features``).
+        max_bytes: ``cache_max_bytes``, see :func:`check_storage`.
+        dtype: ``cache_dtype``, see :func:`check_storage`.
+        top_k: ``cache_top_k``, see :func:`check_storage`; only with ``enabled`` and not with ``regression``.
+        in_checkpoint: ``cache_in_checkpoint`` (a bool): save the cached outputs in checkpoints; only with
+            ``enabled``.
+        temperature: the distillation temperature the ``top_k`` fill is computed for.
+        features: whether intermediate features are distilled (their teacher outputs are not cached).
+        regression: whether the task loss is ``"mse"`` (outputs that are not logits: no ``top_k``).
 
     >>> cache_from_options(True, 1024, "float16", None, False, temperature=4.0).dtype
     torch.float16
@@ -258,6 +277,12 @@ def topk_compress(logits: Tensor, k: int, temperature: float = 1.0,
                   dtype: torch.dtype = torch.float16) -> tuple[Tensor, Tensor, Tensor]:
     """The ``k`` largest logits of each row (last dimension), their indices, and the fill logit for the rest.
 
+    Args:
+        logits: the logits, classes in the last dimension.
+        k: logits kept per row, an int >= 1 (all of them when ``k`` >= the number of classes).
+        temperature: the distillation temperature at which the kept classes keep their exact probabilities.
+        dtype: the dtype of the values and the fill; the indices are ``int16`` (``int32`` beyond 32,767 classes).
+
     >>> values, indices, fill = topk_compress(torch.tensor([[3.0, 1.0, 0.0, 0.0]]), k=1, temperature=1.0)
     >>> torch.tensor([[3.0, 1.0, 0.0, 0.0]]).softmax(-1)
     tensor([[0.8098, 0.1096, 0.0403, 0.0403]])
@@ -278,6 +303,13 @@ def topk_compress(logits: Tensor, k: int, temperature: float = 1.0,
 
 
 def topk_expand(values: Tensor, indices: Tensor, fill: Tensor, classes: int) -> Tensor:
-    """Full float32 logits of ``classes`` columns from :func:`topk_compress`'s parts."""
+    """Full float32 logits of ``classes`` columns from :func:`topk_compress`'s parts.
+
+    Args:
+        values: the kept logits, ``(..., k)``.
+        indices: their class indices, shaped like ``values``.
+        fill: the fill logit of every other class, ``(..., 1)``.
+        classes: the number of classes (the width of the result).
+    """
     out = fill.float().expand(*fill.shape[:-1], classes).clone()
     return out.scatter_(-1, indices.long(), values.float())

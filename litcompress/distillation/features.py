@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from litcompress._calls import first_tensor
 from litcompress._validation import fail, fail_state
 
 __all__ = [
@@ -58,6 +59,12 @@ def feature_pairs(
 ) -> dict[str, str]:
     """Check ``{"student.layer": "teacher.layer"}`` (the prefixes are optional) against both models' layer names.
 
+    Args:
+        features: student layer names mapped to teacher layer names, each optionally prefixed ``"student."`` /
+            ``"teacher."``; ``None`` for no feature distillation (returns ``{}``).
+        student: the student; every key must name one of its submodules.
+        teacher: the teacher; every value must name one of its submodules (not checked when ``None``).
+
     >>> feature_pairs({"student.0": "teacher.1"}, nn.Sequential(nn.Linear(2, 2)), nn.Sequential(nn.ReLU(), nn.ReLU()))
     {'0': '1'}
     """
@@ -81,7 +88,13 @@ def feature_pairs(
 
 
 def make_adapters(pairs: Mapping[str, str], student: nn.Module, teacher: nn.Module) -> nn.ModuleDict:
-    """One :func:`make_adapter` per pair, keyed by :func:`adapter_key` of the student layer."""
+    """One :func:`make_adapter` per pair, keyed by :func:`adapter_key` of the student layer.
+
+    Args:
+        pairs: student layer names mapped to teacher layer names, as :func:`feature_pairs` returns them.
+        student: the student, whose layers give each adapter's input width and layout (channels first for convs).
+        teacher: the teacher, whose layers give each adapter's output width.
+    """
     s_modules, t_modules = dict(student.named_modules()), dict(teacher.named_modules())
     return nn.ModuleDict({
         adapter_key(s): make_adapter(output_width(s_modules[s]), output_width(t_modules[t]),
@@ -90,14 +103,11 @@ def make_adapters(pairs: Mapping[str, str], student: nn.Module, teacher: nn.Modu
     })
 
 
-def _first_tensor(output: object) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, Mapping):  # a Hugging Face ModelOutput: its first field (`last_hidden_state`, ...)
-        output = [v for v in output.values() if isinstance(v, Tensor)][:1]
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]  # LSTM (output, state), attention (output, weights), transformer blocks (hidden, ...)
-    raise TypeError(f"Expected a module output that is a tensor or starts with one, but got {type(output).__name__}.")
+def _output_tensor(output: object) -> Tensor:
+    tensor = first_tensor(output)  # LSTM (output, state), attention (output, weights), HF blocks (hidden, ...)
+    if tensor is None:
+        raise TypeError(f"Expected a module output that is a tensor or holds one, but got {type(output).__name__}.")
+    return tensor
 
 
 @contextlib.contextmanager
@@ -113,7 +123,7 @@ def capture(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, Tensor
         fail("features", "names of existing layers", missing, hint=f"valid names are: {valid}")
     found: dict[str, Tensor] = {}
     handles = [
-        modules[n].register_forward_hook(lambda _m, _i, out, n=n: found.__setitem__(n, _first_tensor(out)))
+        modules[n].register_forward_hook(lambda _m, _i, out, n=n: found.__setitem__(n, _output_tensor(out)))
         for n in names
     ]
     try:
@@ -127,7 +137,16 @@ def feature_terms(pairs: Mapping[str, str], student_features: Mapping[str, Tenso
                   teacher_features: Mapping[str, Tensor], student: nn.Module, adapters: nn.ModuleDict,
                   kind: str) -> Tensor:
     """Sum over the ``pairs`` of :func:`feature_loss` between the adapted student features (through
-    ``adapters[adapter_key(name)]``, except for ``"attention"``) and the detached teacher features."""
+    ``adapters[adapter_key(name)]``, except for ``"attention"``) and the detached teacher features.
+
+    Args:
+        pairs: student layer names mapped to teacher layer names, as :func:`feature_pairs` returns them.
+        student_features: the student's captured outputs by student layer name (:func:`capture`).
+        teacher_features: the teacher's captured outputs by teacher layer name; no gradient flows into them.
+        student: the student, whose layers give each feature's channel dimension (for ``"cosine"``).
+        adapters: the adapters of :func:`make_adapters` (not used for ``"attention"``).
+        kind: the feature loss, one of :data:`FEATURE_LOSSES`.
+    """
     total: Tensor | None = None
     for s_name, t_name in pairs.items():
         s_feat, t_feat = student_features[s_name], teacher_features[t_name].detach()
@@ -186,7 +205,14 @@ class _ChannelAdapter(nn.Module):
 
 
 def make_adapter(width_in: int | None, width_out: int | None, channels_first: bool = False) -> nn.Module:
-    """A learnable map from the student's feature width to the teacher's (identity when they match)."""
+    """A learnable map from the student's feature width to the teacher's (identity when they match).
+
+    Args:
+        width_in: the student layer's output width (:func:`output_width`); ``None`` (unknown) is an error.
+        width_out: the teacher layer's output width; ``None`` (unknown) is an error.
+        channels_first: the features are in dimension 1 (``(B, C, ...)`` maps of convolutions, mapped by a 1x1
+            projection); ``False``, the default, maps the last dimension.
+    """
     if width_in is None or width_out is None:
         fail("features", "layers whose output width is known (Linear, Conv, RNN, attention, norms)",
               (width_in, width_out), hint="distil features of such layers, or use feature_loss='attention'")
@@ -214,7 +240,16 @@ def attention_map(feature: Tensor, size: tuple[int, ...] | None = None) -> Tenso
 
 def feature_loss(student: Tensor, teacher: Tensor, kind: str, channel_dim: int = -1) -> Tensor:
     """Distance between (adapted) student and teacher features: ``"mse"``, ``"cosine"`` (over ``channel_dim``)
-    or ``"attention"`` (attention transfer; conv maps only)."""
+    or ``"attention"`` (attention transfer; conv maps only).
+
+    Args:
+        student: the student's features, after its adapter, shaped like ``teacher`` (for ``"attention"``, conv maps
+            whose channels and spatial size may differ: the student map is resampled to the teacher's size).
+        teacher: the teacher's features.
+        kind: ``"mse"`` (mean squared error), ``"cosine"`` (mean of one minus the cosine similarity) or
+            ``"attention"`` (squared distance of the :func:`attention_map` of each, summed per sample, averaged).
+        channel_dim: the dimension holding the features, for ``"cosine"`` (1 for conv maps; default the last).
+    """
     if kind == "attention":
         target = attention_map(teacher)
         return (attention_map(student, tuple(teacher.shape[2:])) - target).pow(2).sum(1).mean()

@@ -32,8 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from litcompress._validation import check_fraction, check_int, fail
-from litcompress.quantization.modules import QuantizedLayer
-from litcompress.selection import HFConv1D
+from litcompress.layers import HFConv1D
+from litcompress.quantization.layers import QuantizedLayer
 
 __all__ = ["Factorized", "LowRankResult", "check_rank", "check_rank_options", "choose_rank", "factorizable",
            "factorize_", "rank_limit", "tied_to"]
@@ -151,7 +151,16 @@ def rank_limit(layer: nn.Module) -> int:
 
 
 def check_rank(name: str, layer: nn.Module, rank: int | None) -> None:
-    """A fixed ``rank`` fits layer ``name``: at most ``min(out, in)`` of its weight."""
+    """A fixed ``rank`` fits layer ``name``: at most ``min(out, in)`` of its weight.
+
+    Args:
+        name: the layer's qualified name in its model, for the error message.
+        layer: the layer (a Linear, ungrouped convolution or transformers ``Conv1D``).
+        rank: the fixed rank asked for; ``None`` (the rank chosen by ratio or energy) always fits.
+
+    Raises:
+        ValueError: ``rank`` is larger than ``min(out, in)``.
+    """
     if rank is not None and rank > rank_limit(layer):
         fail("rank", f"at most {rank_limit(layer)} for layer `{name}` (the smaller of its outputs and inputs)", rank,
              hint="lower `rank`, use `rank_ratio` / `energy`, or add the layer to `exclude`")
@@ -160,6 +169,14 @@ def check_rank(name: str, layer: nn.Module, rank: int | None) -> None:
 def choose_rank(singular_values: Tensor, rank: int | None = None, rank_ratio: float | None = None,
                 energy: float | None = None) -> int:
     """The rank kept from ``singular_values`` (descending) by exactly one of ``rank``, ``rank_ratio``, ``energy``.
+
+    Args:
+        singular_values: the weight's singular values, 1-D, in descending order.
+        rank: a fixed rank, capped at the number of singular values; when given, the other two are ignored.
+        rank_ratio: a fraction of the full rank, rounded up and at least 1; used when ``rank`` is ``None``.
+        energy: the smallest rank whose squared singular values keep this fraction of their sum (1 when all are
+            zero); used when ``rank`` and ``rank_ratio`` are ``None``. The options are checked by
+            :func:`check_rank_options`, not here.
 
     >>> choose_rank(torch.tensor([3.0, 2.0, 1.0, 0.0]), energy=0.9)  # 9 + 4 = 13 of 14
     2
@@ -179,7 +196,17 @@ def choose_rank(singular_values: Tensor, rank: int | None = None, rank_ratio: fl
 
 
 def check_rank_options(rank: int | None, rank_ratio: float | None, energy: float | None) -> None:
-    """Exactly one of ``rank`` (an int >= 1), ``rank_ratio`` and ``energy`` (each in ``(0, 1]``) is given."""
+    """Exactly one of ``rank`` (an int >= 1), ``rank_ratio`` and ``energy`` (each in ``(0, 1]``) is given.
+
+    Args:
+        rank: the same rank for every layer, or ``None``.
+        rank_ratio: the fraction of each layer's full rank ``min(out, in)`` to keep, or ``None``.
+        energy: the fraction of each weight's squared singular values to keep, or ``None``.
+
+    Raises:
+        TypeError: none of the three is given, or the one given has the wrong type.
+        ValueError: more than one is given, or the one given is out of its range.
+    """
     given = [n for n, v in (("rank", rank), ("rank_ratio", rank_ratio), ("energy", energy)) if v is not None]
     if len(given) != 1:
         fail("rank", "exactly one of `rank`, `rank_ratio`, `energy`", {n: v for n, v in (
@@ -202,6 +229,16 @@ def factorize_(model: nn.Module, layers: Sequence[str], *, rank: int | None = No
     """Replace each of ``layers`` in ``model`` by its truncated SVD, where that cuts its weights.
 
     Every layer is checked before any is replaced (all or nothing). Returns one :class:`LowRankResult` per layer.
+
+    Args:
+        model: the model, changed in place (each factorized layer becomes a :class:`Factorized`).
+        layers: qualified names of layers of ``model`` (as in ``named_modules()``): Linear layers, ungrouped
+            convolutions or transformers ``Conv1D`` layers whose weight is not tied to another module's. A layer
+            whose chosen rank would not cut its weights is kept (``factorized=False`` in its result).
+        rank: the same rank for every layer (at most each layer's ``min(out, in)``).
+        rank_ratio: the fraction of each layer's full rank ``min(out, in)`` to keep, rounded up.
+        energy: the fraction of each weight's squared singular values to keep (relative squared reconstruction
+            error at most ``1 - energy``). Pass exactly one of ``rank``, ``rank_ratio`` and ``energy``.
     """
     check_rank_options(rank, rank_ratio, energy)
     modules = dict(model.named_modules())

@@ -14,6 +14,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from typing_extensions import override
 
+from litcompress._calls import call_model
 from litcompress._validation import fail
 from litcompress.distillation import batches as _batches
 from litcompress.distillation.cache import TeacherCache, cache_from_options
@@ -229,13 +230,13 @@ class DistillationModule(pl.LightningModule):
 
     def student_forward(self, inputs: Any) -> Any:
         """The student's raw output: ``student(**inputs)`` for a dict of inputs, ``student(inputs)`` otherwise."""
-        return _batches.call_model(self.student, inputs)
+        return call_model(self.student, inputs)
 
     def teacher_forward(self, inputs: Any) -> Any:
         """The teacher's raw output, as :meth:`student_forward` (``labels`` are never passed) under ``no_grad``."""
         assert self.teacher is not None  # `setup` refuses to fit without one
         with torch.no_grad():
-            return _batches.call_model(self.teacher, inputs)
+            return call_model(self.teacher, inputs)
 
     def logits(self, output: Any) -> Tensor:
         """The logits of a model's output: a tensor as it is, else its ``logits`` attribute or key (a Hugging Face

@@ -6,7 +6,7 @@ and :func:`export_mode`, plus the attributes of :class:`QuantizedLayer`.
 
 from litcompress.quantization.access import export_mode, fake_quant, quantized_layers, quantized_weights
 from litcompress.quantization.functional import fake_quantize, lsq_fake_quantize
-from litcompress.quantization.modules import QUANTIZABLE_KINDS, QuantizedLayer, convert_, revert_
+from litcompress.quantization.layers import QUANTIZABLE_KINDS, QuantizedLayer, convert_, revert_
 from litcompress.quantization.quantizers import ActivationQuantizer, QuantConfig, WeightQuantizer
 
 __all__ = [

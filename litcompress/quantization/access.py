@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from torch import Tensor, nn
 
 from litcompress._validation import fail
-from litcompress.quantization.modules import QuantizedLayer
+from litcompress.quantization.layers import QuantizedLayer
 from litcompress.quantization.quantizers import WeightQuantizer
 
 __all__ = ["export_mode", "fake_quant", "quantized_layers", "quantized_weights"]
@@ -80,9 +80,11 @@ def fake_quant(model: nn.Module, enabled: bool) -> Iterator[dict[str, QuantizedL
 def export_mode(model: nn.Module) -> Iterator[int]:
     """Freeze every active quantizer into constants, so a traced graph holds Q/DQ ops on integer weights.
 
-    Inside the block, each quantized weight becomes ``DequantizeLinear`` of its ``int8`` values and each observed
+    Inside the block, each quantized weight becomes ``DequantizeLinear`` of its integer values and each observed
     activation a ``QuantizeLinear``/``DequantizeLinear`` pair with fixed scale and zero point: the graph that
-    ONNX Runtime fuses into integer kernels. Used by :func:`~litcompress.export.export_onnx`.
+    ONNX Runtime fuses into integer kernels. Used by :func:`~litcompress.export.export_onnx`. 8-bit weights are
+    stored ``uint8`` with zero point 128 (the same values; ONNX Runtime's ``int8`` kernels saturate on x86 CPUs
+    without VNNI), fewer bits as ``int8``: see :attr:`~litcompress.quantization.WeightQuantizer.export_zero_point`.
 
     Yields:
         The number of layers in export mode.

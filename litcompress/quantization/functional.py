@@ -110,6 +110,13 @@ def fake_quantize(
 def symmetric_scale(w: Tensor, qmax: int, axis: int | None = 0, eps: float = 1e-12) -> Tensor:
     """``max|w| / qmax`` per slice along ``axis`` (or for the whole tensor): the grid covers every weight.
 
+    Args:
+        w: the weight (any shape); it is detached, the scale carries no gradient.
+        qmax: the largest integer of the grid, e.g. ``signed_range(bits)[1]``.
+        axis: the axis with one scale per slice (default 0: per output channel of a ``Linear`` or ``Conv``
+            weight); ``None`` for one scale for the whole tensor.
+        eps: the smallest scale returned (an all-zero slice gets ``eps``, never 0).
+
     >>> symmetric_scale(torch.tensor([[1.0, -2.54], [0.5, 0.1]]), 127)
     tensor([0.0200, 0.0039])
     """
@@ -130,6 +137,13 @@ def power_of_two(scale: Tensor) -> Tensor:
 
 def affine_qparams(lo: Tensor, hi: Tensor, qmin: int, qmax: int, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
     """Scale and zero point mapping ``[min(lo, 0), max(hi, 0)]`` onto ``[qmin, qmax]`` (zero is exact).
+
+    Args:
+        lo: the observed minimum, a scalar tensor or one per channel.
+        hi: the observed maximum, shaped like ``lo``.
+        qmin: the smallest integer.
+        qmax: the largest integer.
+        eps: the smallest scale returned (an empty range ``lo == hi == 0`` gets ``eps``, never 0).
 
     >>> affine_qparams(torch.tensor(-1.0), torch.tensor(3.0), 0, 255)
     (tensor(0.0157), tensor(64, dtype=torch.int32))
@@ -159,6 +173,16 @@ def lsq_fake_quantize(
     ``g = 1 / sqrt(n * qmax)`` with ``n`` the number of elements one scale covers (default: all of them).
 
     The rounding rule matches :func:`fake_quantize`; ``zero_point`` (fixed, not learned) defaults to 0.
+
+    Args:
+        x: any tensor; its gradient passes straight through inside the range and is zero outside it.
+        scale: the learned step size (usually a parameter): a scalar, or one per slice along ``axis``.
+        qmin: smallest integer.
+        qmax: largest integer.
+        axis: the channel axis of per-channel ``scale``; ``None`` for per-tensor.
+        zero_point: integer-valued tensor shaped like ``scale``, or ``None`` for 0 (symmetric).
+        n: the number of elements one scale covers, for the gradient factor ``g``; default
+            ``x.numel() // scale.numel()``.
 
     >>> s = torch.tensor(0.1, requires_grad=True)
     >>> lsq_fake_quantize(torch.tensor([0.26, -0.04]), s, -127, 127).sum().backward()

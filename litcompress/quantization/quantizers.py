@@ -6,6 +6,7 @@ model's ``state_dict`` keys do not change; :meth:`state_dict` exposes it for the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -70,6 +71,13 @@ class WeightQuantizer:
     ``DequantizeLinear`` and the compact file alike. One quantizer may serve several layers that share (tie) the
     weight, so every owner sees the same fake-quantized tensor.
 
+    Args:
+        config: the quantization settings; this quantizer uses ``weight_bits``, ``weight_granularity`` and
+            ``scale``.
+        name: the weight's qualified name (e.g. ``"fc1.weight"``), kept as ``self.name`` to identify it.
+        axis: the weight's output-channel dimension (see above); ignored (one scale for the whole tensor) when
+            ``config.weight_granularity`` is ``"per_tensor"``.
+
     >>> q = WeightQuantizer(QuantConfig(), "w", axis=1)
     >>> ints, scale = q.integers(torch.tensor([[1.0, -0.5], [-2.0, 0.25]]))
     >>> ints.tolist(), scale.shape  # one scale per column: per output channel of an (in, out) weight
@@ -94,6 +102,13 @@ class WeightQuantizer:
         """The LSQ step size as an idle leaf tensor, to hand to an optimizer before learning starts."""
         self.scale = torch.ones(w.shape[self.axis] if self.axis is not None else (), device=w.device)
         return self.scale
+
+    def keep_channels(self, kept: Mapping[int, Tensor]) -> None:
+        """Keep only the per-channel scales of the channels its weight keeps, after channels were removed from it:
+        ``kept`` maps a weight dimension to the positions kept along it. A computed or per-tensor scale needs
+        nothing."""
+        if self.scale is not None and self.axis is not None and self.axis in kept:
+            self.scale = self.scale.index_select(self.axis, kept[self.axis].to(self.scale.device))
 
     @torch.no_grad()
     def start_learning(self, w: Tensor) -> None:
@@ -131,21 +146,44 @@ class WeightQuantizer:
         """Whether :meth:`begin_export` froze the integer weights into constants for an ONNX export."""
         return self._export is not None
 
+    @property
+    def export_zero_point(self) -> int:
+        """The zero point of the exported weights: 128 (stored ``uint8``) for 8-bit weights, 0 (``int8``) for fewer.
+
+        Both store exactly the values training used (``uint8`` ``q + 128`` with zero point 128 dequantizes to what
+        ``int8`` ``q`` does), but ONNX Runtime runs them on different kernels. For ``uint8`` activations times
+        ``int8`` weights (U8S8) on x86 CPUs without VNNI (AVX2, AVX-512 without VNNI), MLAS uses ``VPMADDUBSW``,
+        which adds two ``u8 * s8`` products in a saturating ``int16``: ``2 * 255 * 127`` exceeds ``32767``, so
+        8-bit weights give silently wrong outputs there. ``uint8`` weights (U8U8) run on exact kernels on every
+        CPU. Weights of at most 7 bits (``|q| <= 63``, ``2 * 255 * 63 <= 32767``) cannot saturate and stay
+        ``int8``, the fastest on every CPU (VNNI and AMX kernels are U8S8).
+
+        >>> [WeightQuantizer(QuantConfig(weight_bits=b), "w").export_zero_point for b in (8, 7)]
+        [128, 0]
+        """
+        return 128 if 2 * 255 * self.qmax > 32767 else 0
+
     def begin_export(self, w: Tensor) -> None:
-        """Until :meth:`end_export`, return ``DequantizeLinear`` of the integer weights of ``w`` (as constants)."""
+        """Until :meth:`end_export`, return ``DequantizeLinear`` of the integer weights of ``w`` (as constants),
+        stored as :attr:`export_zero_point` says."""
         ints, scale = self.integers(w)
-        self._export = (ints, scale, torch.zeros_like(scale, dtype=torch.int64))
+        zero_point = self.export_zero_point
+        if zero_point:  # the same values, stored uint8: q + 128 with zero point 128
+            ints = (ints.to(torch.int16) + zero_point).to(torch.uint8)
+        self._export = (ints, scale, torch.full_like(scale, zero_point, dtype=torch.int64))
 
     def end_export(self) -> None:
         self._export = None
 
     def __call__(self, w: Tensor) -> Tensor:
-        if self._export is not None:  # Q/DQ graph for ONNX: DequantizeLinear on an int8 initializer
+        if self._export is not None:  # Q/DQ graph for ONNX: DequantizeLinear on an int8 or uint8 initializer
             q, scale, zeros = self._export
+            zero_point = self.export_zero_point
+            lo, hi = self.qmin + zero_point, self.qmax + zero_point
             if scale.dim():
                 axis = 0 if self.axis is None else self.axis
-                return qdq_ops().dequantize_per_channel(q, scale, zeros, axis, self.qmin, self.qmax, torch.int8)
-            return qdq_ops().dequantize_per_tensor(q, float(scale), 0, self.qmin, self.qmax, torch.int8)
+                return qdq_ops().dequantize_per_channel(q, scale, zeros, axis, lo, hi, q.dtype)
+            return qdq_ops().dequantize_per_tensor(q, float(scale), zero_point, lo, hi, q.dtype)
         if self.scale is not None and self.scale.requires_grad:
             return lsq_fake_quantize(w, self.scale, self.qmin, self.qmax, self.axis)
         scale = self.current_scale(w).to(w.device)

@@ -29,7 +29,13 @@ def _pyplot() -> ModuleType:
 
 
 def plot_layers(summary: ModelSummary, path: str | os.PathLike, title: str = "Per-layer sparsity and bits") -> Path:
-    """Bar chart of each weight tensor's sparsity (left axis) and storage bits (right axis)."""
+    """Bar chart of each weight tensor's sparsity (left axis) and storage bits (right axis).
+
+    Args:
+        summary: the model's :func:`~litcompress.report.summarize` result; it must list at least one weight tensor.
+        path: the PNG file to write (replaced if it exists; its folder must exist). Returned as a ``Path``.
+        title: the chart's title.
+    """
     if not summary.layers:
         fail("summary", "a summary with at least one weight tensor", "none", hint="the model has no weights")
     plt = _pyplot()
@@ -59,7 +65,14 @@ def plot_layers(summary: ModelSummary, path: str | os.PathLike, title: str = "Pe
 
 def plot_tradeoff(points: Sequence[tuple[str, float, float]], path: str | os.PathLike, metric: str = "accuracy",
                   title: str = "Accuracy vs size") -> Path:
-    """Scatter of ``(label, size in bytes, metric)`` points, size on a log axis."""
+    """Scatter of ``(label, size in bytes, metric)`` points, size on a log axis.
+
+    Args:
+        points: one ``(label, size in bytes, metric value)`` tuple per model, at least one; sizes are plotted in KiB.
+        path: the PNG file to write (replaced if it exists; its folder must exist). Returned as a ``Path``.
+        metric: the name of the metric, the y axis's label.
+        title: the chart's title.
+    """
     if not points or not all(len(p) == 3 for p in points):
         fail("points", "a non-empty list of (label, size_bytes, metric) tuples", points)
     plt = _pyplot()

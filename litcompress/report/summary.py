@@ -25,11 +25,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from litcompress._calls import batch_call
 from litcompress._compat import eager_calls
 from litcompress._extras import ONNX_EXPORT, ONNX_RUNTIME, install_hint, missing, require
 from litcompress._timing import median_seconds, ort_feed, ort_session
 from litcompress._validation import check_int, fail
-from litcompress.export import as_call, export_onnx
+from litcompress.export import export_onnx
 from litcompress.quantization.access import fake_quant, quantized_weights
 from litcompress.quantization.compact import save_compressed
 
@@ -119,7 +120,7 @@ def summarize(
     """
     if not isinstance(model, nn.Module):
         fail("model", "a torch.nn.Module", type(model).__name__, exc=TypeError)
-    args, kwargs = as_call(example_input)
+    args, kwargs = batch_call(example_input)
     check_int("repeats", repeats, minimum=1)
     check_int("warmup", warmup, minimum=0)
     require("safetensors", what="summarize (it measures the sizes of real files)")
@@ -222,7 +223,7 @@ def _onnx_latency(model: nn.Module, example_input: Tensor | Mapping[str, Tensor]
     try:
         export_onnx(model, example_input, path)
         session = ort_session(path, torch.get_num_threads())
-        feed = ort_feed(session, *as_call(example_input))
+        feed = ort_feed(session, *batch_call(example_input))
         session.run(None, feed)
     except Exception as err:  # the report says why and goes on without this figure
         warnings.warn(f"summarize: no ONNX Runtime latency for {type(model).__name__}: {type(err).__name__}: "

@@ -39,7 +39,17 @@ _ROWS: tuple[tuple[str, str, str], ...] = (
 
 def compare(before: ModelSummary, after: ModelSummary, metrics_before: Mapping[str, float | None] | None = None,
             metrics_after: Mapping[str, float | None] | None = None) -> list[dict[str, Any]]:
-    """Rows of ``{"name", "before", "after", "ratio", "kind"}``; ``ratio`` is after / before, ``None`` if unknown."""
+    """Rows of ``{"name", "before", "after", "ratio", "kind"}``; ``ratio`` is after / before, ``None`` if unknown.
+
+    Args:
+        before: the reference model's summary (:func:`~litcompress.report.summarize`), e.g. the teacher or the
+            dense model; a figure neither summary has (``None`` in both, e.g. no ONNX latency) gets no row.
+        after: the compressed model's summary.
+        metrics_before: the reference model's metrics by name (e.g. ``{"val/acc": 0.9}``); default: none. A
+            value of ``None`` is shown as unknown.
+        metrics_after: the compressed model's metrics by name; default: none. One row per metric name in either
+            mapping (first seen first), unknown on the side that lacks it.
+    """
     rows = []
     for label, attr, kind in _ROWS:
         a, b = getattr(before, attr), getattr(after, attr)
@@ -74,7 +84,16 @@ def _cell(value: Any, kind: str) -> str:
 
 def format_table(rows: list[dict[str, Any]], title: str = "Compression report", before: str = "before",
                  after: str = "after", use_rich: bool | None = None) -> str:
-    """The rows as a table: with ``rich`` when it is installed (or ``use_rich=True``), plain text otherwise."""
+    """The rows as a table: with ``rich`` when it is installed (or ``use_rich=True``), plain text otherwise.
+
+    Args:
+        rows: the rows of :func:`compare`.
+        title: the table's title (its first line in plain text).
+        before: the header of the reference column.
+        after: the header of the compressed column.
+        use_rich: ``True`` draws with ``rich`` (which must be installed), ``False`` in plain text; ``None``, the
+            default, uses ``rich`` when it can be imported.
+    """
     cells = [(r["name"], _cell(r["before"], r["kind"]), _cell(r["after"], r["kind"]),
               "n/a" if r["ratio"] is None else f"{r['ratio']:.3f}x") for r in rows]
     if use_rich is None:

@@ -3,35 +3,29 @@ transformers' ``Conv1D`` shrinks."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor
 
+from litcompress._calls import first_tensor
 from litcompress._validation import fail
+from litcompress.layers import sync_sizes
 
 __all__ = ["conv1d_pruner", "first_output"]
 
 
 def first_output(output: Any) -> Tensor:
-    """The tensor a model's output is traced from: itself, a ``logits`` field (Hugging Face), or the first tensor."""
-    if isinstance(output, Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else ()
-    for value in values:
-        if isinstance(value, Tensor):
-            return value
-    fail("example_input", "an input on which the model returns a tensor (or a tuple / mapping holding one)",
-         type(output).__name__, exc=TypeError)
+    """The tensor a model's output is traced from (:func:`litcompress._calls.first_tensor`)."""
+    tensor = first_tensor(output)
+    if tensor is None:
+        fail("example_input", "an input on which the model returns a tensor (or a tuple / mapping holding one)",
+             type(output).__name__, exc=TypeError)
+    return tensor
 
 
 def conv1d_pruner(tp: Any) -> Any:
     """Torch-Pruning's handler for Hugging Face's ``Conv1D`` (GPT-2's projections): ``nn.Linear`` transposed."""
-    from litcompress.structure.resize import sync_sizes  # structure imports the sparsity package
-
     class _Conv1DPruner(tp.pruner.BasePruningFunc):
         def prune_out_channels(self, layer: Any, idxs: Sequence[int]) -> Any:
             keep = sorted(set(range(layer.weight.shape[1])) - set(idxs))

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from litcompress._extras import require
 from litcompress._shards import local
 from litcompress._validation import check_choice, check_fraction, fail
-from litcompress.selection import HFConv1D
+from litcompress.layers import HFConv1D
 from litcompress.sparsity._local import LocalView
 from litcompress.sparsity._slice import _Slice
 from litcompress.sparsity._tp import conv1d_pruner, first_output
@@ -134,7 +134,7 @@ class ChannelPruner:
         unknown = [n for n in layers if n not in modules]
         if unknown:
             fail("layers", "names of layers of the model", unknown)
-        self.model, self.sparsity, self.importance = model, float(sparsity), importance
+        self.model, self.target, self.importance = model, float(sparsity), importance
         self.layers = list(layers)
         self.refs = list(refs)  # the selected tensors (for callers that check two pruners do not overlap)
         if isinstance(example_input, Mapping):  # keyword inputs (a Hugging Face batch)
@@ -292,7 +292,7 @@ class ChannelPruner:
         if self.importance == "taylor":
             self.scores.clear()  # evidence counts since the last update
         for g in self.groups:
-            prune = min(g.channels - 1, round(fraction * self.sparsity * g.channels))
+            prune = min(g.channels - 1, round(fraction * self.target * g.channels))
             score = scores[g.name].clone()
             if g.mask is not None:
                 score[~g.mask] = -float("inf")  # pruned channels stay pruned, and are counted first
@@ -304,7 +304,7 @@ class ChannelPruner:
             g.mask = mask
         self._zero_index = None
         self.apply()
-        return self.sparsity_per_group()
+        return self.sparsity()
 
     @torch.no_grad()
     def apply(self) -> None:
@@ -318,7 +318,7 @@ class ChannelPruner:
             if index.numel():
                 local(s.tensor).index_fill_(s.dim, index, 0.0)
 
-    def sparsity_per_group(self) -> dict[str, float]:
+    def sparsity(self) -> dict[str, float]:
         """Fraction of pruned channels of every group."""
         return {g.name: 0.0 if g.mask is None else 1 - int(g.mask.sum()) / g.channels for g in self.groups}
 

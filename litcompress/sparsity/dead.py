@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from litcompress.selection import HFConv1D
+from litcompress._calls import call_model
+from litcompress.layers import HFConv1D
 from litcompress.sparsity._slice import _Slice
 from litcompress.sparsity.channels import ChannelGroup, ChannelPruner
 
@@ -86,12 +87,7 @@ class DeadChannels:
         model.eval()
         try:
             with torch.no_grad():
-                if isinstance(example_input, dict):
-                    model(**example_input)
-                elif isinstance(example_input, tuple):
-                    model(*example_input)
-                else:
-                    model(example_input)
+                call_model(model, example_input)
         finally:
             model.train(was_training)
             for h in handles:

@@ -125,7 +125,7 @@ Attention = (nn.MultiheadAttention, PrunedMultiheadAttention)
 
 def heads_stay(attn: Any) -> str | None:
     """Why the heads of ``attn`` cannot be pruned, or ``None`` when they can."""
-    from litcompress.quantization.modules import QuantizedLayer
+    from litcompress.quantization.layers import QuantizedLayer
 
     if isinstance(attn, QuantizedLayer):
         return "quantization-aware attention keeps its heads (exclude it from QAT to prune them)"

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from litcompress.selection import HFConv1D
+from litcompress.layers import HFConv1D, sync_sizes
 from litcompress.sparsity._slice import _Slice
 
 __all__ = ["HEAD_ATTRIBUTES", "AttentionPlan", "HFAttention", "PackedAttention", "find_attention", "traceable",
@@ -97,7 +97,7 @@ class HFAttention:
 
     def why_not(self) -> str | None:
         """Why the heads of this block cannot be pruned, or ``None`` when they can."""
-        from litcompress.quantization.modules import QuantizedLayer
+        from litcompress.quantization.layers import QuantizedLayer
 
         d = self.head_dim
         if d < 1 or self.q.out_features % d or self.k.out_features != self.v.out_features or self.k.out_features % d:
@@ -174,7 +174,7 @@ class PackedAttention:
         return (self.c_attn,)
 
     def why_not(self) -> str | None:
-        from litcompress.quantization.modules import QuantizedLayer
+        from litcompress.quantization.layers import QuantizedLayer
 
         if getattr(self.module, "is_cross_attention", False):
             return "cross-attention keeps its heads"
@@ -296,8 +296,6 @@ def _width(layer: nn.Module, dim: int) -> int:
 
 def _narrow(layer: nn.Module, dim: int, keep: Tensor, output: bool) -> None:
     """Keep positions ``keep`` of ``layer``'s weight along ``dim`` (and of its bias when they are its outputs)."""
-    from litcompress.structure.resize import sync_sizes  # structure imports this module
-
     weight = layer.weight
     assert isinstance(weight, Tensor)
     keep = keep.to(weight.device)

@@ -35,15 +35,13 @@ from torch import Tensor, nn
 
 from litcompress._validation import fail
 from litcompress.factorization.lowrank import Factorized, factorizable
-from litcompress.selection import HFConv1D
+from litcompress.layers import sync_sizes
 from litcompress.sparsity.heads import PrunedMultiheadAttention, remove_heads
 from litcompress.sparsity.hf_heads import find_attention
 
 _ATTENTION = (nn.MultiheadAttention, PrunedMultiheadAttention)
 
 __all__ = ["match_structure_"]
-
-
 
 
 def match_structure_(model: nn.Module, state_dict: Mapping[str, Tensor], prefix: str = "") -> list[str]:
@@ -92,43 +90,3 @@ def match_structure_(model: nn.Module, state_dict: Mapping[str, Tensor], prefix:
         for block in find_attention(model).values():
             block.refresh()  # HF head counters follow the resized projections (GPT-2 splits by one)
     return changed
-
-
-def sync_sizes(module: nn.Module, key: str = "") -> None:
-    """Set ``module``'s size attributes (``out_features``, ``out_channels``, ``num_features``, ``nf``, ...) from its
-    resized tensors. ``key``: the tensor's name, for the error raised on a layer kind that cannot be resized.
-
-    >>> layer = nn.Linear(8, 4)
-    >>> layer.weight = nn.Parameter(layer.weight[:2])
-    >>> sync_sizes(layer)
-    >>> layer.out_features, layer.in_features
-    (2, 8)
-    """
-    w = getattr(module, "weight", None)
-    if isinstance(module, nn.Linear) and isinstance(w, Tensor):
-        module.out_features, module.in_features = int(w.shape[0]), int(w.shape[1])
-    elif isinstance(module, nn.modules.conv._ConvNd) and isinstance(w, Tensor):
-        depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
-        out, per_group = (int(w.shape[1]), int(w.shape[0])) if module.transposed else (int(w.shape[0]),
-                                                                                        int(w.shape[1]))
-        if depthwise:
-            module.groups = out
-        if module.transposed:
-            module.in_channels, module.out_channels = per_group, out * module.groups
-        else:
-            module.out_channels, module.in_channels = out, per_group * module.groups
-    elif isinstance(module, nn.modules.batchnorm._NormBase):
-        size = next(t for t in (w, getattr(module, "running_mean", None)) if isinstance(t, Tensor))
-        module.num_features = int(size.shape[0])
-    elif isinstance(module, nn.LayerNorm) and isinstance(w, Tensor):
-        module.normalized_shape = tuple(w.shape)
-    elif isinstance(module, nn.Embedding) and isinstance(w, Tensor):
-        module.num_embeddings, module.embedding_dim = int(w.shape[0]), int(w.shape[1])
-    elif isinstance(module, HFConv1D) and isinstance(w, Tensor):
-        setattr(module, "nf", int(w.shape[1]))  # noqa: B010  # a duck-typed class: no declared attribute
-        if hasattr(module, "nx"):
-            setattr(module, "nx", int(w.shape[0]))  # noqa: B010
-    else:
-        fail("state_dict", "weights whose shapes this model's layers can take", key,
-             hint=f"its layer is a {type(module).__name__}, which cannot be resized: build the model with the "
-                  "saved sizes, or save it whole with torch.save")

@@ -1,4 +1,4 @@
-"""`Pruning(pattern="channel")` through a real `Trainer.fit`: channels masked on the schedule, then removed, and the
+"""`ChannelPruning` through a real `Trainer.fit`: channels masked on the schedule, then removed, and the
 smaller model computes what the masked one did."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from litcompress import Pruning, QuantizationAwareTraining
+from litcompress import ChannelPruning, Pruning, QuantizationAwareTraining
 from tests.helpers import Crash, Interrupted, fit
 from tests.models import ZOO
 
@@ -20,7 +20,7 @@ def _params(model):
 
 
 def _fit(tmp_path, model_name, remove, **kwargs):
-    pruning = Pruning(0.5, pattern="channel", start=0, end=1, remove_channels=remove, verbose=False, **kwargs)
+    pruning = ChannelPruning(0.5, start=0, end=1, remove_channels=remove, verbose=False, **kwargs)
     _, module = fit(tmp_path, [pruning], model=model_name, max_epochs=2)
     return pruning, module.model
 
@@ -46,10 +46,10 @@ def test_cnn_shapes_after_removal(tmp_path):
 
 def test_resumed_fit_ends_where_an_uninterrupted_one_ends(tmp_path):
     _, whole = _fit(tmp_path / "whole", "cnn", remove=True)
-    pruning = Pruning(0.5, pattern="channel", start=0, end=1, verbose=False)
+    pruning = ChannelPruning(0.5, start=0, end=1, verbose=False)
     with pytest.raises(Interrupted):
         fit(tmp_path / "r", [pruning, Crash(5, tmp_path / "c.ckpt")], model="cnn", max_epochs=2)
-    pruning = Pruning(0.5, pattern="channel", start=0, end=1, verbose=False)
+    pruning = ChannelPruning(0.5, start=0, end=1, verbose=False)
     _, module = fit(tmp_path / "r", [pruning], model="cnn", max_epochs=2, ckpt_path=tmp_path / "c.ckpt")
     state, other = whole.state_dict(), module.model.state_dict()
     assert state.keys() == other.keys()
@@ -60,7 +60,7 @@ def test_composes_with_qat_and_exports(tmp_path):
     pytest.importorskip("onnxruntime")
     from litcompress.export import export_onnx
 
-    pruning = Pruning(0.5, pattern="channel", start=0, end=1, verbose=False)
+    pruning = ChannelPruning(0.5, start=0, end=1, verbose=False)
     _, module = fit(tmp_path, [QuantizationAwareTraining(start=1, verbose=False), pruning], model="mlp",
                           max_epochs=2)
     model = module.model.eval()
@@ -76,18 +76,25 @@ def test_composes_with_qat_and_exports(tmp_path):
 
 @pytest.mark.parametrize(("kwargs", "exc", "match"), [
     (dict(sparsity={"net": 0.5}), TypeError, "`sparsity`"),
-    (dict(scope="global"), ValueError, "`scope`"),
+    (dict(sparsity=True), TypeError, "`sparsity`"),
+    (dict(sparsity=1.0), ValueError, "`sparsity`"),
     (dict(importance="movement"), ValueError, "`importance`"),
-    (dict(rewind=True), ValueError, "`rewind`"),
     (dict(remove_channels="yes"), TypeError, "`remove_channels`"),
+    (dict(scope="global"), TypeError, "scope"),  # Pruning's options are not ChannelPruning's
+    (dict(rewind=True), TypeError, "rewind"),
 ])
 def test_bad_channel_options(kwargs, exc, match):
-    args = dict(sparsity=0.5, pattern="channel") | kwargs
+    args = dict(sparsity=0.5) | kwargs
     with pytest.raises(exc, match=match):
-        Pruning(**args)
+        ChannelPruning(**args)
+
+
+def test_pruning_points_channel_pattern_to_channel_pruning():
+    with pytest.raises(ValueError, match="ChannelPruning"):
+        Pruning(0.5, pattern="channel")
 
 
 def test_learned_qat_scales_are_refused_before_any_step(tmp_path):
-    pruning = Pruning(0.5, pattern="channel", start=1, verbose=False)
+    pruning = ChannelPruning(0.5, start=1, verbose=False)
     with pytest.raises(ValueError, match="learned"):
         fit(tmp_path, [QuantizationAwareTraining(scale="learned"), pruning], model="mlp")

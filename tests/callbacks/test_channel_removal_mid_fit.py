@@ -1,4 +1,4 @@
-"""`Pruning(pattern="channel", remove_at=...)`: channels removed during the fit, the optimizer trains the smaller
+"""`ChannelPruning(remove_at=...)`: channels removed during the fit, the optimizer trains the smaller
 model with the kept slices of its state, and a fit resumed after the removal ends where an uninterrupted one ends."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch import Callback
 from torch.utils.flop_counter import FlopCounterMode
 
-from litcompress import Pruning
+from litcompress import ChannelPruning, Pruning
 from tests.helpers import Crash, Interrupted, fit
 from tests.models import ZOO
 
@@ -36,7 +36,7 @@ def test_removed_mid_fit_then_trained(tmp_path, model_name):
     x = ZOO[model_name].data().tensors[0][:8]
     dense = ZOO[model_name].build()
     flops_dense, params_dense = _flops(dense, x), sum(p.numel() for p in dense.parameters())
-    pruning, watch = Pruning(0.5, pattern="channel", start=0, end=1, remove_at=2, verbose=False), Watch()
+    pruning, watch = ChannelPruning(0.5, start=0, end=1, remove_at=2, verbose=False), Watch()
     trainer, module = fit(tmp_path, [pruning, watch], model=model_name, max_epochs=5, optimizer="adam", lr=0.01)
     model = module.model
     assert pruning.removed and pruning.pruner is None
@@ -50,7 +50,7 @@ def test_removed_mid_fit_then_trained(tmp_path, model_name):
 
 def test_flops_drop_as_predicted_for_the_mlp(tmp_path):
     """Hidden widths 32 -> 16: each Linear's multiply-adds follow its kept inputs and outputs."""
-    pruning = Pruning(0.5, pattern="channel", start=0, end=1, remove_at=1, verbose=False)
+    pruning = ChannelPruning(0.5, start=0, end=1, remove_at=1, verbose=False)
     _, module = fit(tmp_path, [pruning], model="mlp", max_epochs=2)
     x = torch.randn(8, 16)
     expected = 2 * 8 * (16 * 16 + 16 * 16 + 16 * 4)
@@ -68,7 +68,7 @@ def test_adam_moments_of_kept_channels_carry_over(tmp_path):
                 self.state = {k: v.clone() for k, v in trainer.optimizers[0].state[w].items()}
 
     before, after = Peek(), Peek()  # around Pruning, whose removal happens in the same hook at step 4
-    pruning = Pruning(0.5, pattern="channel", start=0, end=1, remove_at=1, verbose=False)
+    pruning = ChannelPruning(0.5, start=0, end=1, remove_at=1, verbose=False)
     fit(tmp_path, [before, pruning, after], model="cnn", max_epochs=2, optimizer="adam", lr=0.01,
         limit_train_batches=4)
     state = after.state
@@ -85,7 +85,7 @@ def test_adam_moments_of_kept_channels_carry_over(tmp_path):
 
 def test_resumed_after_the_removal_ends_where_an_uninterrupted_fit_ends(tmp_path):
     def make():
-        return Pruning(0.5, pattern="channel", start=0, end=1, remove_at=1, verbose=False)
+        return ChannelPruning(0.5, start=0, end=1, remove_at=1, verbose=False)
 
     _, whole = fit(tmp_path / "whole", [make()], model="cnn", max_epochs=3, optimizer="adam", lr=0.01)
     with pytest.raises(Interrupted):
@@ -101,19 +101,23 @@ def test_resumed_after_the_removal_ends_where_an_uninterrupted_fit_ends(tmp_path
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"remove_at": 2}, "pattern='channel'"),
-    ({"pattern": "channel", "remove_at": 2, "remove_channels": False}, "remove_channels=False"),
-    ({"pattern": "channel", "remove_at": 1, "end": 2}, "at or after `end`"),
-    ({"pattern": "channel", "remove_at": 0}, "remove_at"),
+    ({"remove_at": 2, "remove_channels": False}, "remove_channels=False"),
+    ({"remove_at": 1, "end": 2}, "at or after `end`"),
+    ({"remove_at": 0}, "remove_at"),
 ])
 def test_bad_remove_at(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        Pruning(0.5, **kwargs)
+        ChannelPruning(0.5, **kwargs)
+
+
+def test_remove_at_is_channel_pruning_only():
+    with pytest.raises(TypeError, match="remove_at"):
+        Pruning(0.5, remove_at=2)  # type: ignore[call-arg]
 
 
 def test_remove_at_before_the_default_end_is_refused_before_any_step(tmp_path):
     with pytest.raises(ValueError, match="schedule's end"):  # end=None: 75% of 4 epochs, step 12 > step 4
-        fit(tmp_path, [Pruning(0.5, pattern="channel", start=0, remove_at=1)], model="cnn", max_epochs=4)
+        fit(tmp_path, [ChannelPruning(0.5, start=0, remove_at=1)], model="cnn", max_epochs=4)
 
 
 def test_composes_with_qat_frozen_ranges(tmp_path):
@@ -121,7 +125,7 @@ def test_composes_with_qat_frozen_ranges(tmp_path):
     from litcompress.quantization import quantized_layers
 
     qat = QuantizationAwareTraining(start=0, freeze_observers=1, verbose=False)
-    pruning = Pruning(0.5, pattern="channel", start=0, end=1, remove_at=2, verbose=False)
+    pruning = ChannelPruning(0.5, start=0, end=1, remove_at=2, verbose=False)
     watch = Watch()
     _, module = fit(tmp_path, [pruning, qat, watch], model="cnn", max_epochs=4)
     layers = quantized_layers(module.model)
@@ -140,7 +144,7 @@ def test_transformer_heads_removed_mid_fit_and_resumed(tmp_path):
     from litcompress.sparsity.heads import PrunedMultiheadAttention
 
     def make():
-        return Pruning(0.5, pattern="channel", start=0, end=1, remove_at=1, verbose=False)
+        return ChannelPruning(0.5, start=0, end=1, remove_at=1, verbose=False)
 
     _, whole = fit(tmp_path / "whole", [make()], model="transformer", max_epochs=3, optimizer="adam", lr=0.01)
     attn = whole.model.blocks[0].attn

@@ -42,7 +42,7 @@ def test_factorized_before_training(tmp_path):
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_mid_fit_factorization_trains_the_new_factors(tmp_path, optimizer):
     """At epoch 2 of 4 (step 8): the optimizer holds the factors, steps them, and the loss keeps falling."""
-    lowrank, watch = LowRankFactorization(rank=8, at=2, exclude="<last>", verbose=False), Watch()
+    lowrank, watch = LowRankFactorization(rank=8, start=2, exclude="<last>", verbose=False), Watch()
     logger = RecordingLogger()
     trainer, module = fit(tmp_path, [lowrank, watch], model="mlp", max_epochs=4, optimizer=optimizer,
                           lr=0.05 if optimizer == "sgd" else 0.01, logger=logger)
@@ -74,7 +74,7 @@ def test_bias_state_is_carried_and_lr_schedule_continues(tmp_path):
     peek = Peek()
     module = Scheduled(ZOO["mlp"].build())
     bias = module.model.net[0].bias
-    trainer, _ = fit(tmp_path, [LowRankFactorization(rank=4, at=1, verbose=False), peek], module=module,
+    trainer, _ = fit(tmp_path, [LowRankFactorization(rank=4, start=1, verbose=False), peek], module=module,
                      max_epochs=2)
     assert peek.bias is bias and peek.lr == pytest.approx(0.1 * 0.5)  # one epoch of StepLR before the change
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.25)
@@ -82,12 +82,12 @@ def test_bias_state_is_carried_and_lr_schedule_continues(tmp_path):
 
 
 def test_resumed_after_the_change_ends_where_an_uninterrupted_fit_ends(tmp_path):
-    _, whole = fit(tmp_path / "whole", [LowRankFactorization(energy=0.8, at=1, verbose=False)], model="cnn",
+    _, whole = fit(tmp_path / "whole", [LowRankFactorization(energy=0.8, start=1, verbose=False)], model="cnn",
                    max_epochs=3, optimizer="adam", lr=0.01)
     with pytest.raises(Interrupted):  # step 6: after the change at step 4
-        fit(tmp_path / "r", [LowRankFactorization(energy=0.8, at=1, verbose=False), Crash(6, tmp_path / "c.ckpt")],
+        fit(tmp_path / "r", [LowRankFactorization(energy=0.8, start=1, verbose=False), Crash(6, tmp_path / "c.ckpt")],
             model="cnn", max_epochs=3, optimizer="adam", lr=0.01)
-    lowrank = LowRankFactorization(energy=0.8, at=1, verbose=False)
+    lowrank = LowRankFactorization(energy=0.8, start=1, verbose=False)
     _, resumed = fit(tmp_path / "r", [lowrank], model="cnn", max_epochs=3, optimizer="adam", lr=0.01,
                      ckpt_path=tmp_path / "c.ckpt")
     a, b = whole.state_dict(), resumed.state_dict()
@@ -96,11 +96,11 @@ def test_resumed_after_the_change_ends_where_an_uninterrupted_fit_ends(tmp_path)
 
 
 def test_resumed_before_the_change_ends_where_an_uninterrupted_fit_ends(tmp_path):
-    _, whole = fit(tmp_path / "whole", [LowRankFactorization(rank=2, at=1, verbose=False)], max_epochs=2)
+    _, whole = fit(tmp_path / "whole", [LowRankFactorization(rank=2, start=1, verbose=False)], max_epochs=2)
     with pytest.raises(Interrupted):
-        fit(tmp_path / "r", [LowRankFactorization(rank=2, at=1, verbose=False), Crash(2, tmp_path / "c.ckpt")],
+        fit(tmp_path / "r", [LowRankFactorization(rank=2, start=1, verbose=False), Crash(2, tmp_path / "c.ckpt")],
             max_epochs=2)
-    _, resumed = fit(tmp_path / "r", [LowRankFactorization(rank=2, at=1, verbose=False)], max_epochs=2,
+    _, resumed = fit(tmp_path / "r", [LowRankFactorization(rank=2, start=1, verbose=False)], max_epochs=2,
                      ckpt_path=tmp_path / "c.ckpt")
     a, b = whole.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -108,7 +108,7 @@ def test_resumed_before_the_change_ends_where_an_uninterrupted_fit_ends(tmp_path
 
 def test_a_checkpoint_loads_for_inference_in_a_fresh_model(tmp_path):
     with pytest.raises(Interrupted):
-        fit(tmp_path, [LowRankFactorization(rank=3, at=1, verbose=False), Crash(6, tmp_path / "c.ckpt")],
+        fit(tmp_path, [LowRankFactorization(rank=3, start=1, verbose=False), Crash(6, tmp_path / "c.ckpt")],
             max_epochs=3)
     saved = torch.load(tmp_path / "c.ckpt", weights_only=False)["state_dict"]
     fresh = LitClassifier(ZOO["mlp"].build())
@@ -143,7 +143,7 @@ def test_a_failure_before_the_first_batch_restores_the_layers(tmp_path):
 @pytest.mark.parametrize(("kwargs", "exc", "match"), [
     ({}, TypeError, "exactly one of"),
     ({"rank": 2, "energy": 0.5}, ValueError, "exactly one of"),
-    ({"rank": 2, "at": -1}, ValueError, "`at`"),
+    ({"rank": 2, "start": -1}, ValueError, "`start`"),
     ({"rank": 2, "interval": "batch"}, ValueError, "interval"),
     ({"energy": 1.5}, ValueError, "energy"),
     ({"rank": 2, "parameters": "("}, ValueError, "regular expressions"),
@@ -154,8 +154,8 @@ def test_bad_arguments(kwargs, exc, match):
 
 
 def test_a_point_the_fit_never_reaches_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="`at`"):
-        fit(tmp_path, [LowRankFactorization(rank=2, at=5, verbose=False)], max_epochs=2)
+    with pytest.raises(ValueError, match="`start`"):
+        fit(tmp_path, [LowRankFactorization(rank=2, start=5, verbose=False)], max_epochs=2)
 
 
 def test_explicitly_selected_unfactorizable_layer_is_named(tmp_path):
@@ -170,7 +170,7 @@ def test_explicitly_selected_unfactorizable_layer_is_named(tmp_path):
 
 def test_mid_fit_change_needs_a_single_device():
     with pytest.raises(ValueError, match="single device"):
-        check_mid_fit(SimpleNamespace(strategy=object()), "LowRankFactorization", "at", 2)  # type: ignore[arg-type]
+        check_mid_fit(SimpleNamespace(strategy=object()), "LowRankFactorization", "start", 2)  # type: ignore[arg-type]
 
 
 def test_composes_with_qat_when_factorized_first(tmp_path):
@@ -206,7 +206,7 @@ def test_distillation_student_shrinks_teacher_does_not(tmp_path):
     torch.manual_seed(0)
     teacher, student = ZOO["mlp"].build(), ZOO["mlp"].build()
     module = Distill(student, teacher)
-    lowrank = LowRankFactorization(rank=4, at=1, exclude="<last>", verbose=False)
+    lowrank = LowRankFactorization(rank=4, start=1, exclude="<last>", verbose=False)
     fit(tmp_path, [lowrank], module=module, max_epochs=2)
     assert isinstance(student.net[0], Factorized) and isinstance(teacher.net[0], nn.Linear)
     assert all(isinstance(m, nn.Linear) for m in teacher.modules() if not isinstance(m, (nn.Sequential,
@@ -217,8 +217,8 @@ def test_mid_fit_factorization_of_layers_qat_converts_is_refused_before_the_firs
     from litcompress import QuantizationAwareTraining
 
     module = LitClassifier(ZOO["mlp"].build())
-    with pytest.raises(ValueError, match=r"`at`.*net.0.*quantized for training"):
-        fit(tmp_path, [LowRankFactorization(rank=2, at=1), QuantizationAwareTraining(verbose=False)],
+    with pytest.raises(ValueError, match=r"`start`.*net.0.*quantized for training"):
+        fit(tmp_path, [LowRankFactorization(rank=2, start=1), QuantizationAwareTraining(verbose=False)],
             module=module, max_epochs=2)
     assert all(not isinstance(m, Factorized) for m in module.modules())
 

@@ -391,6 +391,10 @@ def test_misconfiguration_before_any_training_step(tmp_path, kwargs, model, over
 def test_verbose_logs_text(tmp_path, caplog):
     with caplog.at_level("INFO"):
         fit(tmp_path, [Pruning(0.5, scope="layer", schedule="one_shot")], max_epochs=1)
+    assert "Pruning: step" not in caplog.text  # quiet by default, as Lightning's ModelPruning
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        fit(tmp_path, [Pruning(0.5, scope="layer", schedule="one_shot", verbose=True)], max_epochs=1)
     assert "Pruning: step 0, sparsity 0.5000 over 3 tensors" in caplog.text
 
 

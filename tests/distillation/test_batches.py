@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from litcompress._calls import call_model
 from litcompress.distillation.batches import (
     accepts_keyword,
     aligned_targets,
-    call_model,
     is_causal_lm,
     output_logits,
     output_loss,

@@ -11,7 +11,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from litcompress import DistillationModule, LowRankFactorization, Pruning, QuantizationAwareTraining
+from litcompress import (
+    ChannelPruning,
+    DistillationModule,
+    LowRankFactorization,
+    Pruning,
+    QuantizationAwareTraining,
+)
 from tests.models import LitClassifier, TransformerClassifier, classification_data
 from tests.test_hf_models import LitHF, gpt2
 from tests.test_hf_models import data as hf_data
@@ -307,13 +313,13 @@ def run_channel(processes: int, root: Any, dead: bool = False, importance: str =
     if gpt:
         x = hf_data("gpt2", n=4).tensors[0]
         module = CausalLM(gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-        pruning = Pruning(0.5, pattern="channel", interval="step", start=2, end=8, frequency=2, example_input=x,
+        pruning = ChannelPruning(0.5, interval="step", start=2, end=8, frequency=2, example_input=x,
                           verbose=False)
     elif dead:  # 95% of the first layer's weights: at least 8 of its 36 rows end all zero
         pruning = Pruning({r"^model\.0": 0.95}, remove_channels=True, interval="step", start=2, end=8,
                           example_input=x, verbose=False)
     else:
-        pruning = Pruning(0.5, pattern="channel", importance=importance, interval="step", start=2, end=8, frequency=2,
+        pruning = ChannelPruning(0.5, importance=importance, interval="step", start=2, end=8, frequency=2,
                           example_input=x, verbose=False)
     fit = trainer(processes, root, callbacks=[pruning])
     fit.fit(module, loader(fit, module))

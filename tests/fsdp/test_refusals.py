@@ -9,7 +9,7 @@ import pytest
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
-from litcompress import LowRankFactorization, Pruning, QuantizationAwareTraining
+from litcompress import ChannelPruning, LowRankFactorization, Pruning, QuantizationAwareTraining
 from tests.fsdp.common import Classifier, mlp
 
 
@@ -32,7 +32,7 @@ class BuiltInConfigureModel(Classifier):
 
 @pytest.mark.parametrize("callback", [lambda: QuantizationAwareTraining(),
                                       lambda: LowRankFactorization(rank_ratio=0.5),
-                                      lambda: Pruning(0.5, pattern="channel"),
+                                      lambda: ChannelPruning(0.5),
                                       lambda: Pruning(0.5, remove_channels=True)])
 def test_layer_swaps_need_layers_before_sharding(callback):
     with pytest.raises(ValueError, match=r"layers built in the LightningModule's __init__.*build the layers in"):

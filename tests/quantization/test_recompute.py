@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from litcompress.quantization import _recompute
-from litcompress.quantization.modules import QuantizedLayer, convert_
+from litcompress.quantization.layers import QuantizedLayer, convert_
 from litcompress.quantization.quantizers import QuantConfig
 
 LAYERS = {

@@ -1,6 +1,6 @@
 """Whole attention heads of Hugging Face blocks (BERT-style, Llama-style with grouped-query attention, GPT-2's packed
 `c_attn`) pruned by
-`Pruning(pattern="channel")` and removed: the smaller model computes what the masked one computed.
+`ChannelPruning` and removed: the smaller model computes what the masked one computed.
 
 The weights are drawn with a large `initializer_range` so that attention is far from uniform: with the tiny default
 initialisation every head attends almost uniformly, and a removal that regroups channels into the wrong heads would
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from litcompress import Pruning
+from litcompress import ChannelPruning
 from litcompress.sparsity.channels import ChannelPruner
 from litcompress.sparsity.hf_heads import find_attention
 from litcompress.structure import match_structure_
@@ -125,7 +125,7 @@ BUILD = {"bert": bert, "llama": llama, "gpt2": gpt2}
 
 
 def _fit(tmp_path, kind, **kwargs) -> LitHF:
-    pruning = Pruning(0.5, pattern="channel", start=0, end=1, verbose=False, **kwargs)
+    pruning = ChannelPruning(0.5, start=0, end=1, verbose=False, **kwargs)
     return fit(tmp_path, kind, [pruning], module=LitHF(BUILD[kind]()), steps=4)
 
 
@@ -155,7 +155,7 @@ def test_fit_removes_half_the_heads_and_computes_what_the_masked_model_did(tmp_p
 
 
 def test_bert_heads_removed_mid_fit_keep_training(tmp_path):
-    pruning = Pruning(0.5, pattern="channel", interval="step", start=0, end=2, remove_at=2, verbose=False)
+    pruning = ChannelPruning(0.5, interval="step", start=0, end=2, remove_at=2, verbose=False)
     module = fit(tmp_path, "bert", [pruning], module=LitHF(bert()), steps=4)
     query = module.model.bert.encoder.layer[0].attention.self.query
     assert query.out_features == 16 and pruning.removed

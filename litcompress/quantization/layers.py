@@ -30,9 +30,10 @@ from torch import Tensor, nn
 
 from litcompress._compat import ATTENTION_OUT_PROJ, conv_forward, rnn_forward
 from litcompress._validation import fail
+from litcompress.layers import HFConv1D
 from litcompress.quantization._recompute import wrap_forward
 from litcompress.quantization.quantizers import ActivationQuantizer, QuantConfig, WeightQuantizer
-from litcompress.selection import HFConv1D, weight_attributes
+from litcompress.selection import weight_attributes
 
 __all__ = [
     "QATGRU",

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from litcompress.quantization.functional import fake_quantize, signed_range, symmetric_scale
-from litcompress.quantization.modules import convert_, revert_
+from litcompress.quantization.layers import convert_, revert_
 from litcompress.quantization.quantizers import QuantConfig
 from tests.models import ZOO
 

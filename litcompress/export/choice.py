@@ -49,9 +49,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from litcompress._extras import ONNX_RUNTIME, require
+from litcompress._calls import batch_call
+from litcompress._extras import ONNX_EXPORT, ONNX_RUNTIME, require
 from litcompress._timing import median_seconds, ort_feed, ort_session
 from litcompress._validation import check_bool, check_fraction, check_int, fail
+from litcompress.export._writer import check_runs, write_onnx
 from litcompress.quantization.access import quantized_layers
 
 __all__ = ["Int8Choice", "LayerTiming", "Measure", "choose_int8"]
@@ -169,11 +171,9 @@ def choose_int8(
         TypeError: ``model``, ``example_input`` or ``measure`` of the wrong type.
         ValueError: a count or ``margin`` out of range, or the model does not run on ``example_input``.
     """
-    from litcompress.export import as_call, export_onnx  # here: litcompress.export imports this module
-
     if not isinstance(model, nn.Module):
         fail("model", "a torch.nn.Module", type(model).__name__, exc=TypeError)
-    args, kwargs = as_call(example_input)
+    args, kwargs = batch_call(example_input)
     check_int("threads", threads, minimum=1, allow_none=True)
     check_int("repeats", repeats, minimum=1)
     check_int("warmup", warmup, minimum=0)
@@ -189,6 +189,7 @@ def choose_int8(
     if not layers:
         return Int8Choice((), (), None, None, None, batch_size, threads,
                           note="no quantized layer in force: the model exports as float")
+    require(*ONNX_EXPORT, what="choose_int8")
     if measure is None:
         require(*ONNX_RUNTIME, what="choose_int8")
         measure = _ort_measure(args, kwargs, threads, repeats, warmup, rounds)
@@ -198,48 +199,56 @@ def choose_int8(
     def faster(a: float, b: float) -> bool:
         return a < b * (1.0 - margin)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        files: dict[frozenset[str], Path] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            check_runs(model, args, kwargs)  # once: the candidate exports below run no trial
+            files: dict[frozenset[str], Path] = {}
 
-        def timed(*configs: frozenset[str]) -> list[float]:
-            for config in configs:
-                if config not in files:  # one export per configuration
-                    label = "int8" if config == every else "float" if config == none else f"mix{len(files)}"
-                    files[config] = Path(tmp) / f"candidate_{len(files)}_{label}.onnx"
-                    export_onnx(model, example_input, files[config], dynamic_batch, int8=sorted(config))
-            seconds = list(measure([files[c] for c in configs]))
-            if len(seconds) != len(configs) or not all(
-                    isinstance(s, numbers.Real) and not isinstance(s, bool) and s > 0 for s in seconds):
-                fail("measure", f"a callable returning {len(configs)} positive numbers (seconds per run)", seconds)
-            return [1e3 * float(s) for s in seconds]
+            def timed(*configs: frozenset[str]) -> list[float]:
+                for config in configs:
+                    if config not in files:  # one export per configuration
+                        label = "int8" if config == every else "float" if config == none else f"mix{len(files)}"
+                        files[config] = Path(tmp) / f"candidate_{len(files)}_{label}.onnx"
+                        write_onnx(model, args, kwargs, files[config], dynamic_batch=dynamic_batch,
+                                   int8_layers=sorted(config))
+                seconds = list(measure([files[c] for c in configs]))
+                if len(seconds) != len(configs) or not all(
+                        isinstance(s, numbers.Real) and not isinstance(s, bool) and s > 0 for s in seconds):
+                        fail("measure", f"a callable returning {len(configs)} positive numbers (seconds per run)",
+                         seconds)
+                return [1e3 * float(s) for s in seconds]
 
-        float_ms, int8_ms = timed(none, every)
-        current, current_ms = (every, int8_ms) if faster(int8_ms, float_ms) else (none, float_ms)
-        tried: list[tuple[str, float, float]] = []
-        for name in layers:
-            flipped = current ^ {name}
-            if len(layers) == 1:  # the flipped file is the other of the two just timed
-                flipped_ms = int8_ms if flipped == every else float_ms
-            else:
-                flipped_ms, current_ms = timed(flipped, current)
-            with_int8, without = (flipped_ms, current_ms) if name in flipped else (current_ms, flipped_ms)
-            tried.append((name, with_int8, without))
-            if faster(flipped_ms, current_ms):
-                current, current_ms = flipped, flipped_ms
-        fell_back, note = False, ""
-        if current == every:
-            current_ms, float_ms = timed(every, none)
-            int8_ms = current_ms
-        elif current != none:
-            current_ms, float_ms, int8_ms = timed(current, none, every)
-        if current != none and current_ms >= float_ms:
-            fell_back = True
-            note = (f"fell back to float: the chosen mix ran {current_ms:.3f} ms against {float_ms:.3f} ms for the "
-                    "all-float export in the last check, so every layer exports as float")
-            current, current_ms = none, float_ms
-        elif current == none:
-            float_ms = current_ms  # its latest timing
-            note = f"int8 pays on no layer at batch {batch_size} here: every layer exports as float"
+            float_ms, int8_ms = timed(none, every)
+            current, current_ms = (every, int8_ms) if faster(int8_ms, float_ms) else (none, float_ms)
+            tried: list[tuple[str, float, float]] = []
+            for name in layers:
+                flipped = current ^ {name}
+                if len(layers) == 1:  # the flipped file is the other of the two just timed
+                    flipped_ms = int8_ms if flipped == every else float_ms
+                else:
+                    flipped_ms, current_ms = timed(flipped, current)
+                with_int8, without = (flipped_ms, current_ms) if name in flipped else (current_ms, flipped_ms)
+                tried.append((name, with_int8, without))
+                if faster(flipped_ms, current_ms):
+                    current, current_ms = flipped, flipped_ms
+            fell_back, note = False, ""
+            if current == every:
+                current_ms, float_ms = timed(every, none)
+                int8_ms = current_ms
+            elif current != none:
+                current_ms, float_ms, int8_ms = timed(current, none, every)
+            if current != none and current_ms >= float_ms:
+                fell_back = True
+                note = (f"fell back to float: the chosen mix ran {current_ms:.3f} ms against {float_ms:.3f} ms for "
+                        "the all-float export in the last check, so every layer exports as float")
+                current, current_ms = none, float_ms
+            elif current == none:
+                float_ms = current_ms  # its latest timing
+                note = f"int8 pays on no layer at batch {batch_size} here: every layer exports as float"
+    finally:
+        model.train(was_training)
     rows = tuple(LayerTiming(name, a, b, name in current) for name, a, b in tried)
     return Int8Choice(tuple(n for n in layers if n in current), rows, current_ms, float_ms, int8_ms, batch_size,
                       threads, fell_back, note)
