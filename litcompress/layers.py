@@ -8,6 +8,7 @@ selection, sparsity, quantization, factorization and structure all use the same 
 >>> layer = nn.Linear(8, 4)
 >>> layer.weight = nn.Parameter(layer.weight[:2])
 >>> sync_sizes(layer)
+True
 >>> layer.out_features
 2
 """
@@ -18,8 +19,6 @@ from abc import ABCMeta
 from typing import Any
 
 from torch import Tensor, nn
-
-from litcompress._validation import fail
 
 __all__ = ["HFConv1D", "sync_sizes"]
 
@@ -54,13 +53,15 @@ class HFConv1D(nn.Module, metaclass=ABCMeta):
         return NotImplemented  # the registry (``HFConv1D.register``) decides
 
 
-def sync_sizes(module: nn.Module, key: str = "") -> None:
+def sync_sizes(module: nn.Module) -> bool:
     """Set ``module``'s size attributes (``out_features``, ``out_channels``, ``num_features``, ``nf``, ...) from its
-    resized tensors. ``key``: the tensor's name, for the error raised on a layer kind that cannot be resized.
+    resized tensors. Returns ``False`` (changing nothing) for a layer kind whose sizes it does not know: the caller
+    says what that means for it.
 
     >>> layer = nn.Linear(8, 4)
     >>> layer.weight = nn.Parameter(layer.weight[:2])
     >>> sync_sizes(layer)
+    True
     >>> layer.out_features, layer.in_features
     (2, 8)
     """
@@ -89,6 +90,5 @@ def sync_sizes(module: nn.Module, key: str = "") -> None:
         if hasattr(module, "nx"):
             setattr(module, "nx", int(w.shape[0]))  # noqa: B010
     else:
-        fail("state_dict", "weights whose shapes this model's layers can take", key,
-             hint=f"its layer is a {type(module).__name__}, which cannot be resized: build the model with the "
-                  "saved sizes, or save it whole with torch.save")
+        return False
+    return True

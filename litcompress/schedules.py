@@ -141,7 +141,8 @@ def get_schedule(schedule: str | Schedule, name: str = "schedule") -> Schedule:
     try:
         values = [float(schedule(p)) for p in grid]
     except Exception as err:  # the user's function failed on a plain float: say which argument it was
-        raise TypeError(f"Argument `{name}` failed when called with a float progress: {err!r}") from err
+        raise TypeError(f"Expected argument `{name}` to be a callable taking a float progress, but calling it "
+                        f"failed with {err!r}. HINT: it is called as fn(progress) with progress in [0, 1]") from err
     if any(not (0.0 <= v <= 1.0) for v in values):
         fail(name, "a callable returning values in [0, 1]", schedule, hint=f"it returned {values!r}")
     if any(b < a for a, b in itertools.pairwise(values)):

@@ -51,7 +51,8 @@ class LowRankFactorization(_CompressionCallback):
         rank_ratio: the rank as a fraction of each layer's full rank, in ``(0, 1]``.
         energy: keep the smallest rank holding this fraction of the squared singular values, in ``(0, 1]``
             (relative squared reconstruction error ``<= 1 - energy``).
-        start: when, in ``interval`` units (the same word as every callback's); ``0``: before training. Mid-fit changes run on a single device.
+        start: when, in ``interval`` units (the word every callback uses for when it acts); ``0``: before
+            training. Mid-fit changes run on a single device.
         interval: ``"epoch"`` (default) or ``"step"`` (optimizer steps).
         parameters: which layers, by weight-name regex (or ``fn(module, name)``), as for
             :class:`~litcompress.callbacks.Pruning`; default: every Linear, ``Conv1D`` and ungrouped convolution.

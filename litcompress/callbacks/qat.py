@@ -24,6 +24,7 @@ from litcompress.callbacks._base import (
 from litcompress.distributed import check_synced
 from litcompress.quantization.access import quantized_layers
 from litcompress.quantization.layers import QUANTIZABLE_KINDS, QuantizedLayer, convert_, revert_
+from litcompress.quantization.plan import conversion_plan
 from litcompress.quantization.quantizers import ActivationQuantizer, QuantConfig, WeightQuantizer
 from litcompress.selection import ParameterFilter, check_patterns, select_parameters
 
@@ -160,21 +161,7 @@ class QuantizationAwareTraining(_CompressionCallback):
     def _prepare(self, target: nn.Module, trainer: pl.Trainer | None = None) -> None:
         refs = select_parameters(target, self.parameters, self.exclude, kinds=QUANTIZABLE_KINDS)
         modules: dict[str, nn.Module] = dict(target.named_modules())
-        attention = {n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)}
-        layers: dict[str, list[str]] = {}
-        for ref in refs:
-            for alias in ref.owners:  # a tied weight is quantized in every layer that holds it, by one quantizer
-                owner, attr = alias.module_name, alias.attr
-                parent = owner.rpartition(".")[0] if "." in owner else ""
-                if owner.endswith("out_proj") and (parent in attention):
-                    owner, attr = parent, "out_proj.weight"  # attention runs its output projection itself
-                if not isinstance(modules[owner], QUANTIZABLE_KINDS):
-                    tied = f" (tied to `{ref.name}`, which would train quantized elsewhere)" if alias is not ref else ""
-                    fail("parameters", "weights of " + ", ".join(k.__name__ for k in QUANTIZABLE_KINDS),
-                          alias.name + tied, hint="quantization-aware training converts whole layers of these kinds; "
-                          "`exclude` the weight to keep it in float")
-                if attr not in layers.setdefault(owner, []):
-                    layers[owner].append(attr)
+        layers = conversion_plan(target, refs)
         self._check_overlap(trainer, target, layers, modules)
         fresh = {n: a for n, a in layers.items() if not isinstance(modules[n], QuantizedLayer)}
         convert_(target, self.config, fresh)  # layers converted by an earlier fit keep their quantizers

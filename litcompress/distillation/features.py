@@ -106,7 +106,9 @@ def make_adapters(pairs: Mapping[str, str], student: nn.Module, teacher: nn.Modu
 def _output_tensor(output: object) -> Tensor:
     tensor = first_tensor(output)  # LSTM (output, state), attention (output, weights), HF blocks (hidden, ...)
     if tensor is None:
-        raise TypeError(f"Expected a module output that is a tensor or holds one, but got {type(output).__name__}.")
+        fail_state(f"A captured feature module returned a {type(output).__name__}, which holds no tensor",
+                   "litcompress.distillation.capture", "capture modules that return a tensor (or a tuple / mapping "
+                   "holding one), e.g. a submodule of this one", exc=TypeError)
     return tensor
 
 

@@ -47,20 +47,16 @@ def check_models(student: Any, teacher: Any, temperature: Any = 1.0, task_loss: 
     return teacher
 
 
-def check_dtypes(student: nn.Module, teacher: nn.Module, precision: str = "32-true") -> None:
-    """The teacher computes in the dtype the student trains in under Lightning's ``precision`` (any dtype under
-    mixed precision, where autocast casts)."""
+def check_dtypes(student: nn.Module, teacher: nn.Module, compute_dtype: torch.dtype | None = None) -> None:
+    """The teacher computes in the dtype the student trains in: ``compute_dtype`` (the training precision's dtype;
+    ``None``: the student's own parameter dtype). Under mixed precision, where autocast casts, do not call this."""
     def dtype(model: nn.Module) -> Any:
         return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
-    if "mixed" in precision:
-        return
-    s = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}.get(precision, dtype(student))
-    t = dtype(teacher)
+    s, t = compute_dtype or dtype(student), dtype(teacher)
     if s is not None and t is not None and s != t:
-        fail("teacher", f"a model in the dtype the student trains in ({s} with precision={precision!r})",
-              f"a {t} model", hint=f"convert it with `teacher.to({s})` or train with a mixed precision "
-              "(e.g. 'bf16-mixed')")
+        fail("teacher", f"a model in the dtype the student trains in ({s})", f"a {t} model",
+             hint=f"convert it with `teacher.to({s})` or train with a mixed precision (e.g. 'bf16-mixed')")
 
 
 def check_options(*, temperature: Any = 4.0, alpha: Any = 0.9, task_loss: Any = "cross_entropy",

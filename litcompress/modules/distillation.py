@@ -15,7 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from typing_extensions import override
 
 from litcompress._calls import call_model
-from litcompress._validation import fail
+from litcompress._validation import fail, fail_state
 from litcompress.distillation import batches as _batches
 from litcompress.distillation.cache import TeacherCache, cache_from_options
 from litcompress.distillation.features import FEATURE_LOSSES, capture, feature_pairs, feature_terms, make_adapters
@@ -26,6 +26,7 @@ from litcompress.distributed import check_synced
 __all__ = ["DistillationModule"]
 
 TaskLoss = Callable[[Tensor, Tensor], Tensor]
+_TRUE_PRECISION_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
 
 
 class DistillationModule(pl.LightningModule):
@@ -205,8 +206,10 @@ class DistillationModule(pl.LightningModule):
         if stage == "fit" and self.teacher is None:
             fail("teacher", "a teacher model for training", None,
                   hint="pass `teacher=` (a teacher is only optional for inference from a checkpoint)")
-        if stage == "fit" and self.teacher is not None:  # before Lightning converts the student to its precision
-            check_dtypes(self.student, self.teacher, str(self.trainer.precision))
+        precision = str(self.trainer.precision) if stage == "fit" else ""
+        if self.teacher is not None and stage == "fit" and "mixed" not in precision:  # mixed: autocast casts
+            # before Lightning converts the student to its precision
+            check_dtypes(self.student, self.teacher, _TRUE_PRECISION_DTYPES.get(precision))
 
     @override
     def on_fit_start(self) -> None:
@@ -303,8 +306,9 @@ class DistillationModule(pl.LightningModule):
             loss = loss + self.alpha * parts["transfer_loss"]
         if self.alpha < 1:
             if targets is None:
-                fail("batch", "(inputs, targets) or a dict with 'labels' when alpha < 1", "a batch without targets",
-                      hint="set alpha=1.0 and task_loss=None for label-free distillation")
+                fail_state("A batch without targets (not (inputs, targets), nor a dict with 'labels') reached a loss "
+                           "that needs them (alpha < 1)", "DistillationModule.losses", "give batches with targets, or "
+                           "set alpha=1.0 and task_loss=None for label-free distillation", exc=ValueError)
             parts["task_loss"] = self._task_term(student_raw, student_out, aligned, own)
             loss = loss + (1 - self.alpha) * parts["task_loss"]
         parts["loss"] = loss
@@ -313,8 +317,9 @@ class DistillationModule(pl.LightningModule):
     def mixup_inputs(self, inputs: Tensor) -> Tensor:
         """``transfer_size`` convex mixes of two random inputs of the batch (seeded by ``seed`` and the step)."""
         if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
-            fail("transfer", "None for inputs that are not floating-point tensors", self.transfer,
-                  hint="mixup mixes inputs; token ids or structured batches cannot be mixed")
+            fail_state(f"transfer={self.transfer!r} got inputs that are not one floating-point tensor "
+                       f"({type(inputs).__name__})", "DistillationModule.mixup_inputs", "mixup mixes inputs; token ids "
+                       "or structured batches cannot be mixed: pass transfer=None", exc=ValueError)
         return _batches.mix_inputs(inputs, self.transfer_size, torch.Generator().manual_seed(self.seed * 1_000_003
                                                                                     + self.global_step))
 

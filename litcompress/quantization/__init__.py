@@ -7,6 +7,7 @@ and :func:`export_mode`, plus the attributes of :class:`QuantizedLayer`.
 from litcompress.quantization.access import export_mode, fake_quant, quantized_layers, quantized_weights
 from litcompress.quantization.functional import fake_quantize, lsq_fake_quantize
 from litcompress.quantization.layers import QUANTIZABLE_KINDS, QuantizedLayer, convert_, revert_
+from litcompress.quantization.plan import conversion_plan
 from litcompress.quantization.quantizers import ActivationQuantizer, QuantConfig, WeightQuantizer
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "QuantConfig",
     "QuantizedLayer",
     "WeightQuantizer",
+    "conversion_plan",
     "convert_",
     "export_mode",
     "fake_quant",

@@ -116,6 +116,28 @@ def _linear(x: Tensor, w: Tensor, b: Tensor | None, exporting: bool) -> Tensor:
 
 
 class QATLinear(QuantizedLayer, nn.Linear):
+    """``nn.Linear`` converted for quantization-aware training (by :func:`convert_`, never constructed; also the
+    output projection of ``nn.MultiheadAttention``). With ``fake_quant_enabled`` its forward fake-quantizes the
+    weight (symmetric, per output row or per tensor) and, when ``config.activation_bits`` is set, the input (range
+    observed in training mode), then applies ``F.linear``; with it off, exactly ``nn.Linear.forward``. ONNX Runtime
+    runs the exported layer as ``QGemm`` (2-D inputs) or ``MatMulIntegerToFloat`` (N-D).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from litcompress.quantization import QuantConfig, convert_
+    >>> model = nn.Sequential(nn.Linear(4, 3))
+    >>> layer = convert_(model, QuantConfig(weight_bits=4, activation_bits=None), ["0"])["0"]
+    >>> type(layer).__name__, layer.fake_quant_enabled, isinstance(layer, nn.Linear)
+    ('QATLinear', False, True)
+    >>> layer.fake_quant_enabled = True
+    >>> ints, scale = layer.weight_quantizers["weight"].integers(layer.weight)
+    >>> int(ints.abs().max())  # 4 bits: integers in [-7, 7], one scale per output row
+    7
+    >>> x = torch.randn(2, 4)
+    >>> torch.allclose(layer(x), x @ (ints * scale[:, None]).T + layer.bias)
+    True
+    """
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.fake_quant_enabled:
             return super().forward(x)
@@ -142,15 +164,60 @@ class _QATConv(QuantizedLayer):
 
 
 class QATConv1d(_QATConv, nn.Conv1d):
-    pass
+    """``nn.Conv1d`` converted for quantization-aware training (by :func:`convert_`, never constructed). With
+    ``fake_quant_enabled`` it fake-quantizes the weight (per output channel or per tensor) and, when
+    ``config.activation_bits`` is set, both its input and its output: ONNX Runtime fuses DQ -> Conv -> Q into an
+    integer ``QLinearConv`` only when the output is quantized. With it off, exactly ``nn.Conv1d.forward``.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from litcompress.quantization import QuantConfig, convert_
+    >>> model = nn.Sequential(nn.Conv1d(1, 4, 3), nn.ReLU())
+    >>> conv = convert_(model, QuantConfig(), ["0"])["0"]
+    >>> type(conv).__name__, sorted(conv.input_quantizers), sorted(conv.weight_quantizers)
+    ('QATConv1d', ['input', 'output'], ['weight'])
+    >>> conv.fake_quant_enabled = True
+    >>> model.train()(torch.randn(2, 1, 8)).shape  # training mode observes the activation ranges
+    torch.Size([2, 4, 6])
+    """
 
 
 class QATConv2d(_QATConv, nn.Conv2d):
-    pass
+    """``nn.Conv2d`` converted for quantization-aware training (by :func:`convert_`, never constructed). With
+    ``fake_quant_enabled`` it fake-quantizes the weight (per output channel or per tensor) and, when
+    ``config.activation_bits`` is set, both its input and its output: ONNX Runtime fuses DQ -> Conv -> Q into an
+    integer ``QLinearConv`` only when the output is quantized. With it off, exactly ``nn.Conv2d.forward``.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from litcompress.quantization import QuantConfig, convert_
+    >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
+    >>> conv = convert_(model, QuantConfig(), ["0"])["0"]
+    >>> type(conv).__name__, sorted(conv.input_quantizers), sorted(conv.weight_quantizers)
+    ('QATConv2d', ['input', 'output'], ['weight'])
+    >>> conv.fake_quant_enabled = True
+    >>> model.train()(torch.randn(2, 1, 8, 8)).shape  # training mode observes the activation ranges
+    torch.Size([2, 4, 6, 6])
+    """
 
 
 class QATConv3d(_QATConv, nn.Conv3d):
-    pass
+    """``nn.Conv3d`` converted for quantization-aware training (by :func:`convert_`, never constructed). With
+    ``fake_quant_enabled`` it fake-quantizes the weight (per output channel or per tensor) and, when
+    ``config.activation_bits`` is set, both its input and its output: ONNX Runtime fuses DQ -> Conv -> Q into an
+    integer ``QLinearConv`` only when the output is quantized. With it off, exactly ``nn.Conv3d.forward``.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from litcompress.quantization import QuantConfig, convert_
+    >>> model = nn.Sequential(nn.Conv3d(1, 4, 3), nn.ReLU())
+    >>> conv = convert_(model, QuantConfig(), ["0"])["0"]
+    >>> type(conv).__name__, sorted(conv.input_quantizers), sorted(conv.weight_quantizers)
+    ('QATConv3d', ['input', 'output'], ['weight'])
+    >>> conv.fake_quant_enabled = True
+    >>> model.train()(torch.randn(2, 1, 5, 5, 5)).shape  # training mode observes the activation ranges
+    torch.Size([2, 4, 3, 3, 3])
+    """
 
 
 class QATConv1D(QuantizedLayer):
@@ -208,15 +275,60 @@ class _QATRNN(QuantizedLayer, nn.RNNBase):
 
 
 class QATLSTM(_QATRNN, nn.LSTM):
-    pass
+    """``nn.LSTM`` converted for quantization-aware training (by :func:`convert_`, never constructed). Weight-only:
+    with ``fake_quant_enabled`` the recurrent kernel runs on fake-quantized copies of every ``weight_ih_l*`` /
+    ``weight_hh_l*`` matrix (biases and activations stay float); with it off, exactly ``nn.LSTM.forward``. Inputs,
+    outputs and the ``(h, c)`` state are those of ``nn.LSTM``.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from litcompress.quantization import QuantConfig, convert_
+    >>> model = nn.Sequential(nn.LSTM(4, 8))
+    >>> lstm = convert_(model, QuantConfig(), ["0"])["0"]
+    >>> type(lstm).__name__, sorted(lstm.weight_quantizers), lstm.input_quantizers
+    ('QATLSTM', ['weight_hh_l0', 'weight_ih_l0'], {})
+    >>> lstm.fake_quant_enabled = True
+    >>> out, (h, c) = lstm(torch.randn(5, 2, 4))  # (L, N, H_in), as nn.LSTM
+    >>> out.shape, h.shape
+    (torch.Size([5, 2, 8]), torch.Size([1, 2, 8]))
+    """
 
 
 class QATGRU(_QATRNN, nn.GRU):
-    pass
+    """``nn.GRU`` converted for quantization-aware training (by :func:`convert_`, never constructed). Weight-only:
+    with ``fake_quant_enabled`` the recurrent kernel runs on fake-quantized copies of its weight matrices (biases
+    and activations stay float); with it off, exactly ``nn.GRU.forward``.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from litcompress.quantization import QuantConfig, convert_
+    >>> model = nn.Sequential(nn.GRU(4, 8, batch_first=True))
+    >>> gru = convert_(model, QuantConfig(weight_bits=4), ["0"])["0"]
+    >>> gru.fake_quant_enabled = True
+    >>> out, h = gru(torch.randn(2, 5, 4))
+    >>> type(gru).__name__, out.shape
+    ('QATGRU', torch.Size([2, 5, 8]))
+    """
 
 
 class QATRNN(_QATRNN, nn.RNN):
-    pass
+    """``nn.RNN`` (Elman) converted for quantization-aware training (by :func:`convert_`, never constructed).
+    Weight-only: with ``fake_quant_enabled`` the recurrent kernel runs on fake-quantized copies of its weight
+    matrices; with it off, exactly ``nn.RNN.forward``. :func:`revert_` gives the layer its original class back.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from litcompress.quantization import QuantConfig, convert_, revert_
+    >>> model = nn.Sequential(nn.RNN(4, 8))
+    >>> rnn = convert_(model, QuantConfig(), ["0"])["0"]
+    >>> x = torch.randn(5, 2, 4)
+    >>> rnn.fake_quant_enabled = True
+    >>> type(rnn).__name__, rnn(x)[0].shape
+    ('QATRNN', torch.Size([5, 2, 8]))
+    >>> revert_(rnn)  # the same object, its class restored
+    >>> type(model[0]).__name__
+    'RNN'
+    """
 
 
 def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:

@@ -83,7 +83,10 @@ def match_structure_(model: nn.Module, state_dict: Mapping[str, Tensor], prefix:
                 module._buffers[attr] = new
             resized = True
         if resized:
-            sync_sizes(module, f"{key}{own[0][0]}")
+            if not sync_sizes(module):
+                fail("state_dict", "weights whose shapes this model's layers can take", f"{key}{own[0][0]}",
+                     hint=f"its layer is a {type(module).__name__}, which cannot be resized: build the model with the "
+                          "saved sizes, or save it whole with torch.save")
             if name not in changed:
                 changed.append(name)
     if changed:
