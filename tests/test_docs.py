@@ -14,6 +14,10 @@ Figures: every number written before "x smaller", "x faster", "x fewer" or "x sl
 as that number followed by "x", so a figure edited in one place only fails here. Program output shown in
 ```` ```text ```` blocks (one run's output, e.g. the main example's) is exempt. The main example's stated run time
 ("about two minutes on 2 quiet CPU cores") is checked against the wall times RESULTS.md records for it.
+
+Also: the README stays a front door (at most 150 lines, the two commands exactly as CI runs them, links that
+resolve), the design page lists tests/test_imports.py's import layers, and the site's docstring rendering
+(``docs/_ext/doctest_blocks.py``) fences bare doctests.
 """
 
 from __future__ import annotations
@@ -193,7 +197,7 @@ def test_every_public_name_has_a_reference_entry() -> None:
 # --- figures ------------------------------------------------------------------------------------------------------
 
 # "63.7x smaller", "7.1-8.3x faster", "1.85x-2.14x faster", "3.18x / 2.71x faster"
-_FIGURE = re.compile(r"((?:\d+(?:\.\d+)?x?\s*[-/–]\s*)*\d+(?:\.\d+)?)x (?:smaller|faster|fewer|slower)\b")
+_FIGURE = re.compile(r"((?:\d+(?:\.\d+)?x?\s*[-/–]\s*)*\d+(?:\.\d+)?)x\s+(?:smaller|faster|fewer|slower)\b")
 
 
 def prose(page: Path) -> str:
@@ -210,7 +214,7 @@ def stated_figures(text: str) -> list[str]:
 
 
 def test_figure_extraction() -> None:
-    text = "63.7x smaller; 7.1-8.3x faster; 1.85x-2.14x faster; 3.18x / 2.71x faster; 12x higher; 2.0x fewer"
+    text = "63.7x smaller; 7.1-8.3x faster; 1.85x-2.14x faster; 3.18x / 2.71x faster; 12x higher; 2.0x\nfewer"
     assert stated_figures(text) == ["63.7", "7.1", "8.3", "1.85", "2.14", "3.18", "2.71", "2.0"]
 
 
@@ -309,3 +313,12 @@ def test_bare_doctests_render_as_code() -> None:
         "        ```pycon", "        >>> x = 1", "        ```", "", "Examples:", "    >>> 1 + 1", "    2"]
     assert ext.plain_roles("see :class:`~litcompress.Pruning` and :func:`litcompress.export.export_onnx`") == (
         "see `Pruning` and `litcompress.export.export_onnx`")
+
+
+def test_design_page_lists_the_import_layers() -> None:
+    """The design page's layer table is tests/test_imports.py's LAYERS, bottom first."""
+    from tests.test_imports import LAYERS
+
+    rows = re.findall(r"^\| (\d+) \| (.+?) \|$", (DOCS / "design.md").read_text(), flags=re.M)
+    assert [int(n) for n, _ in rows] == list(range(len(LAYERS)))
+    assert [re.findall(r"`([\w.]+)`", units) for _, units in rows] == LAYERS
