@@ -90,7 +90,7 @@ class WeightQuantizer:
         self.qmin, self.qmax = signed_range(config.weight_bits)
         self.scale: Tensor | None = None  # frozen or learned scale; None: computed from the weights each call
         self.frozen = False
-        self._export: tuple[Tensor, Tensor, Tensor] | None = None  # (int8 weights, scales, zeros) while exporting
+        self._export: tuple[Tensor, Tensor, Tensor] | None = None  # (integer weights, scales, zeros) while exporting
 
     def observed_scale(self, w: Tensor) -> Tensor:
         scale = symmetric_scale(w, self.qmax, self.axis)
