@@ -51,7 +51,7 @@ def int8_structure(path) -> tuple[set[str], set[str], set[str]]:
     """(layers with an int8 weight initializer behind a DequantizeLinear, layers with a QuantizeLinear, names of the
     float initializers), read from the exported graph."""
     graph = onnx.load(str(path)).graph
-    int8_inits = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    int8_inits = {i.name for i in graph.initializer if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
     float_inits = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
     weights, quantize = set(), set()
     for node in graph.node:
@@ -256,7 +256,7 @@ def test_int8_misconfiguration(tmp_path):
     with pytest.raises(ValueError, match=r"HINT: this model has none: pass int8='all'"):
         export_onnx(ZOO["mlp"].build(), x, path, int8=["net.0"])
     with pytest.raises(TypeError, match="`dynamic_batch` to be a bool"):
-        export_onnx(model, x, path, "yes")
+        export_onnx(model, x, path, dynamic_batch="yes")
     assert not path.exists()
 
 
