@@ -36,6 +36,7 @@ from mnist5k import Classifier, TeacherCNN, cosine_adamw, mnist_5k
 
 from litcompress import DistillationModule
 from litcompress.data import RandomInputs
+from litcompress.distillation import MixupTransfer, TeacherCache
 
 warnings.filterwarnings("ignore")
 
@@ -99,8 +100,8 @@ def one_seed(seed: int, epochs: int, teacher_epochs: int, teachers: int = 1, shi
     # shifts are drawn per batch in the loader, so the teacher and the student see the same shifted images
     loader = DataLoader(train, batch_size=64, shuffle=True, collate_fn=shift_collate if shift else None)
     cache = not shift  # shifted inputs are never seen twice: the cache would only warn and switch off
-    kd = {"temperature": 4.0, "alpha": 0.9, "cache_teacher": cache}
-    mixup = {"transfer": "mixup", "transfer_size": 64, "seed": seed}
+    kd = {"temperature": 4.0, "alpha": 0.9, "cache": cache}
+    mixup = {"transfer": MixupTransfer(size=64, seed=seed)}
     teacher = fit(Classifier(TeacherCNN()), loader, teacher_epochs).model.eval()
     out = {"teacher": accuracy(teacher, test)}
 
@@ -126,18 +127,18 @@ def one_seed(seed: int, epochs: int, teacher_epochs: int, teachers: int = 1, shi
     if "kd" in rows:
         run("kd", Distilled(student(), teacher, **kd), clock=clock_kd)
     if "kd_topk" in rows:  # the cache keeps 3 of 10 logits per digit, in float16 (needs the cache: no shifts)
-        run("kd_topk", Distilled(student(), teacher, temperature=4.0, alpha=0.9, cache_teacher=True, cache_top_k=3,
-                                 cache_dtype=torch.float16))
+        run("kd_topk", Distilled(student(), teacher, temperature=4.0, alpha=0.9,
+                                 cache=TeacherCache(top_k=3, dtype=torch.float16)))
     if "mixup" in rows:
         run("mixup", Distilled(student(), teacher, **kd, **mixup))
     if "unlabeled_mixup" in rows:  # real images, no labels: the teacher labels them and their mixes
         run("unlabeled_mixup", Distilled(student(), teacher, task_loss=None, temperature=4.0, alpha=1.0,
-                                         cache_teacher=cache, **mixup))
+                                         cache=cache, **mixup))
     if "label_free" in rows:  # no labels and no real images
         inputs = RandomInputs((784,), size=len(train), distribution="matched", reference=train.tensors[0][:256],
                               seed=seed)
         run("label_free", Distilled(student(), teacher, task_loss=None, alpha=1.0, temperature=4.0,
-                                    cache_teacher=True), DataLoader(inputs, batch_size=64, shuffle=True))
+                                    cache=True), DataLoader(inputs, batch_size=64, shuffle=True))
     if "scratch" in out:
         for key in ("kd", "kd_topk", "mixup", "ensemble", "ensemble_mixup", "unlabeled_mixup"):
             if key in out:

@@ -37,6 +37,7 @@ from mnist5k import progress, quiet_lightning
 from torch.utils.data import DataLoader, Dataset
 
 from litcompress import CompressionReport, DistillationModule, Pruning, QuantizationAwareTraining
+from litcompress.distillation import TeacherCache
 
 
 def stdlib_bytes(held_out_every: int = 8) -> tuple[bytes, bytes]:
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     students["distilled"] = student
     # the teacher's logits are computed in the first epoch and reused after it (float32: the targets are exact)
     module = Distilled(student, teacher, temperature=args.temperature, alpha=args.alpha, lr=args.lr,
-                       cache_teacher=args.cache_teacher, cache_max_bytes=2 << 30)
+                       cache=TeacherCache(max_bytes=2 << 30) if args.cache_teacher else False)
     report = CompressionReport(metrics=[], dirpath=str(args.out), plots=False)
     seconds["distilled"] = fit(module, "distilled student", train, args.epochs, args.batch_size,
                                [*compression(), report], args.out)

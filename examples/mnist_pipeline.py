@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 2. one fit: distil + prune (cubic) + quantization-aware training, with the report
     pl.seed_everything(args.seed, verbose=False)
-    student = Student(StudentCNN(), teacher, temperature=4.0, alpha=0.9, cache_teacher=True)
+    student = Student(StudentCNN(), teacher, temperature=4.0, alpha=0.9, cache=True)
     # the report's batch for FLOPs and latency: real digits (int8 kernels run faster on zeros than on real data)
     student.example_input_array = mnist_5k(args.seed)[1].tensors[0][:256]
     qat_start = max(1, round(0.6 * args.epochs))  # prune first, then quantize the pruned weights

@@ -84,7 +84,8 @@ def test_print_config_lists_every_option(cli_main, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(ROOT / "examples" / "configs" / "all.yaml"), "--print_config"])
     out = capsys.readouterr().out
-    for option in ("temperature: 4.0", "cache_top_k", "transfer", "class_path: litcompress.Pruning", "schedule: cubic",
+    for option in ("temperature: 4.0", "cache: true", "transfer: null", "class_path: litcompress.Pruning",
+                   "schedule: cubic",
                    "class_path: litcompress.QuantizationAwareTraining", "freeze_observers: 39",
                    "class_path: litcompress.CompressionReport"):
         assert option in out, option

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from litcompress._validation import check_choice, check_fraction, check_int, check_real, fail
 
-__all__ = ["TeacherCache", "cache_from_options", "check_storage", "topk_compress", "topk_expand"]
+__all__ = ["TeacherCache", "attach_cache", "check_storage", "topk_compress", "topk_expand"]
 
 _COUNTERS = ("passes", "full", "hits", "lookups", "batches", "refused")  # the pass statistics, saved with the state
 
@@ -65,41 +65,42 @@ def check_storage(max_bytes: Any, dtype: Any, top_k: Any, prefix: str = "") -> t
     return dtype
 
 
-def cache_from_options(enabled: Any, max_bytes: Any, dtype: Any, top_k: Any, in_checkpoint: Any,
-                       temperature: float, features: bool = False, regression: bool = False) -> TeacherCache | None:
-    """Validate :class:`~litcompress.DistillationModule`'s ``cache_*`` arguments (named so in messages); returns
-    the cache, or ``None`` when ``enabled`` is False.
+def attach_cache(cache: Any, temperature: float, features: bool = False,
+                 regression: bool = False) -> TeacherCache | None:
+    """The cache :class:`~litcompress.DistillationModule` uses for its ``cache`` argument: ``False``/``None`` (no
+    cache), ``True`` (a :class:`TeacherCache` with its defaults) or a :class:`TeacherCache`; checked against the
+    module's other options. The module gets its own empty cache with the settings of the one given (one
+    ``TeacherCache`` can configure several modules); a ``temperature`` of ``None`` becomes the distillation one.
 
     Args:
-        enabled: ``cache_teacher``: build a cache (a bool; not allowed with ``features``).
-        max_bytes: ``cache_max_bytes``, see :func:`check_storage`.
-        dtype: ``cache_dtype``, see :func:`check_storage`.
-        top_k: ``cache_top_k``, see :func:`check_storage`; only with ``enabled`` and not with ``regression``.
-        in_checkpoint: ``cache_in_checkpoint`` (a bool): save the cached outputs in checkpoints; only with
-            ``enabled``.
-        temperature: the distillation temperature the ``top_k`` fill is computed for.
+        cache: the ``cache`` argument.
+        temperature: the distillation temperature (the ``top_k`` fill is computed for it).
         features: whether intermediate features are distilled (their teacher outputs are not cached).
         regression: whether the task loss is ``"mse"`` (outputs that are not logits: no ``top_k``).
 
-    >>> cache_from_options(True, 1024, "float16", None, False, temperature=4.0).dtype
-    torch.float16
+    >>> attach_cache(TeacherCache(dtype="float16"), temperature=4.0).temperature
+    4.0
+    >>> attach_cache(False, temperature=4.0) is None
+    True
     """
-    if not isinstance(enabled, bool):
-        fail("cache_teacher", "a bool", enabled, exc=TypeError)
-    if enabled and features:
-        fail("cache_teacher", "False with `features`", enabled,
-              hint="intermediate teacher features are not cached; drop one of the two")
-    dtype = check_storage(max_bytes, dtype, top_k, prefix="cache_")
-    if not isinstance(in_checkpoint, bool):
-        fail("cache_in_checkpoint", "a bool", in_checkpoint, exc=TypeError)
-    if in_checkpoint and not enabled:
-        fail("cache_in_checkpoint", "False unless `cache_teacher=True`", True, hint="set cache_teacher=True")
-    if top_k is not None and not enabled:
-        fail("cache_top_k", "None unless `cache_teacher=True`", top_k, hint="set cache_teacher=True")
-    if top_k is not None and regression:
-        fail("cache_top_k", "None with task_loss='mse'", top_k,
-              hint="regression outputs are not logits; cache them in full")
-    return TeacherCache(max_bytes, dtype, top_k=top_k, temperature=temperature) if enabled else None
+    if cache is None or cache is False:
+        return None
+    if cache is True:
+        cache = TeacherCache()
+    if not isinstance(cache, TeacherCache):
+        fail("cache", "a bool or a TeacherCache", type(cache).__name__, exc=TypeError,
+             hint="e.g. cache=True, or cache=TeacherCache(dtype='float16', top_k=32)")
+    if features:
+        fail("cache", "False with `features`", cache,
+             hint="intermediate teacher features are not cached; drop one of the two")
+    if cache.top_k is not None and regression:
+        fail("cache", "a TeacherCache with top_k=None with task_loss='mse'", cache,
+             hint="regression outputs are not logits; cache them in full")
+    if cache.temperature is not None and cache.top_k is not None and cache.temperature != float(temperature):
+        fail("cache", f"a TeacherCache whose temperature is the distillation temperature ({temperature}) or None",
+             cache, hint="its top_k fill is exact at one temperature: leave TeacherCache(temperature=None)")
+    return TeacherCache(cache.max_bytes, cache.dtype, cache.min_hit_rate, cache.top_k,
+                        float(temperature) if cache.temperature is None else cache.temperature, cache.in_checkpoint)
 
 
 class TeacherCache:
@@ -119,19 +120,32 @@ class TeacherCache:
             the cache turns itself off.
         top_k: keep only the ``k`` largest logits of each output row (see the module docstring); ``None`` keeps
             the full outputs. The targets are always the outputs after this round trip, cached or not.
-        temperature: the distillation temperature the ``top_k`` fill is computed for.
+        temperature: the distillation temperature the ``top_k`` fill is computed for; ``None`` (default): the
+            temperature of the :class:`~litcompress.DistillationModule` it is given to (1.0 when used alone).
+        in_checkpoint: a :class:`~litcompress.DistillationModule` also saves the cached outputs (up to
+            ``max_bytes``) in checkpoints, so a resumed fit need not run the teacher again. By default only the
+            cache's small state is saved; resume is exact either way (the targets do not depend on what is
+            cached), the contents only save time.
     """
 
-    def __init__(self, max_bytes: int = 1 << 30, dtype: torch.dtype = torch.float32, min_hit_rate: float = 0.5,
-                 top_k: int | None = None, temperature: float = 1.0):
+    def __init__(self, max_bytes: int = 1 << 30, dtype: torch.dtype | str = torch.float32, min_hit_rate: float = 0.5,
+                 top_k: int | None = None, temperature: float | None = None, in_checkpoint: bool = False):
         dtype = check_storage(max_bytes, dtype, top_k)
         check_fraction("min_hit_rate", min_hit_rate, closed_right=True)
-        check_real("temperature", temperature)
+        check_real("temperature", temperature, allow_none=True)
+        if not isinstance(in_checkpoint, bool):
+            fail("in_checkpoint", "a bool", in_checkpoint, exc=TypeError)
         self.max_bytes, self.dtype, self.min_hit_rate = max_bytes, dtype, min_hit_rate
-        self.top_k, self.temperature = top_k, float(temperature)
+        self.top_k = top_k
+        self.temperature = None if temperature is None else float(temperature)
+        self.in_checkpoint = in_checkpoint
         self.classes = 0  # output width, for expanding top-k rows
         self.enabled = True
         self.clear()
+
+    def __repr__(self) -> str:
+        return (f"TeacherCache(max_bytes={self.max_bytes}, dtype={self.dtype}, min_hit_rate={self.min_hit_rate}, "
+                f"top_k={self.top_k}, temperature={self.temperature}, in_checkpoint={self.in_checkpoint})")
 
     def clear(self) -> None:
         """Empty the cache; the count of complete passes starts again."""
@@ -153,11 +167,11 @@ class TeacherCache:
         sizes = {len(t) if t.dim() else -1 for t in tensors.values()}
         if len(sizes) != 1 or -1 in sizes:
             fail("inputs", "a tensor, or a dict whose tensors share the batch dimension, for the teacher cache",
-                  {k: tuple(t.shape) for k, t in tensors.items()}, hint="set cache_teacher=False for these inputs")
+                  {k: tuple(t.shape) for k, t in tensors.items()}, hint="set cache=False for these inputs")
         plain = {k: v for k, v in named.items() if k not in tensors}
         if not all(_is_plain(v) for v in plain.values()):
             fail("inputs", "tensors and plain values (numbers, strings, None) for the teacher cache",
-                  {k: type(v).__name__ for k, v in plain.items()}, hint="set cache_teacher=False for these inputs")
+                  {k: type(v).__name__ for k, v in plain.items()}, hint="set cache=False for these inputs")
         header = "".join(f"{k + ':' if k else ''}{tuple(t.shape[1:])}{t.dtype}" for k, t in tensors.items())
         header += repr(plain) if plain else ""
         n = sizes.pop()
@@ -203,7 +217,8 @@ class TeacherCache:
         if self.top_k is None:
             return (outputs.to(self.dtype),)
         self.classes = outputs.shape[-1]
-        return topk_compress(outputs.float(), self.top_k, self.temperature, self.dtype)
+        temperature = 1.0 if self.temperature is None else self.temperature
+        return topk_compress(outputs.float(), self.top_k, temperature, self.dtype)
 
     def _expand(self, parts: Sequence[Tensor]) -> Tensor:
         if self.top_k is None:

@@ -24,7 +24,6 @@ from litcompress._validation import fail, fail_state
 
 __all__ = [
     "CHANNELS_FIRST",
-    "FEATURE_LOSSES",
     "adapter_key",
     "attention_map",
     "capture",
@@ -37,7 +36,6 @@ __all__ = [
     "output_width",
 ]
 
-FEATURE_LOSSES = ("mse", "cosine", "attention")
 CHANNELS_FIRST: tuple[type[nn.Module], ...] = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
 )
@@ -147,7 +145,7 @@ def feature_terms(pairs: Mapping[str, str], student_features: Mapping[str, Tenso
         teacher_features: the teacher's captured outputs by teacher layer name; no gradient flows into them.
         student: the student, whose layers give each feature's channel dimension (for ``"cosine"``).
         adapters: the adapters of :func:`make_adapters` (not used for ``"attention"``).
-        kind: the feature loss, one of :data:`FEATURE_LOSSES`.
+        kind: the feature loss, one of :data:`~litcompress.distillation.config.FEATURE_LOSSES`.
     """
     total: Tensor | None = None
     for s_name, t_name in pairs.items():
@@ -217,7 +215,8 @@ def make_adapter(width_in: int | None, width_out: int | None, channels_first: bo
     """
     if width_in is None or width_out is None:
         fail("features", "layers whose output width is known (Linear, Conv, RNN, attention, norms)",
-              (width_in, width_out), hint="distil features of such layers, or use feature_loss='attention'")
+              (width_in, width_out),
+              hint="distil features of such layers, or use FeatureDistillation(..., loss='attention')")
     if width_in == width_out:
         return nn.Identity()
     return _ChannelAdapter(width_in, width_out, channels_first)

@@ -11,13 +11,12 @@ ValueError: Expected argument `temperature` to be a float > 0, but got 0.0.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from litcompress._validation import check_choice, check_fraction, check_int, check_real, fail
+from litcompress._validation import check_fraction, check_int, check_real, fail
 from litcompress.distillation.ensemble import TeacherEnsemble
 
 __all__ = ["check_dtypes", "check_models", "check_options"]
@@ -61,9 +60,19 @@ def check_dtypes(student: nn.Module, teacher: nn.Module, compute_dtype: torch.dt
 
 def check_options(*, temperature: Any = 4.0, alpha: Any = 0.9, task_loss: Any = "cross_entropy",
                   ignore_index: Any = -100, lr: Any = 1e-3, weight_decay: Any = 0.0, num_classes: Any = None,
-                  transfer: Any = None, transfer_size: Any = 64, seed: Any = 0, shift_labels: Any = None,
-                  feature_loss: Any = None, feature_weight: Any = 1.0, feature_losses: Sequence[str] = ()) -> None:
-    """Check the scalar arguments (``feature_loss`` and ``feature_weight`` only when ``feature_loss`` is given)."""
+                  shift_labels: Any = None) -> None:
+    """Check the scalar arguments of :class:`~litcompress.DistillationModule` (its option groups check themselves).
+
+    Args:
+        temperature: the softmax temperature, a finite float > 0.
+        alpha: weight of the distillation term, in [0, 1]; 1.0 when ``task_loss`` is None.
+        task_loss: ``"cross_entropy"``, ``"mse"``, a callable or None.
+        ignore_index: an int (the padding label).
+        lr: the learning rate, a finite float > 0.
+        weight_decay: a finite float >= 0.
+        num_classes: an int >= 2 or None.
+        shift_labels: a bool or None.
+    """
     check_real("temperature", temperature)
     check_fraction("alpha", alpha, closed_right=True)
     if task_loss is None and alpha < 1:
@@ -74,12 +83,5 @@ def check_options(*, temperature: Any = 4.0, alpha: Any = 0.9, task_loss: Any = 
     check_real("weight_decay", weight_decay, strict=False)
     check_int("ignore_index", ignore_index)
     check_int("num_classes", num_classes, minimum=2, allow_none=True)
-    if feature_loss is not None:
-        check_choice("feature_loss", feature_loss, feature_losses)
-        check_real("feature_weight", feature_weight, strict=False)
-    if transfer is not None:
-        check_choice("transfer", transfer, ("mixup",))
-    check_int("transfer_size", transfer_size, minimum=1)
-    check_int("seed", seed)
     if shift_labels is not None and not isinstance(shift_labels, bool):
         fail("shift_labels", "a bool or None", shift_labels, exc=TypeError)

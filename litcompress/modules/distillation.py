@@ -17,8 +17,9 @@ from typing_extensions import override
 from litcompress._calls import call_model
 from litcompress._validation import fail, fail_state
 from litcompress.distillation import batches as _batches
-from litcompress.distillation.cache import TeacherCache, cache_from_options
-from litcompress.distillation.features import FEATURE_LOSSES, capture, feature_pairs, feature_terms, make_adapters
+from litcompress.distillation.cache import TeacherCache, attach_cache
+from litcompress.distillation.config import FeatureDistillation, MixupTransfer
+from litcompress.distillation.features import capture, feature_pairs, feature_terms, make_adapters
 from litcompress.distillation.losses import kd_loss, mse_distillation_loss
 from litcompress.distillation.options import check_dtypes, check_models, check_options
 from litcompress.distributed import check_synced
@@ -74,33 +75,19 @@ class DistillationModule(pl.LightningModule):
         lr: learning rate of the default AdamW optimizer.
         weight_decay: weight decay of the default AdamW optimizer.
         num_classes: classes (or vocabulary size) for the validation metrics; inferred when omitted.
-        features: feature distillation: ``{"student.layer": "teacher.layer", ...}`` (the prefixes are
-            optional). Outputs are captured with forward hooks; a learnable adapter (part of this module, trained
-            with the student, saved in checkpoints) maps the student's width to the teacher's.
-        feature_loss: ``"mse"``, ``"cosine"``, or ``"attention"`` (attention transfer, Zagoruyko & Komodakis,
-            for conv feature maps: no adapter needed).
-        feature_weight: weight of the feature term, added to the loss above.
-        cache_teacher: run the teacher once per distinct input and reuse its outputs in later epochs. Keys are
-            content hashes of the inputs, so augmented inputs never get stale targets; when an epoch after a
-            complete cached pass finds fewer than half its inputs cached (random augmentation; a full cache is
-            not taken for it), a warning says so and the cache turns itself off. Not with ``features``.
-        cache_max_bytes: memory bound of the cache.
-        cache_dtype: storage dtype of cached outputs (``torch.float16`` halves memory; float32 is exact); also
-            given by name (``"float16"``), e.g. in YAML. The student always trains on the stored representation,
-            cached or not.
-        cache_top_k: keep only each output row's ``k`` largest logits (and one fill value for the other classes,
-            chosen so that at ``temperature`` the kept classes get exactly the teacher's probabilities and the
-            rest share the remaining mass evenly). For large vocabularies: with 50k tokens, ``k=32`` in float16
-            stores 194 bytes per position instead of 200 kB. Classification outputs only. The student always
-            trains on the stored representation, cached or not.
-        cache_in_checkpoint: also save the cache contents (up to ``cache_max_bytes``) in checkpoints, so a resumed
-            fit need not run the teacher again. By default only the cache's small state is saved; resume is exact
-            either way (the targets do not depend on what is cached), the contents only save time.
-        transfer: ``"mixup"`` adds ``transfer_size`` extra inputs per training step, each a random convex mix of
-            two inputs of the batch, labelled by the teacher only (an extra transfer set; its distillation term
-            is added with weight ``alpha`` and logged as ``train/transfer_loss``). Floating-point inputs only.
-        transfer_size: extra inputs per step for ``transfer``.
-        seed: seed of the transfer draws (with ``global_step``: identical on resume and on every process).
+        features: feature distillation: a :class:`~litcompress.distillation.FeatureDistillation` (pairs of layers,
+            the loss, its weight), or just its pairs ``{"student.layer": "teacher.layer", ...}`` with the default
+            loss (``"mse"``) and weight (1.0).
+        cache: run the teacher once per distinct input and reuse its outputs in later epochs: ``True`` (a
+            :class:`~litcompress.distillation.TeacherCache` with its defaults) or a ``TeacherCache`` with the memory
+            bound, storage dtype, ``top_k`` and whether checkpoints hold its contents. Keys are content hashes of
+            the inputs, so augmented inputs never get stale targets; when an epoch after a complete cached pass
+            finds fewer than half its inputs cached (random augmentation; a full cache is not taken for it), a
+            warning says so and the cache turns itself off. The student always trains on the stored
+            representation, cached or not. Not with ``features``.
+        transfer: an extra transfer set, a :class:`~litcompress.distillation.MixupTransfer`: each step adds its
+            ``size`` random convex mixes of two inputs of the batch, labelled by the teacher only, with weight
+            ``alpha`` (logged as ``train/transfer_loss``). Floating-point inputs only.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -128,42 +115,32 @@ class DistillationModule(pl.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.01,
         num_classes: int | None = None,
-        features: Mapping[str, str] | None = None,
-        feature_loss: Literal["mse", "cosine", "attention"] = "mse",
-        feature_weight: float = 1.0,
-        cache_teacher: bool = False,
-        cache_max_bytes: int = 1 << 30,
-        cache_dtype: torch.dtype | Literal["float32", "float16", "bfloat16"] = torch.float32,
-        cache_top_k: int | None = None,
-        cache_in_checkpoint: bool = False,
-        transfer: Literal["mixup"] | None = None,
-        transfer_size: int = 64,
-        seed: int = 0,
         shift_labels: bool | None = None,
+        features: FeatureDistillation | Mapping[str, str] | None = None,
+        cache: bool | TeacherCache = False,
+        transfer: MixupTransfer | None = None,
     ) -> None:
         super().__init__()
         teacher = check_models(student, teacher, temperature, task_loss)
         check_options(temperature=temperature, alpha=alpha, task_loss=task_loss, ignore_index=ignore_index, lr=lr,
-                      weight_decay=weight_decay, num_classes=num_classes, transfer=transfer,
-                      transfer_size=transfer_size, seed=seed, shift_labels=shift_labels,
-                      feature_loss=feature_loss if features else None, feature_weight=feature_weight,
-                      feature_losses=FEATURE_LOSSES)
+                      weight_decay=weight_decay, num_classes=num_classes, shift_labels=shift_labels)
+        feature_config, transfer = _as_features(features), _as_transfer(transfer)
         self.student = student
         object.__setattr__(self, "_teacher", None)  # outside the module tree: no state_dict keys, no DDP, no optim
         self.teacher = teacher
         self.temperature, self.alpha, self.task_loss_kind = float(temperature), float(alpha), task_loss
         self.ignore_index, self.lr, self.weight_decay = ignore_index, lr, weight_decay
         self.num_classes = num_classes
-        self.features = feature_pairs(features, student, teacher)
-        self.feature_loss_kind, self.feature_weight = feature_loss, float(feature_weight)
+        self.feature_config = feature_config
+        self.features = feature_pairs(feature_config.pairs if feature_config else None, student, teacher)
+        self.feature_loss_kind = feature_config.loss if feature_config else "mse"
+        self.feature_weight = float(feature_config.weight) if feature_config else 1.0
         # student-side state: trained with the student, saved in checkpoints
         self.adapters = (make_adapters(self.features, student, teacher)
-                         if teacher is not None and feature_loss != "attention" else nn.ModuleDict())
-        self.teacher_cache = cache_from_options(cache_teacher, cache_max_bytes, cache_dtype, cache_top_k,
-                                                cache_in_checkpoint, self.temperature, features=bool(self.features),
-                                                regression=task_loss == "mse")
-        self.cache_in_checkpoint = cache_in_checkpoint
-        self.transfer, self.transfer_size, self.seed = transfer, transfer_size, seed
+                         if teacher is not None and self.feature_loss_kind != "attention" else nn.ModuleDict())
+        self.teacher_cache = attach_cache(cache, self.temperature, features=bool(self.features),
+                                          regression=task_loss == "mse")
+        self.transfer = transfer
         self.shift_labels = _batches.is_causal_lm(student) if shift_labels is None else shift_labels
         self._student_takes_labels = _batches.accepts_keyword(student, _batches.LABELS)
         self.val_metrics: MetricCollection | None = None  # built at the first validation batch (class count)
@@ -315,13 +292,15 @@ class DistillationModule(pl.LightningModule):
         return parts
 
     def mixup_inputs(self, inputs: Tensor) -> Tensor:
-        """``transfer_size`` convex mixes of two random inputs of the batch (seeded by ``seed`` and the step)."""
+        """The transfer set's ``size`` convex mixes of two random inputs of the batch (seeded by its ``seed`` and the
+        step)."""
+        transfer = self.transfer if self.transfer is not None else MixupTransfer()
         if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
-            fail_state(f"transfer={self.transfer!r} got inputs that are not one floating-point tensor "
+            fail_state(f"{transfer!r} got inputs that are not one floating-point tensor "
                        f"({type(inputs).__name__})", "DistillationModule.mixup_inputs", "mixup mixes inputs; token ids "
                        "or structured batches cannot be mixed: pass transfer=None", exc=ValueError)
-        return _batches.mix_inputs(inputs, self.transfer_size, torch.Generator().manual_seed(self.seed * 1_000_003
-                                                                                    + self.global_step))
+        generator = torch.Generator().manual_seed(transfer.seed * 1_000_003 + self.global_step)
+        return _batches.mix_inputs(inputs, transfer.size, generator)
 
     def _teacher_outputs(self, inputs: Any) -> Tensor:
         cache = self.teacher_cache
@@ -355,7 +334,7 @@ class DistillationModule(pl.LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.teacher_cache is not None:
-            checkpoint["litcompress_teacher_cache"] = self.teacher_cache.state_dict(self.cache_in_checkpoint)
+            checkpoint["litcompress_teacher_cache"] = self.teacher_cache.state_dict(self.teacher_cache.in_checkpoint)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -405,3 +384,22 @@ class DistillationModule(pl.LightningModule):
         """AdamW over the student's trainable parameters and the feature adapters (all this module registers)."""
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr,
                                  weight_decay=self.weight_decay)
+
+
+def _as_features(features: Any) -> FeatureDistillation | None:
+    """``features`` as :class:`~litcompress.DistillationModule` takes it: ``None``, a mapping (its pairs, with the
+    default loss and weight) or a :class:`~litcompress.distillation.FeatureDistillation`."""
+    if features is None or isinstance(features, FeatureDistillation):
+        return features
+    if isinstance(features, Mapping):
+        return FeatureDistillation(dict(features))
+    fail("features", "None, a mapping of student to teacher layer names, or a FeatureDistillation",
+         type(features).__name__, exc=TypeError)
+
+
+def _as_transfer(transfer: Any) -> MixupTransfer | None:
+    """``transfer`` as :class:`~litcompress.DistillationModule` takes it: ``None`` or a
+    :class:`~litcompress.distillation.MixupTransfer`."""
+    if transfer is None or isinstance(transfer, MixupTransfer):
+        return transfer
+    fail("transfer", "None or a MixupTransfer", transfer, exc=TypeError, hint="e.g. transfer=MixupTransfer(size=64)")

@@ -113,7 +113,7 @@ class SaveStudent(pl.Callback):
 
 def _fit_kd_spawned(tmp_path):
     torch.manual_seed(0)
-    module = DistillationModule(ZOO["mlp"].build(), MLP(16, 64), cache_teacher=True)
+    module = DistillationModule(ZOO["mlp"].build(), MLP(16, 64), cache=True)
     data = DataLoader(classification_data((16,), n=128), batch_size=16)
     callbacks = [Pruning(0.5, scope="layer", interval="step", start=2, frequency=2, verbose=False),
                  SaveStudent(tmp_path)]

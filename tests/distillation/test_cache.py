@@ -54,7 +54,7 @@ def fit_gpt(tmp_path, epochs=2, **options):
     torch.manual_seed(0)
     teacher, student = TinyGPT(layers=2), TinyGPT(layers=1)
     calls = TeacherCalls(teacher)
-    module = DistillationModule(student, teacher, cache_teacher=True, **options)
+    module = DistillationModule(student, teacher, cache=TeacherCache(**options))
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=epochs), callbacks=[calls])
     trainer.fit(module, DataLoader(lm_data(n=64), batch_size=16))
     return module, teacher, calls.per_epoch
@@ -62,7 +62,7 @@ def fit_gpt(tmp_path, epochs=2, **options):
 
 def test_topk_cache_in_a_fit_on_token_logits(tmp_path):
     k = 4
-    module, teacher, calls = fit_gpt(tmp_path, cache_top_k=k, cache_dtype=torch.float16)
+    module, teacher, calls = fit_gpt(tmp_path, top_k=k, dtype=torch.float16)
     assert calls[0] == 4 and calls.get(1, 0) == 0  # the teacher is not called in epoch 2
     cache = module.teacher_cache
     distinct = len(torch.unique(lm_data(n=64).tensors[0], dim=0))  # repeated sequences are stored once
@@ -79,7 +79,7 @@ def test_topk_cache_in_a_fit_on_token_logits(tmp_path):
 
 
 def test_full_width_topk_matches_the_plain_cache(tmp_path):
-    topk, _, _ = fit_gpt(tmp_path, epochs=3, cache_top_k=32)  # vocab 32: nothing dropped, float32: exact
+    topk, _, _ = fit_gpt(tmp_path, epochs=3, top_k=32)  # vocab 32: nothing dropped, float32: exact
     plain, _, _ = fit_gpt(tmp_path, epochs=3)
     for a, b in zip(topk.parameters(), plain.parameters()):
         assert torch.equal(a, b)
@@ -176,14 +176,10 @@ def test_state_without_contents_restores_an_empty_cache():
 
 def test_topk_misconfiguration():
     teacher, student = MLP(16, 32), MLP(16, 8)
-    with pytest.raises(ValueError, match=r"`cache_top_k` to be None unless `cache_teacher=True`"):
-        DistillationModule(student, teacher, cache_top_k=4)
-    with pytest.raises(ValueError, match=r"`cache_top_k` to be None with task_loss='mse'"):
-        DistillationModule(student, teacher, cache_teacher=True, cache_top_k=4, task_loss="mse")
-    with pytest.raises(ValueError, match=r"`cache_top_k` to be an int >= 1"):
-        DistillationModule(student, teacher, cache_teacher=True, cache_top_k=0)
-    with pytest.raises(TypeError, match=r"`cache_dtype` to be a floating-point torch.dtype"):
-        DistillationModule(student, teacher, cache_teacher=True, cache_dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"`cache` to be a TeacherCache with top_k=None with task_loss='mse'"):
+        DistillationModule(student, teacher, cache=TeacherCache(top_k=4), task_loss="mse")
+    with pytest.raises(TypeError, match=r"`dtype` to be a floating-point torch.dtype"):
+        TeacherCache(dtype=torch.int8)
     # the cache names its own arguments
     with pytest.raises(ValueError, match=r"Expected argument `max_bytes` to be an int >= 1, but got 0"):
         TeacherCache(max_bytes=0)
@@ -210,7 +206,7 @@ def cache_warnings(caught):
 @pytest.mark.parametrize("in_checkpoint", [False, True])
 def test_cache_contents_in_checkpoints_only_when_asked(tmp_path, in_checkpoint):
     teacher, student = teacher_and_student()
-    module = DistillationModule(student, teacher, cache_teacher=True, cache_in_checkpoint=in_checkpoint)
+    module = DistillationModule(student, teacher, cache=TeacherCache(in_checkpoint=in_checkpoint))
     fit(tmp_path, [ModelCheckpoint(dirpath=tmp_path, filename="first")], module=module, max_epochs=1,
         enable_checkpointing=True)
     state = torch.load(tmp_path / "first.ckpt", weights_only=False)["litcompress_teacher_cache"]
@@ -222,7 +218,7 @@ def test_cache_contents_in_checkpoints_only_when_asked(tmp_path, in_checkpoint):
     # resumed: the teacher runs again in the second epoch only when the contents were left out
     teacher, student = teacher_and_student()
     calls = TeacherCalls(teacher)
-    resumed = DistillationModule(student, teacher, cache_teacher=True)
+    resumed = DistillationModule(student, teacher, cache=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit(tmp_path, [calls], module=resumed, max_epochs=3, ckpt_path=tmp_path / "first.ckpt")
@@ -232,7 +228,7 @@ def test_cache_contents_in_checkpoints_only_when_asked(tmp_path, in_checkpoint):
 
 def test_limited_shuffled_epochs_do_not_look_like_augmentation(tmp_path):
     teacher, student = teacher_and_student()
-    module = DistillationModule(student, teacher, cache_teacher=True)
+    module = DistillationModule(student, teacher, cache=True)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=4, limit_train_batches=0.25))
     data = DataLoader(classification_data((16,), n=64), batch_size=16, shuffle=True,
                       generator=torch.Generator().manual_seed(0))  # one random quarter of the data per epoch
@@ -246,7 +242,7 @@ def test_limited_shuffled_epochs_do_not_look_like_augmentation(tmp_path):
 def test_a_full_cache_does_not_blame_augmentation(tmp_path):
     teacher, student = teacher_and_student()
     calls = TeacherCalls(teacher)
-    module = DistillationModule(student, teacher, cache_teacher=True, cache_max_bytes=20 * 4 * 4)  # room for 20
+    module = DistillationModule(student, teacher, cache=TeacherCache(max_bytes=20 * 4 * 4))  # room for 20
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit(tmp_path, [calls], module=module, max_epochs=3)
@@ -273,3 +269,18 @@ def test_keys_of_dict_inputs_cover_every_tensor_the_teacher_sees():
         TeacherCache.keys(dict(inputs, bias=torch.zeros(3)))
     with pytest.raises(ValueError, match="tensors and plain values"):
         TeacherCache.keys(dict(inputs, past=[torch.zeros(4)]))
+
+
+def test_one_teacher_cache_configures_modules_that_each_hold_their_own():
+    teacher, student = MLP(16, 32), MLP(16, 8)
+    settings = TeacherCache(max_bytes=4096, dtype="float16", top_k=2, in_checkpoint=True)
+    a = DistillationModule(student, teacher, temperature=3.0, cache=settings)
+    b = DistillationModule(MLP(16, 8), teacher, temperature=3.0, cache=settings)
+    assert a.teacher_cache is not b.teacher_cache and a.teacher_cache is not settings
+    for cache in (a.teacher_cache, b.teacher_cache):
+        assert (cache.max_bytes, cache.dtype, cache.top_k, cache.in_checkpoint) == (4096, torch.float16, 2, True)
+        assert cache.temperature == 3.0  # None: the distillation temperature, which the top-k fill is exact at
+    assert settings.temperature is None and not settings.store  # the settings object is left as it was
+    keys = a.teacher_cache.keys(torch.zeros(1, 16))
+    a.teacher_cache.add(keys, torch.zeros(1, 4))
+    assert b.teacher_cache.lookup(keys) is None

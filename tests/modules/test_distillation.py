@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from litcompress import DistillationModule, Pruning, QuantizationAwareTraining
-from litcompress.distillation import kd_loss
+from litcompress.distillation import FeatureDistillation, MixupTransfer, TeacherCache, kd_loss
 from tests.helpers import Crash, Interrupted, RecordingLogger, TeacherCalls, fit
 from tests.models import MLP, TinyGPT, classification_data, lm_data, trainer_kwargs
 
@@ -194,8 +194,8 @@ def conv_pair(seed=0):
 @pytest.mark.parametrize("kind", ["mse", "cosine", "attention"])
 def test_feature_distillation_with_adapters(tmp_path, kind):
     teacher, student = conv_pair()
-    module = DistillationModule(student, teacher, features={"student.stem.0": "teacher.stem.0", "block.3": "block.3"},
-                                feature_loss=kind, feature_weight=2.0)
+    pairs = {"student.stem.0": "teacher.stem.0", "block.3": "block.3"}
+    module = DistillationModule(student, teacher, features=FeatureDistillation(pairs, loss=kind, weight=2.0))
     if kind == "attention":
         assert len(module.adapters) == 0  # spatial attention maps need no width adapter
     else:
@@ -222,10 +222,10 @@ def test_feature_names_and_widths_are_checked():
         DistillationModule(student, teacher, features={"stem.9": "stem.0"})
     with pytest.raises(ValueError, match="names of teacher layers, but got 'nope'"):
         DistillationModule(student, teacher, features={"stem.0": "nope"})
-    with pytest.raises(ValueError, match="`feature_loss`"):
-        DistillationModule(student, teacher, features={"stem.0": "stem.0"}, feature_loss="l1")
-    with pytest.raises(ValueError, match="`feature_weight`"):
-        DistillationModule(student, teacher, features={"stem.0": "stem.0"}, feature_weight=-1)
+    with pytest.raises(ValueError, match="`loss`"):
+        FeatureDistillation({"stem.0": "stem.0"}, loss="l1")
+    with pytest.raises(ValueError, match="`weight`"):
+        FeatureDistillation({"stem.0": "stem.0"}, weight=-1)
     with pytest.raises(TypeError, match="`features`"):
         DistillationModule(student, teacher, features=["stem.0"])
     with pytest.raises(ValueError, match="layers whose output width is known"):
@@ -285,7 +285,7 @@ def test_teacher_cache_hits_and_matches_uncached(tmp_path):
     def run(cache):
         teacher, student = teacher_and_student()
         calls = TeacherCalls(teacher)
-        module = DistillationModule(student, teacher, cache_teacher=cache)
+        module = DistillationModule(student, teacher, cache=cache)
         fit(tmp_path, [calls], module=module, max_epochs=3)
         return module, calls.per_epoch
 
@@ -311,7 +311,7 @@ class Augmented(torch.utils.data.Dataset):
 def test_teacher_cache_detects_augmentation(tmp_path):
     teacher, student = teacher_and_student()
     calls = TeacherCalls(teacher)
-    module = DistillationModule(student, teacher, cache_teacher=True)
+    module = DistillationModule(student, teacher, cache=True)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=3), callbacks=[calls])
     data = DataLoader(Augmented(classification_data((16,), n=64)), batch_size=16, shuffle=True)
     with pytest.warns(UserWarning, match=r"Teacher cache: only 0% .* \(random augmentation\?\)"):
@@ -322,13 +322,13 @@ def test_teacher_cache_detects_augmentation(tmp_path):
 
 @pytest.mark.parametrize("cut", [4, "epoch", 6])  # the first epoch's last step, its end, the second's middle
 @pytest.mark.parametrize("in_checkpoint", [False, True])
-@pytest.mark.parametrize("storage", [{}, {"cache_dtype": torch.float16}, {"cache_top_k": 2}],
+@pytest.mark.parametrize("storage", [{}, {"dtype": torch.float16}, {"top_k": 2}],
                          ids=["float32", "float16", "top_k"])
 def test_resume_with_cache_is_bit_identical(tmp_path, cut, in_checkpoint, storage):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        reference, resumed = resumed_matches_uninterrupted(tmp_path, cut, cache_teacher=True,
-                                                           cache_in_checkpoint=in_checkpoint, **storage)
+        reference, resumed = resumed_matches_uninterrupted(
+            tmp_path, cut, cache=TeacherCache(in_checkpoint=in_checkpoint, **storage))
     assert not [w for w in caught if "Teacher cache" in str(w.message)]  # no augmentation suspected
     cache = resumed.teacher_cache
     assert cache.enabled and len(cache.store) == 64 and cache.bytes == reference.teacher_cache.bytes
@@ -338,24 +338,24 @@ def test_resume_with_cache_is_bit_identical(tmp_path, cut, in_checkpoint, storag
 
 def test_cache_misconfiguration():
     teacher, student = teacher_and_student()
-    with pytest.raises(ValueError, match="`cache_teacher` to be False with `features`"):
-        DistillationModule(student, teacher, features={"net.0": "net.0"}, cache_teacher=True)
-    with pytest.raises(TypeError, match="`cache_teacher`"):
-        DistillationModule(student, teacher, cache_teacher="yes")
-    with pytest.raises(ValueError, match=r"Expected argument `cache_max_bytes` to be an int >= 1, but got 0"):
-        DistillationModule(student, teacher, cache_teacher=True, cache_max_bytes=0)
-    with pytest.raises(ValueError, match=r"Expected argument `cache_dtype` to be one of 'float32'"):
-        DistillationModule(student, teacher, cache_teacher=True, cache_dtype="float8")
-    with pytest.raises(TypeError, match=r"Expected argument `cache_in_checkpoint` to be a bool, but got 'yes'"):
-        DistillationModule(student, teacher, cache_teacher=True, cache_in_checkpoint="yes")
-    with pytest.raises(ValueError, match=r"`cache_in_checkpoint` to be False unless `cache_teacher=True`"):
-        DistillationModule(student, teacher, cache_in_checkpoint=True)
+    with pytest.raises(ValueError, match="`cache` to be False with `features`"):
+        DistillationModule(student, teacher, features={"net.0": "net.0"}, cache=True)
+    with pytest.raises(TypeError, match="`cache` to be a bool or a TeacherCache"):
+        DistillationModule(student, teacher, cache="yes")
+    with pytest.raises(ValueError, match=r"Expected argument `max_bytes` to be an int >= 1, but got 0"):
+        TeacherCache(max_bytes=0)
+    with pytest.raises(ValueError, match=r"Expected argument `dtype` to be one of 'float32'"):
+        TeacherCache(dtype="float8")
+    with pytest.raises(TypeError, match=r"Expected argument `in_checkpoint` to be a bool, but got 'yes'"):
+        TeacherCache(in_checkpoint="yes")
+    with pytest.raises(ValueError, match=r"`cache` to be a TeacherCache whose temperature is the distillation"):
+        DistillationModule(student, teacher, temperature=4.0, cache=TeacherCache(top_k=2, temperature=2.0))
 
 
 def test_teacher_ensemble_averages_softened_probabilities(tmp_path):
     torch.manual_seed(0)
     t1, t2, student = MLP(16, 64), MLP(16, 32), MLP(16, 8)
-    module = DistillationModule(student, [t1, t2], temperature=2.0, cache_teacher=True)
+    module = DistillationModule(student, [t1, t2], temperature=2.0, cache=True)
     x, y = (t[:16] for t in classification_data((16,)).tensors)
     parts = module.losses((x, y))
     p = (F.softmax(t1(x).detach() / 2, -1) + F.softmax(t2(x).detach() / 2, -1)) / 2
@@ -372,7 +372,7 @@ def test_teacher_ensemble_averages_softened_probabilities(tmp_path):
 
 def test_mixup_transfer_set(tmp_path):
     teacher, student = teacher_and_student()
-    module = DistillationModule(student, teacher, transfer="mixup", transfer_size=32, seed=3)
+    module = DistillationModule(student, teacher, transfer=MixupTransfer(size=32, seed=3))
     x, y = (t[:16] for t in classification_data((16,)).tensors)
     mixed = module.mixup_inputs(x)
     assert mixed.shape == (32, 16) and torch.equal(mixed, module.mixup_inputs(x))  # seeded: reproducible
@@ -390,15 +390,15 @@ def test_mixup_transfer_set(tmp_path):
 
 @pytest.mark.parametrize("cut", [3, 6])
 def test_resume_with_transfer_is_bit_identical(tmp_path, cut):
-    resumed_matches_uninterrupted(tmp_path, cut, transfer="mixup", transfer_size=8)
+    resumed_matches_uninterrupted(tmp_path, cut, transfer=MixupTransfer(size=8))
 
 
 def test_transfer_misconfiguration(tmp_path):
     teacher, student = teacher_and_student()
-    with pytest.raises(ValueError, match="`transfer`"):
-        DistillationModule(student, teacher, transfer="cutmix")
-    with pytest.raises(ValueError, match="`transfer_size`"):
-        DistillationModule(student, teacher, transfer="mixup", transfer_size=0)
-    gpt = DistillationModule(TinyGPT(layers=1), TinyGPT(layers=2), transfer="mixup")
+    with pytest.raises(TypeError, match="`transfer` to be None or a MixupTransfer"):
+        DistillationModule(student, teacher, transfer="mixup")
+    with pytest.raises(ValueError, match="`size`"):
+        MixupTransfer(size=0)
+    gpt = DistillationModule(TinyGPT(layers=1), TinyGPT(layers=2), transfer=MixupTransfer())
     with pytest.raises(ValueError, match=r"not one floating-point tensor.*`DistillationModule.mixup_inputs`"):
         gpt.mixup_inputs(lm_data(n=4).tensors[0])

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset
 
 from litcompress import DistillationModule
-from litcompress.distillation import init_from_teacher, kd_loss
+from litcompress.distillation import FeatureDistillation, MixupTransfer, TeacherCache, init_from_teacher, kd_loss
 from tests.helpers import Crash, Interrupted, RecordingLogger, TeacherCalls
 from tests.models import ResumableLoader, trainer_kwargs
 
@@ -233,7 +233,7 @@ def test_teacher_cache_with_dict_batches(tmp_path):
     def run(cache):
         teacher, student = gpt2(layers=2, seed=1), gpt2(layers=1, seed=2)
         calls = TeacherCalls(teacher)
-        module = DistillationModule(student, teacher, alpha=0.5, cache_teacher=cache)
+        module = DistillationModule(student, teacher, alpha=0.5, cache=cache)
         pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=3), callbacks=[calls]).fit(
             module, DataLoader(data, batch_size=16))
         return module, calls.per_epoch
@@ -247,13 +247,13 @@ def test_teacher_cache_with_dict_batches(tmp_path):
 
 
 @pytest.mark.parametrize("cut", [2, "epoch", 6])  # mid first epoch, its end, mid second epoch
-@pytest.mark.parametrize("storage", [{}, {"cache_top_k": 4}], ids=["float32", "top_k"])
+@pytest.mark.parametrize("storage", [{}, {"top_k": 4}], ids=["float32", "top_k"])
 def test_resume_with_dict_batches_and_cache_is_bit_identical(tmp_path, cut, storage):
     data = TokenDicts()
 
     def run(callbacks, ckpt_path=None, max_epochs=3, **overrides):
         teacher, student = gpt2(layers=2, seed=1), gpt2(layers=1, seed=2)
-        module = DistillationModule(student, teacher, alpha=0.5, cache_teacher=True, **storage)
+        module = DistillationModule(student, teacher, alpha=0.5, cache=TeacherCache(**storage))
         trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=max_epochs, **overrides), callbacks=callbacks)
         trainer.fit(module, DictLoader(data, 16), ckpt_path=ckpt_path)
         return module
@@ -275,9 +275,8 @@ def test_resume_with_dict_batches_and_cache_is_bit_identical(tmp_path, cut, stor
 
 def test_hidden_state_feature_kd_between_gpt2_widths(tmp_path):
     teacher, student = gpt2(layers=4, width=32, seed=1), gpt2(layers=2, width=16, seed=2)
-    module = DistillationModule(student, teacher, lr=3e-3, feature_weight=10.0,
-                                features={"transformer.h.0": "transformer.h.1",
-                                          "student.transformer.h.1": "teacher.transformer.h.3"})
+    pairs = {"transformer.h.0": "transformer.h.1", "student.transformer.h.1": "teacher.transformer.h.3"}
+    module = DistillationModule(student, teacher, lr=3e-3, features=FeatureDistillation(pairs, weight=10.0))
     assert set(module.adapters) == {"transformer__h__0", "transformer__h__1"}
     assert module.adapters["transformer__h__1"].proj.weight.shape == (32, 16)
     adapter_before = module.adapters["transformer__h__1"].proj.weight.clone()
@@ -380,6 +379,6 @@ def test_misconfiguration_and_the_logits_hook():
     unlabeled = {k: v for k, v in TokenDicts().batch(4).items() if k != "labels"}
     with pytest.raises(ValueError, match=r"A batch without targets.*\(alpha < 1\) in `DistillationModule.losses`"):
         DistillationModule(gpt2(layers=1), gpt2(layers=2)).losses(unlabeled)
-    mixup = DistillationModule(gpt2(layers=1), gpt2(layers=2), transfer="mixup")
-    with pytest.raises(ValueError, match=r"transfer='mixup' got inputs that are not one floating-point tensor.*To fix"):
+    mixup = DistillationModule(gpt2(layers=1), gpt2(layers=2), transfer=MixupTransfer())
+    with pytest.raises(ValueError, match=r"MixupTransfer\(size=64, seed=0\) got inputs that are not one floating"):
         mixup.losses(TokenDicts().batch(4))
