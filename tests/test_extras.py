@@ -42,7 +42,7 @@ attempt("plot_layers", lambda: plot_layers(summarize(nn.Linear(2, 2), torch.rand
 import lightning.pytorch as pl
 from litcompress import CompressionReport, QuantizationAwareTraining
 from tests.helpers import fit
-report = CompressionReport(example_input=[4, 16], metrics=[], repeats=2, dirpath={tmp!r})
+report = CompressionReport(input_shape=[4, 16], metrics=[], repeats=2, dirpath={tmp!r})
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     trainer, _ = fit(__import__("pathlib").Path({tmp!r}), [QuantizationAwareTraining(verbose=False), report],

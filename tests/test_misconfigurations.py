@@ -44,8 +44,8 @@ def _mlp_distill(**kwargs):
     return lambda model, tmp: DistillationModule(model, MLP(), **kwargs)
 
 
-def _report(**kwargs):
-    return lambda model, tmp: CompressionReport(**kwargs)
+def _report(*args, **kwargs):
+    return lambda model, tmp: CompressionReport(*args, **kwargs)
 
 
 def _prune(*args, **kwargs):
@@ -186,7 +186,9 @@ CONSTRUCTION = [
     Case("kd-loss-temperature", lambda m, t: kd_loss(torch.zeros(2, 3), torch.zeros(2, 3), temperature=NAN),
          ValueError, r"`temperature`"),
     # CompressionReport
-    Case("report-shape-zero", _report(example_input=[0, 16]), TypeError, r"`example_input`"),
+    Case("report-shape-zero", _report(input_shape=[0, 16]), TypeError, r"`input_shape`"),
+    Case("report-shape-and-input", _report(torch.zeros(2, 16), input_shape=[2, 16]), ValueError, r"`input_shape`"),
+    Case("report-input-shape-list", _report([2, 16]), TypeError, r"`example_input`"),
     Case("report-input-str", _report(example_input="x"), TypeError, r"`example_input`"),
     Case("report-metrics-str", _report(metrics="val/acc"), TypeError, r"`metrics`"),
     Case("report-repeats", _report(repeats=0), ValueError, r"`repeats`"),

@@ -18,10 +18,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from litcompress._calls import batch_call
 from litcompress._extras import ONNX_RUNTIME, install_hint, missing
 from litcompress._validation import check_int, fail
 from litcompress.callbacks._base import _compression_target, _log_metrics
@@ -47,13 +48,16 @@ class CompressionReport(Callback):
     against the original model.
 
     Args:
-        example_input: one input batch for FLOPs and latency (its first dimension is the batch size), or a batch
-            shape such as ``[256, 784]`` (zeros of that shape; handy in YAML); default: the LightningModule's
-            ``example_input_array``, else the first training batch (its inputs: a tuple's first item, a dict's
-            tensors but ``labels``, as a Hugging Face model takes them). Use real data when latency matters:
-            integer kernels can run faster on zeros (measured: 2.8 ms on zeros, 3.5 ms on real digits for the
-            MNIST pipeline's int8 student in ONNX Runtime).
+        example_input: one input batch for FLOPs and latency (the first dimension of its tensors is the batch
+            size): a tensor, a tuple of positional inputs or a mapping of keyword inputs, as everywhere in
+            litcompress; default: ``input_shape`` when given, else the LightningModule's ``example_input_array``,
+            else the first training batch (its inputs: a tuple's first item, a dict's tensors but ``labels``, as a
+            Hugging Face model takes them). Use real data when latency matters: integer kernels can run faster on
+            zeros (measured: 2.8 ms on zeros, 3.5 ms on real digits for the MNIST pipeline's int8 student in ONNX
+            Runtime).
         metrics: logged metric keys to show (e.g. ``"val/acc"``, ``"val/f1"``, ``"val/loss"``).
+        input_shape: a batch shape such as ``[256, 784]``: zeros of that shape are measured (handy in YAML). Not
+            with ``example_input``.
         latency: time forward passes (torch eager; also ONNX Runtime when the model is quantized).
         repeats: timed passes per latency figure (the median is reported).
         plots: also save ``compression_layers.png`` and ``compression_tradeoff.png`` (needs matplotlib).
@@ -65,7 +69,7 @@ class CompressionReport(Callback):
         >>> import lightning.pytorch as pl
         >>> from lightning.pytorch.demos.boring_classes import BoringModel
         >>> from litcompress import Pruning
-        >>> report = CompressionReport(example_input=[4, 32], metrics=[], latency=False, plots=False,
+        >>> report = CompressionReport(input_shape=[4, 32], metrics=[], latency=False, plots=False,
         ...                            dirpath=tempfile.mkdtemp())
         >>> trainer = pl.Trainer(max_epochs=1, callbacks=[Pruning(0.8, verbose=False), report], logger=False,
         ...                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
@@ -77,25 +81,27 @@ class CompressionReport(Callback):
 
     def __init__(
         self,
-        example_input: Tensor | Mapping[str, Tensor] | Sequence[int] | None = None,
+        example_input: Tensor | tuple[Tensor, ...] | Mapping[str, Tensor] | None = None,
         metrics: Sequence[str] = ("val/acc",),
         *,
+        input_shape: Sequence[int] | None = None,
         latency: bool = True,
         repeats: int = 30,
         plots: bool = True,
         dirpath: str | None = None,
         filename: str = "compression_report.json",
     ) -> None:
-        if isinstance(example_input, (list, tuple)):
-            if not example_input or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
-                                            for d in example_input):
-                fail("example_input", "a batch shape of positive ints such as [256, 784]", example_input,
-                      exc=TypeError)
-            example_input = torch.zeros(*example_input)
-        if example_input is not None and not isinstance(example_input, Mapping) and (
-                not isinstance(example_input, Tensor) or example_input.dim() == 0):
-            fail("example_input", "a tensor whose first dimension is the batch, a mapping of such tensors, a batch "
-                 "shape, or None", type(example_input).__name__, exc=TypeError)
+        if input_shape is not None:
+            if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence) or not input_shape or \
+                    not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape):
+                fail("input_shape", "a batch shape of positive ints such as [256, 784], or None", input_shape,
+                     exc=TypeError)
+            if example_input is not None:
+                fail("input_shape", "None when `example_input` is given", list(input_shape),
+                     hint="pass one of the two")
+            example_input = torch.zeros(*input_shape)
+        if example_input is not None:
+            batch_call(example_input)  # a tensor, a tuple of them or a mapping of them, each with a batch dimension
         if isinstance(metrics, str) or not all(isinstance(m, str) for m in metrics):
             fail("metrics", "a list of logged metric names such as ['val/acc']", metrics, exc=TypeError)
         for name, value in (("latency", latency), ("plots", plots)):
@@ -118,18 +124,16 @@ class CompressionReport(Callback):
         self._warned_onnx = False
         self._sharded = False  # the compressed model holds FSDP2 shards: gathered to rank zero for the report
 
-    def _input(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor | dict[str, Tensor]:
+    def _input(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         if self._batch is None:
             x: Any = self.example_input if self.example_input is not None else pl_module.example_input_array
             self._batch = first_batch_inputs(trainer, pl_module, "CompressionReport") if x is None else x
-        x = self._batch
-        if isinstance(x, Mapping):
-            return {k: v.to(pl_module.device) for k, v in x.items()}
-        if not isinstance(x, Tensor):
-            fail("example_input", "a tensor or a mapping of tensors", type(x).__name__, exc=TypeError,
-                 hint="pass CompressionReport(example_input=batch) or set `self.example_input_array` in your "
-                      "LightningModule")
-        return x.to(pl_module.device)
+        try:
+            batch_call(self._batch)
+        except TypeError as err:
+            raise TypeError(f"{err} HINT: pass CompressionReport(example_input=batch) or set "
+                            "`self.example_input_array` in your LightningModule") from None
+        return move_data_to_device(self._batch, pl_module.device)
 
     @staticmethod
     def _baseline_model(pl_module: pl.LightningModule) -> tuple[nn.Module, str]:

@@ -137,7 +137,7 @@ def _fit_report_spawned(tmp_path):
 
     torch.manual_seed(0)
     module = LitClassifier(ZOO["mlp"].build(), optimizer="adam", lr=1e-2)
-    report = CompressionReport(example_input=[8, 16], metrics=["val/acc"], repeats=2, plots=False)
+    report = CompressionReport(input_shape=[8, 16], metrics=["val/acc"], repeats=2, plots=False)
     data = DataLoader(classification_data((16,), n=128), batch_size=16)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, strategy="ddp_spawn", devices=2),
                          callbacks=[Pruning(0.5, schedule="one_shot"), QuantizationAwareTraining(), report])
