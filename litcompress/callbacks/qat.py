@@ -69,7 +69,8 @@ class QuantizationAwareTraining(_CompressionCallback):
             ``fn(module, name)`` pick weight tensors by name. A weight tied between layers (an embedding and its LM
             head) is quantized in all of them by one quantizer, so the model trains as it is deployed.
         exclude: weight names to keep in float; ``["<first>", "<last>"]`` keeps both ends of the network.
-        momentum: weight of a new batch in the range average.
+        averaging_constant: weight of a new batch in the observers' moving average of activation ranges, in
+            ``(0, 1]`` (torch.ao's name for it).
         scale_lr: learning rate of learned step sizes (default: the first parameter group's).
         verbose: print a line when quantization starts and when things freeze (rank zero).
     """
@@ -87,12 +88,12 @@ class QuantizationAwareTraining(_CompressionCallback):
         interval: Literal["epoch", "step"] = "epoch",
         parameters: str | Sequence[str] | ParameterFilter | None = None,
         exclude: str | Sequence[str] = (),
-        momentum: float = 0.01,
+        averaging_constant: float = 0.01,
         scale_lr: float | None = None,
         verbose: bool = True,
     ) -> None:
         super().__init__(interval)
-        self.config = QuantConfig(weight_bits, weight_granularity, activation_bits, scale, momentum)
+        self.config = QuantConfig(weight_bits, weight_granularity, activation_bits, scale, averaging_constant)
         check_int("start", start, minimum=0)
         check_int("freeze_observers", freeze_observers, minimum=0, allow_none=True)
         check_int("freeze_bn", freeze_bn, minimum=0, allow_none=True)

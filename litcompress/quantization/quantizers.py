@@ -39,14 +39,15 @@ class QuantConfig:
         activation_bits: 2..8 (unsigned, asymmetric, per tensor) or ``None`` for weight-only quantization.
         scale: ``"minmax"`` (weights: current max|w|; activations: EMA of min/max), ``"power_of_two"`` (those
             scales rounded up to ``2^-p``), or ``"learned"`` (LSQ step sizes, initialised from the former).
-        momentum: weight of a new batch in the activation EMA.
+        averaging_constant: weight of a new batch in the observers' moving average of activation ranges (the name
+            torch.ao's ``MovingAverageMinMaxObserver`` uses), in ``(0, 1]``.
     """
 
     weight_bits: int = 8
     weight_granularity: Literal["per_channel", "per_tensor"] = "per_channel"
     activation_bits: int | None = 8
     scale: Literal["minmax", "power_of_two", "learned"] = "minmax"
-    momentum: float = 0.01
+    averaging_constant: float = 0.01
 
     def __post_init__(self) -> None:
         check_int("weight_bits", self.weight_bits)
@@ -58,9 +59,9 @@ class QuantConfig:
             if not 2 <= self.activation_bits <= 8:
                 fail("activation_bits", "an int in [2, 8] or None", self.activation_bits)
         check_choice("scale", self.scale, ("minmax", "power_of_two", "learned"))
-        check_fraction("momentum", self.momentum, closed_right=True)
-        if self.momentum == 0:
-            fail("momentum", "a float in (0, 1]", self.momentum)
+        check_fraction("averaging_constant", self.averaging_constant, closed_right=True)
+        if self.averaging_constant == 0:
+            fail("averaging_constant", "a float in (0, 1]", self.averaging_constant)
 
 
 class WeightQuantizer:
@@ -301,7 +302,7 @@ class ActivationQuantizer:
         if self.lo is None or self.hi is None:  # the first range (`lo` and `hi` are set together)
             self.lo, self.hi = lo.clone(), hi.clone()
         else:
-            m = self.config.momentum
+            m = self.config.averaging_constant
             self.lo = self.lo + m * (lo - self.lo)
             self.hi = self.hi + m * (hi - self.hi)
 

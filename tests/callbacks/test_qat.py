@@ -160,7 +160,7 @@ def test_non_finite_input_names_the_layer(tmp_path):
         (dict(start=-1), ValueError, "`start`"),
         (dict(freeze_bn=-2), ValueError, "`freeze_bn`"),
         (dict(interval="batch"), ValueError, "`interval`"),
-        (dict(momentum=0), ValueError, "`momentum`"),
+        (dict(averaging_constant=0), ValueError, "`averaging_constant`"),
         (dict(scale_lr=0), ValueError, "`scale_lr`"),
         (dict(exclude=[1]), TypeError, "`exclude`"),
     ],
