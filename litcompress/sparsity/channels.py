@@ -23,7 +23,6 @@ shift, and the consumers' input columns; :meth:`ChannelPruner.remove` then delet
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,8 +35,9 @@ from litcompress._shards import local
 from litcompress._validation import check_choice, check_fraction, fail
 from litcompress.layers import HFConv1D
 from litcompress.sparsity._local import LocalView
+from litcompress.sparsity._remover import _Remover
 from litcompress.sparsity._slice import _Slice
-from litcompress.sparsity._tp import conv1d_pruner, first_output
+from litcompress.sparsity._tp import _Member, coupled_groups, output_layers, trace
 from litcompress.sparsity.hf_heads import AttentionPlan, traceable
 
 __all__ = ["CHANNEL_IMPORTANCES", "ChannelGroup", "ChannelPruner"]
@@ -49,6 +49,7 @@ BatchNorm layers (network slimming)."""
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _ATTENTION = (nn.MultiheadAttention,)
+_ROOTS = (nn.Linear, nn.modules.conv._ConvNd, HFConv1D)  # the layers whose output channels root a group
 
 
 @dataclass
@@ -60,12 +61,13 @@ class ChannelGroup:
         channels: the number of channels.
         slices: every parameter slice the group's channels live in.
         mask: ``True`` for kept channels (``None`` before the first update).
+        remover: what deletes the pruned channels from the model (Torch-Pruning's coupled layers, or whole heads).
     """
 
     name: str
     channels: int
     slices: list[_Slice]
-    root: Any = field(repr=False)  # Torch-Pruning's (module, handler) to rebuild the group for removal
+    remover: _Remover = field(repr=False)  # deletes the pruned channels (Torch-Pruning's, or a head remover's)
     mask: Tensor | None = None
 
     def zero_index(self, s: _Slice) -> Tensor:
@@ -74,17 +76,14 @@ class ChannelGroup:
         return s.index[~self.mask[s.root]]
 
 
-def _slices(group: Any, names: Mapping[nn.Module, str]) -> tuple[list[_Slice], str | None]:
-    """The parameter slices of a Torch-Pruning group, or (``[]``, why) when it holds a layer this cannot mask
+def _slices(members: list[_Member], names: Mapping[nn.Module, str]) -> tuple[list[_Slice], str | None]:
+    """The parameter slices of a group of coupled channels, or (``[]``, why) when it holds a layer this cannot mask
     exactly (a LayerNorm, a grouped convolution, an unknown layer with parameters)."""
     out: list[_Slice] = []
-    for item in group._group:
-        module, handler = item.dep.target.module, item.dep.handler.__name__
+    for member in members:
+        module, producer, index, root = member.module, member.producer, member.index, member.root
         if not list(module.parameters(recurse=False)):
             continue  # element-wise ops, reshapes, pooling: nothing to mask
-        producer = handler == "prune_out_channels"
-        index = torch.as_tensor([int(i) for i in item.idxs], dtype=torch.long)
-        root = torch.as_tensor([int(i) for i in item.root_idxs], dtype=torch.long)
         where = names.get(module, type(module).__name__)
         if isinstance(module, _NORMS):
             attrs = [(a, 0) for a in ("weight", "bias") if getattr(module, a, None) is not None]
@@ -126,8 +125,6 @@ class ChannelPruner:
     def __init__(self, model: nn.Module, example_input: Any, layers: Sequence[str], sparsity: float,
                  importance: str = "magnitude", refs: Sequence[Any] = ()) -> None:
         require("torch_pruning", what="channel pruning")
-        import torch_pruning as tp
-
         check_fraction("sparsity", sparsity)
         check_choice("importance", importance, CHANNEL_IMPORTANCES)
         modules = dict(model.named_modules())
@@ -139,52 +136,42 @@ class ChannelPruner:
         self.refs = list(refs)  # the selected tensors (for callers that check two pruners do not overlap)
         if isinstance(example_input, Mapping):  # keyword inputs (a Hugging Face batch)
             example_input = dict(example_input)
-        conv1d = {type(m): conv1d_pruner(tp) for m in modules.values() if isinstance(m, HFConv1D)}
         plan = AttentionPlan.of(model)  # Hugging Face attention: heads pruned whole, never channel by channel
         try:
-            with traceable(plan.blocks.values()), warnings.catch_warnings():
-                # norms Torch-Pruning does not know (RMSNorm): their groups are skipped below, with the reason
-                warnings.filterwarnings("ignore", "Unwrapped parameters detected", UserWarning)
-                self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input,
-                                                                   output_transform=first_output,
-                                                                   customized_pruners=conv1d or None)
+            with traceable(plan.blocks.values()):
+                graph = trace(model, example_input)  # norms it does not know (RMSNorm): their groups skipped below
         except (TypeError, ValueError, RuntimeError, KeyError, IndexError, AttributeError) as err:
             fail("model", "a model whose coupled channels Torch-Pruning can trace", type(model).__name__,
                  hint=f"tracing failed ({type(err).__name__}: {err}); use an unstructured or N:M pattern")
         names = {m: n for n, m in modules.items()}
         selected = {modules[n] for n in layers}
-        roots = (nn.Linear, nn.modules.conv._ConvNd, HFConv1D)
         self.groups: list[ChannelGroup] = []
         self.skipped: dict[str, str] = {}  # root layer -> why its channels are left alone
+        self.replaced: dict[nn.Module, nn.Module] = {}  # attention layers that lost heads -> their replacements
         projections = plan.keep
-        ignored = self._outputs(model) + list(projections)
-        for group in self.graph.get_all_groups(root_module_types=list(roots), ignored_layers=ignored):
-            root = group._group[0].dep.target.module
-            producers = [it.dep.target.module for it in group._group if it.dep.handler.__name__ ==
-                         "prune_out_channels" and isinstance(it.dep.target.module, roots)]
+        ignored = output_layers(graph, _ROOTS, _NORMS) + list(projections)  # outputs: the model's, never pruned
+        for coupled in coupled_groups(graph, _ROOTS, ignored):
+            producers = [m.module for m in coupled.members if m.producer and isinstance(m.module, _ROOTS)]
             if not any(p in selected for p in producers):
                 continue
             name = min((names[p] for p in producers if p in selected), key=list(modules).index)
-            slices, why = _slices(group, names)
+            slices, why = _slices(coupled.members, names)
             why = why or next((projections[s.module] for s in slices if s.module in projections), None)
             if why is not None:
                 self.skipped[name] = why
                 continue
-            handler = group._group[0].dep.handler
-            channels = len(group._group[0].idxs)
-            self.groups.append(ChannelGroup(name, channels, slices, (root, handler)))
+            self.groups.append(ChannelGroup(name, coupled.channels, slices, coupled.remover))
         self._add_heads(model, [n for n in layers if isinstance(modules[n], _ATTENTION)])
         heads, why_not = plan.selected(selected)
-        self.groups += [ChannelGroup(name, b.units, b.slices(), ("hf_heads", b)) for name, b in heads.items()]
+        self.groups += [ChannelGroup(name, b.units, b.slices(), b) for name, b in heads.items()]
         self.skipped |= why_not
         self.scores: dict[str, Tensor] = {}
         self.local: LocalView | None = None  # FSDP2 row shards (see `follow_layout`)
         self._zero_index: list[tuple[_Slice, Tensor]] | None = None
-        self.replaced: dict[nn.Module, nn.Module] = {}  # attention layers that lost heads -> their replacements
 
     def _add_heads(self, model: nn.Module, names: list[str]) -> None:
         """One group per attention layer: its heads (see :mod:`litcompress.sparsity.heads`)."""
-        from litcompress.sparsity.heads import head_slices, heads_stay
+        from litcompress.sparsity.heads import _HeadRemover, head_slices, heads_stay
 
         modules = dict(model.named_modules())
         for name in names:
@@ -193,30 +180,8 @@ class ChannelPruner:
             if why is not None:
                 self.skipped[name] = why
             else:
-                self.groups.append(ChannelGroup(name, int(attn.num_heads), head_slices(attn),
-                                                ("heads", name)))
-
-    def _outputs(self, model: nn.Module) -> list[nn.Module]:
-        """Layers whose outputs leave the model (no other layer reads them): never pruned."""
-        graph = self.graph
-        out: list[nn.Module] = []
-        for module, node in graph.module2node.items():
-            if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, HFConv1D)) and not self._reaches_layer(
-                    node, set()):
-                out.append(module)
-        return out
-
-    @staticmethod
-    def _reaches_layer(node: Any, seen: set[int]) -> bool:
-        for nxt in node.outputs:
-            if id(nxt) in seen:
-                continue
-            seen.add(id(nxt))
-            if list(nxt.module.parameters(recurse=False)) and not isinstance(nxt.module, _NORMS):
-                return True
-            if ChannelPruner._reaches_layer(nxt, seen):
-                return True
-        return False
+                remover = _HeadRemover(model, name, self.replaced)  # replaces the layer by a smaller one
+                self.groups.append(ChannelGroup(name, int(attn.num_heads), head_slices(attn), remover))
 
     # ------------------------------------------------------------------ importance
     @property
@@ -364,24 +329,14 @@ class ChannelPruner:
     @torch.no_grad()
     def remove(self) -> dict[str, tuple[int, int]]:
         """Delete the pruned channels from the model (Torch-Pruning's ``Group.prune``): layers, BatchNorms and
-        consumers shrink together. Returns ``{group: (channels before, after)}``; the masks are then spent."""
+        consumers shrink together; attention loses whole heads (an ``nn.MultiheadAttention`` is replaced, see
+        :attr:`replaced`). Returns ``{group: (channels before, after)}``; the masks are then spent."""
         done = {}
         for g in self.groups:
             if g.mask is None:
                 continue
-            pruned = torch.nonzero(~g.mask).flatten().tolist()
-            if pruned and g.root[0] == "hf_heads":  # Hugging Face attention: its projections narrowed in place
-                g.root[1].remove(g.mask)
-            elif pruned and g.root[0] == "heads":  # nn.MultiheadAttention: replaced by a smaller layer
-                from litcompress.sparsity.heads import remove_heads
-
-                old = self.model.get_submodule(g.name)
-                new = remove_heads(old, g.mask)
-                self.model.set_submodule(g.name, new)
-                self.replaced[old] = new
-            elif pruned:
-                module, handler = g.root
-                self.graph.get_pruning_group(module, handler, idxs=pruned).prune()
+            if not bool(g.mask.all()):
+                g.remover.remove(g.mask)
             done[g.name] = (g.channels, int(g.mask.sum()))
         self.groups = []
         self._zero_index = None

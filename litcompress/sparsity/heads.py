@@ -23,6 +23,7 @@ of ``kept heads * d`` (its input and output stay ``embed_dim`` wide).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,7 +39,21 @@ class PrunedMultiheadAttention(nn.Module):
     """``nn.MultiheadAttention`` whose heads were pruned: ``num_heads * head_dim`` may be less than ``embed_dim``.
 
     Same ``forward`` arguments and outputs as ``nn.MultiheadAttention`` (``attn_mask`` of shape ``(N * H, L, S)``
-    is given for the original heads and indexed with :attr:`kept_heads`), same parameter names.
+    is given for the original heads and indexed with :attr:`kept_heads`), same parameter names. Built by
+    :func:`remove_heads`, which copies the kept weights in (a new layer's projection weights are uninitialised).
+
+    Args:
+        embed_dim: the width of the query input and of the output.
+        num_heads: the number of heads (those kept).
+        head_dim: the size of one head (the original layer's ``embed_dim // num_heads``).
+        kdim: the width of the key input (``None``: ``embed_dim``).
+        vdim: the width of the value input (``None``: ``embed_dim``).
+        bias: whether the input and output projections have biases.
+        batch_first: inputs and outputs are ``(N, L, E)`` rather than ``(L, N, E)``.
+        dropout: dropout probability on the attention weights, in training.
+        kept_heads: the original index of each head (``None``: ``0 .. num_heads - 1``).
+        device: where the parameters are made.
+        dtype: the parameters' dtype.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int, kdim: int | None = None,
@@ -76,6 +91,24 @@ class PrunedMultiheadAttention(nn.Module):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Attend, as ``nn.MultiheadAttention.forward``.
+
+        Args:
+            query: as ``nn.MultiheadAttention``: ``(L, N, E)``, ``(N, L, E)`` with ``batch_first``, or ``(L, E)``.
+            key: as ``nn.MultiheadAttention``: ``(S, N, kdim)``, ``(N, S, kdim)`` or ``(S, kdim)``.
+            value: as ``nn.MultiheadAttention``: ``(S, N, vdim)``, ``(N, S, vdim)`` or ``(S, vdim)``.
+            key_padding_mask: as ``nn.MultiheadAttention``: ``(N, S)``, ``True`` (or ``-inf``) for keys ignored.
+            need_weights: as ``nn.MultiheadAttention``: also return the attention weights.
+            attn_mask: as ``nn.MultiheadAttention``: ``(L, S)``, or ``(N * H, L, S)`` for the original ``H`` heads
+                (indexed with :attr:`kept_heads`); boolean ``True`` masks out, a float mask is added.
+            average_attn_weights: as ``nn.MultiheadAttention``: average the returned weights over the heads.
+            is_causal: as ``nn.MultiheadAttention``: a hint that ``attn_mask`` is causal; with no mask given, a
+                causal mask is applied.
+
+        Returns:
+            The output, shaped like ``query`` with ``embed_dim`` features, and the attention weights (``None``
+            unless ``need_weights``).
+        """
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = (t.unsqueeze(1 if not self.batch_first else 0) for t in (query, key, value))
@@ -189,3 +222,20 @@ def remove_heads(attn: Any, keep: Tensor) -> PrunedMultiheadAttention:
     new.out_proj = out
     new.train(attn.training)
     return new
+
+
+@dataclass
+class _HeadRemover:
+    """Removes pruned heads of the attention layer ``name`` of ``model``: the layer is replaced by
+    :func:`remove_heads`'s smaller one, and the pair recorded in ``replaced`` (a
+    :class:`~litcompress.sparsity._remover._Remover`)."""
+
+    model: nn.Module = field(repr=False)
+    name: str
+    replaced: dict[nn.Module, nn.Module] = field(repr=False)  # old layer -> its replacement (the pruner's record)
+
+    def remove(self, keep: Tensor) -> None:
+        old = self.model.get_submodule(self.name)
+        new = remove_heads(old, keep)
+        self.model.set_submodule(self.name, new)
+        self.replaced[old] = new

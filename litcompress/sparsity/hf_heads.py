@@ -57,7 +57,7 @@ HEAD_ATTRIBUTES = ("num_heads", "n_heads", "n_head", "num_attention_heads", "att
 
 @dataclass
 class HFAttention:
-    """One attention block's projections.
+    """One attention block's projections (and, by :meth:`remove`, what removes its pruned heads).
 
     Attributes:
         module: the module holding the query/key/value projections.
@@ -198,6 +198,7 @@ class PackedAttention:
 
     @torch.no_grad()
     def remove(self, keep: Tensor) -> None:
+        """Delete the heads where ``keep`` is ``False`` (at least one stays) from the projections, in place."""
         keep = keep.bool().cpu()
         inner = self.inner
         rows = torch.nonzero(keep.repeat_interleave(self.head_dim)).flatten()

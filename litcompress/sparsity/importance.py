@@ -56,7 +56,18 @@ def random_scores(weight: Tensor, seed: int) -> Tensor:
 
 @torch.no_grad()
 def accumulate_(kind: str, scores: Sequence[Tensor], weights: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
-    """Add one optimizer step's evidence to ``scores`` in place (``kind`` is ``"movement"`` or ``"taylor"``)."""
+    """Add one optimizer step's evidence to ``scores`` in place (``kind`` is ``"movement"`` or ``"taylor"``).
+
+    Args:
+        kind: ``"movement"`` (``scores -= w * g``) or ``"taylor"`` (``scores += |w * g|``).
+        scores: the running scores, one tensor per weight, updated in place.
+        weights: the weights, as they are at this step.
+        grads: the weights' gradients of this step, in the same order.
+
+    >>> s = [torch.zeros(2)]
+    >>> accumulate_("taylor", s, [torch.tensor([1.0, -2.0])], [torch.tensor([0.5, 0.5])]); s[0]
+    tensor([0.5000, 1.0000])
+    """
     if not scores:
         return
     products = foreach_mul([w.detach().float() for w in weights], [g.float() for g in grads])

@@ -139,6 +139,12 @@ def global_masks(
     (``scores`` are this process's rows of sharded tensors) each pass sums the counts over processes, and the
     masks are this process's rows of the masks computed over whole tensors.
 
+    Args:
+        scores: importance of each tensor (any shape; higher is kept), or a callable computing it when needed.
+        sparsity: fraction of all the tensors' entries together to prune, in ``[0, 1]``.
+        masks: an earlier keep-mask per tensor (``None`` for a tensor without one); their pruned entries stay pruned.
+        shards: when ``scores`` are this process's rows of sharded tensors: the processes holding the others.
+
     >>> a, b = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.5, 5.0])
     >>> [m.tolist() for m in global_masks([a, b], 0.5)]
     [[False, False, True, True], [False, True]]
@@ -268,6 +274,20 @@ def nm_mask(
     ``fraction`` (the schedule's value) grows the pattern gradually: the lowest-scored entries are pruned
     until ``fraction * (1 - n/m)`` of the tensor is gone, but never more than ``m - n`` per group, and each
     group's ``n`` best entries are never pruned. At ``fraction=1`` every group holds exactly ``n``.
+
+    Args:
+        scores: importance, at least 2-D with ``scores.shape[dim]`` a multiple of ``m``; higher is kept.
+        n: how many entries of each group are kept once the pattern is complete.
+        m: the group size.
+        fraction: how far the pattern has grown, in ``[0, 1]`` (``1``: exactly ``n`` kept per group).
+        mask: an earlier keep-mask; its pruned entries stay pruned.
+        dim: the dimension the groups run along (``1``: a Linear weight's input dimension).
+        shards: when ``scores`` are this process's rows of a sharded tensor (each row holding whole groups): the
+            processes holding the others.
+
+    >>> scores = torch.tensor([[0.1, 0.9, 0.5, 0.2, 0.4, 0.3, 0.8, 0.7]])
+    >>> nm_mask(scores, 2, 4).int()
+    tensor([[0, 1, 1, 0, 0, 0, 1, 1]], dtype=torch.int32)
     """
     if scores.dim() < 2 or scores.shape[dim] % m:
         fail("pattern", f"an N:M group size M dividing the input size (dim {dim})", f"{n}:{m}",
@@ -291,6 +311,13 @@ def nm_mask(
 
 def check_nm(tensor: Tensor, n: int, m: int, dim: int = 1) -> bool:
     """Whether every group of ``m`` consecutive entries along ``dim`` has at most ``n`` nonzeros.
+
+    Args:
+        tensor: the tensor checked (a weight or a mask); one with fewer than 2 dimensions, or whose size along
+            ``dim`` is not a multiple of ``m``, fails the check.
+        n: the most nonzeros a group may hold.
+        m: the group size.
+        dim: the dimension the groups run along.
 
     >>> check_nm(torch.tensor([[1.0, 0.0, 2.0, 0.0]]), 2, 4), check_nm(torch.ones(1, 4), 2, 4)
     (True, False)

@@ -47,6 +47,12 @@ __all__ = ["match_structure_"]
 def match_structure_(model: nn.Module, state_dict: Mapping[str, Tensor], prefix: str = "") -> list[str]:
     """Reshape ``model`` in place so that ``state_dict`` (keys under ``prefix``) loads into it.
 
+    Args:
+        model: the freshly built model, changed in place.
+        state_dict: the saved tensors (only their shapes and keys are read).
+        prefix: what the saved keys put before the model's own names (``"model."`` for a LightningModule holding
+            the model as ``self.model``).
+
     Returns:
         The names of the layers changed (factorized or resized), in module order.
     """
