@@ -256,8 +256,10 @@ def check_onnx(cell: Cell, out: Outcome, tmp_path) -> None:
     assert np.abs(got - expected).max() <= 0.03 * np.abs(expected).max(), np.abs(got - expected).max()
     assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.9
     if out.masks:  # the deployed int8 weights keep the pruned zeros (a zero weight quantizes to exactly 0)
-        weights = [torch.tensor(onnx.numpy_helper.to_array(t)) for t in onnx.load(str(path)).graph.initializer]
-        weights = [w for w in weights if w.dtype == torch.int8 and w.dim() >= 2]
+        # 8-bit weights are stored uint8 with zero point 128 (exact integer kernels on CPUs without VNNI)
+        stored = [torch.tensor(onnx.numpy_helper.to_array(t)) for t in onnx.load(str(path)).graph.initializer]
+        weights = [w.int() - 128 if w.dtype == torch.uint8 else w.int() for w in stored
+                   if w.dtype in (torch.int8, torch.uint8) and w.dim() >= 2]
         assert len(weights) == len(out.masks)
         assert sum(int((w == 0).sum()) for w in weights) >= sum(int((~m).sum()) for m in out.masks.values())
         if cell.prune == "2:4":  # every layer here sums over dim 1
