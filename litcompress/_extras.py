@@ -10,7 +10,7 @@ raises a ``ModuleNotFoundError`` that names the extra to install, before any wor
 ...     require("surely_not_installed_pkg", what="this doctest")
 ... except ModuleNotFoundError as err:
 ...     print(err)  # doctest: +ELLIPSIS
-this doctest needs surely_not_installed_pkg, which is not installed. Install it with: pip install ...
+surely_not_installed_pkg, which it needs, is not installed in `this doctest`. To fix: pip install ...
 """
 
 from __future__ import annotations
@@ -60,5 +60,6 @@ def require(*modules: str, what: str) -> None:
     """Raise ``ModuleNotFoundError`` naming the extra to install when any of ``modules`` is missing."""
     absent = missing(*modules)
     if absent:
-        raise ModuleNotFoundError(f"{what} needs {', '.join(absent)}, which is not installed. Install it with: "
-                                  f"{install_hint(absent)}", name=absent[0])
+        # the run-time form of `_validation.fail_state` (what happened, where, the fix), as a ModuleNotFoundError
+        raise ModuleNotFoundError(f"{', '.join(absent)}, which it needs, is not installed in `{what}`. To fix: "
+                                  f"{install_hint(absent)}.", name=absent[0])

@@ -68,8 +68,8 @@ DEPLOY = 'pip install "litcompress[deploy]"'
 def test_without_safetensors(tmp_path):
     out = _run(["safetensors"], tmp_path)
     for key in ("save_compressed", "load_compressed"):
-        assert out[key] == f"ModuleNotFoundError: {key} needs safetensors, which is not installed. Install it " \
-                           f"with: {DEPLOY}"
+        assert out[key] == f"ModuleNotFoundError: safetensors, which it needs, is not installed in `{key}`. To " \
+                           f"fix: {DEPLOY}."
     assert out["export_onnx"] == "ok"  # ONNX export does not need it
     assert "plot_layers" in out and "safetensors" in out["plot_layers"]  # summarize measures real files
     assert out["fit_steps"] == 4 and out["report"] is None  # the fit finished; no report
@@ -81,8 +81,8 @@ def test_without_the_onnx_stack(tmp_path, hidden):
     out = _run(hidden, tmp_path)
     assert out["save_compressed"] == "ok" and out["plot_layers"] == "ok"
     if hidden == ["onnxscript"]:
-        assert out["export_onnx"] == ("ModuleNotFoundError: export_onnx needs onnxscript, which is not installed. "
-                                      f"Install it with: {DEPLOY}")
+        assert out["export_onnx"] == ("ModuleNotFoundError: onnxscript, which it needs, is not installed in "
+                                      f"`export_onnx`. To fix: {DEPLOY}.")
     else:
         assert out["export_onnx"] == "ok"  # exporting needs no runtime
     assert out["fit_steps"] == 4 and out["report"]["latency_eager"] > 0 and out["report"]["latency_onnx"] is None
@@ -91,7 +91,7 @@ def test_without_the_onnx_stack(tmp_path, hidden):
 
 def test_without_matplotlib(tmp_path):
     out = _run(["matplotlib"], tmp_path)
-    assert out["plot_layers"] == ('ModuleNotFoundError: Plots needs matplotlib, which is not installed. Install it '
-                                  'with: pip install "litcompress[report]"')
+    assert out["plot_layers"] == ('ModuleNotFoundError: matplotlib, which it needs, is not installed in `Plots`. To '
+                                  'fix: pip install "litcompress[report]".')
     assert out["fit_steps"] == 4 and out["report"] is not None  # the report is written, without charts
     assert any("no plots" in w and "litcompress[report]" in w for w in out["warnings"]), out["warnings"]
