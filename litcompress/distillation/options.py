@@ -25,7 +25,15 @@ __all__ = ["check_dtypes", "check_models", "check_options"]
 def check_models(student: Any, teacher: Any, temperature: Any = 1.0, task_loss: Any = "cross_entropy"
                  ) -> nn.Module | None:
     """Check the student and the teacher (a model, a list of two or more, or ``None``); returns the teacher, a
-    :class:`TeacherEnsemble` for a list (averaging outputs for ``task_loss="mse"``, probabilities otherwise)."""
+    :class:`TeacherEnsemble` for a list (averaging outputs for ``task_loss="mse"``, probabilities otherwise).
+
+    Args:
+        student: the model to train, an ``nn.Module``.
+        teacher: a module other than the student (with weights, not on the meta device), a list of two or more,
+            or ``None``.
+        temperature: the distillation temperature an ensemble averages its softened probabilities at.
+        task_loss: the task loss; ``"mse"`` makes an ensemble average raw outputs.
+    """
     if not isinstance(student, nn.Module):
         fail("student", "a torch.nn.Module", type(student).__name__, exc=TypeError)
     if isinstance(teacher, (list, tuple)):
@@ -47,8 +55,15 @@ def check_models(student: Any, teacher: Any, temperature: Any = 1.0, task_loss: 
 
 
 def check_dtypes(student: nn.Module, teacher: nn.Module, compute_dtype: torch.dtype | None = None) -> None:
-    """The teacher computes in the dtype the student trains in: ``compute_dtype`` (the training precision's dtype;
-    ``None``: the student's own parameter dtype). Under mixed precision, where autocast casts, do not call this."""
+    """The teacher computes in the dtype the student trains in. Under mixed precision, where autocast casts, do not
+    call this.
+
+    Args:
+        student: the student.
+        teacher: the teacher; its first floating-point parameter's dtype is compared.
+        compute_dtype: the dtype the training precision computes in (``torch.bfloat16`` for ``bf16-true``);
+            ``None``: the student's own parameter dtype.
+    """
     def dtype(model: nn.Module) -> Any:
         return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 

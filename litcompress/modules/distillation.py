@@ -247,7 +247,18 @@ class DistillationModule(pl.LightningModule):
     def distillation_loss(self, student_out: Tensor, teacher_out: Tensor, targets: Tensor | None,
                           mask: Tensor | None = None) -> Tensor:
         """Soft-target KL scaled by ``T^2`` (MSE for regression) over the positions ``mask`` keeps (token logits;
-        by default those whose ``targets`` are not ``ignore_index``)."""
+        by default those whose ``targets`` are not ``ignore_index``).
+
+        Args:
+            student_out: the student's logits, ``(B, C)`` or ``(B, T, V)`` (or regression outputs).
+            teacher_out: the teacher's, shaped alike (from the cache when it is on).
+            targets: the labels aligned with the logits (for the default mask), or ``None``.
+            mask: the positions that count (``True``), ``(B, T)`` for token logits; ``None``: those whose
+                ``targets`` are not ``ignore_index``.
+
+        Returns:
+            The scalar distillation loss.
+        """
         if self.task_loss_kind == "mse":
             return mse_distillation_loss(student_out, teacher_out)
         if mask is None:  # `losses` passes the batch's mask; by default, the targets' padding
