@@ -17,6 +17,12 @@ model order), keeping a switch only when the whole model gets faster by ``margin
 against the all-float export and falls back to all-float unless the result is faster: the file exported is never
 slower than the fp32 export, as measured. Cost: ``L + 2`` exports and timings for ``L`` quantized layers.
 
+The timings above were measured with the export of the previous release, which stored 8-bit weights as ``int8``
+(ONNX Runtime's U8S8 kernels). 8-bit weights now export as ``uint8`` with zero point 128, which runs on the U8U8
+kernels: exact on x86 CPUs without VNNI, where U8S8 saturates, but slower there than U8S8
+(``benchmarks/bench_int8_kernels.py``). So the int8 figures above would differ today; the reasoning and the method
+stand.
+
 >>> import torch
 >>> from torch import nn
 >>> from litcompress.quantization import QuantConfig, convert_

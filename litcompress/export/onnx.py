@@ -68,8 +68,11 @@ def export_onnx(
     """Export ``model`` to one self-contained ``.onnx`` file (weights inside, no ``.onnx.data``).
 
     A model trained with :class:`~litcompress.callbacks.QuantizationAwareTraining` exports with
-    QuantizeLinear/DequantizeLinear pairs around every quantized matrix product and int8 weight initializers;
-    ONNX Runtime's graph optimizations turn them into integer kernels. A float model exports as plain fp32.
+    QuantizeLinear/DequantizeLinear pairs around every quantized matrix product and integer weight initializers
+    (8-bit weights as ``uint8`` with zero point 128, fewer bits as ``int8``: the values trained, on kernels that
+    ONNX Runtime runs exactly on every CPU; see
+    :attr:`~litcompress.quantization.WeightQuantizer.export_zero_point`); ONNX Runtime's graph optimizations turn
+    them into integer kernels. A float model exports as plain fp32.
 
     Integer kernels pay on wide layers only: ``int8="auto"`` (or ``int8=choose_int8(...)``, which also returns the
     per-layer timings) keeps int8 only on the layers where ONNX Runtime runs the model faster that way, and never
@@ -82,7 +85,7 @@ def export_onnx(
             model takes them, and each becomes a graph input of that name.
         path: where to write the file.
         dynamic_batch: let the first dimension of the input vary.
-        int8: which quantized layers (those with fake quantization on) export with Q/DQ pairs and int8 weights;
+        int8: which quantized layers (those with fake quantization on) export with Q/DQ pairs and integer weights;
             the others export as float (their float weights, no QuantizeLinear). ``"all"`` (the default), ``"none"``
             (the fp32 export of the same model), ``"auto"`` (:func:`~litcompress.export.choose_int8` on
             ``example_input`` with its defaults, so pass a real batch at the deployed batch size; its table is
