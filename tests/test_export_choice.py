@@ -200,7 +200,7 @@ def test_real_timing_never_exports_slower_than_float(tmp_path):
     checked (every row measured, the export no slower than all-float, the file holding what was chosen)."""
     model, x = quantized_mlp()
     model.train()
-    choice = choose_int8(model, x, repeats=3, warmup=1, rounds=1, threads=1)
+    choice = choose_int8(model, x, repeats=3, warmup=1, rounds=1, threads=1)  # 3 timed runs per file
     assert isinstance(choice, Int8Choice) and choice.threads == 1 and choice.batch_size == 32
     assert [row.name for row in choice.layers] == list(LAYERS)
     assert all(row.int8_ms > 0 and row.float_ms > 0 for row in choice.layers)

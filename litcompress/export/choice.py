@@ -140,7 +140,7 @@ def choose_int8(
     example_input: Tensor | Mapping[str, Tensor],
     *,
     threads: int | None = None,
-    repeats: int = 5,
+    repeats: int = 50,
     warmup: int = 2,
     rounds: int = 10,
     margin: float = 0.05,
@@ -160,7 +160,9 @@ def choose_int8(
         example_input: a real batch at the batch size you deploy (int8 kernels run faster on zeros than on real
             data, and whether they pay depends on the batch size); a tensor or a mapping of tensors.
         threads: ONNX Runtime intra-op threads (default: ``torch.get_num_threads()``), fixed for every timing.
-        repeats: timed runs per file in each round (the median is kept).
+        repeats: timed runs per file in all, as in :func:`~litcompress.report.summarize` (split evenly over the
+            ``rounds``, at least one each); more than the report's 30 by default because a choice compares files
+            whose latencies can differ by a few percent.
         warmup: untimed runs before each round's timed runs.
         rounds: rounds per comparison; the files compared take turns in short blocks, and each file's latency is
             the median of its rounds' medians (so a slow spell of the machine hits every file alike).
@@ -184,6 +186,7 @@ def choose_int8(
     check_int("repeats", repeats, minimum=1)
     check_int("warmup", warmup, minimum=0)
     check_int("rounds", rounds, minimum=1)
+    per_round = -(-repeats // rounds)  # at least one timed run per file in each round
     check_fraction("margin", margin)
     check_bool("dynamic_batch", dynamic_batch)
     if measure is not None and not callable(measure):
@@ -198,7 +201,7 @@ def choose_int8(
     require(*ONNX_EXPORT, what="choose_int8")
     if measure is None:
         require(*ONNX_RUNTIME, what="choose_int8")
-        measure = _ort_measure(args, kwargs, threads, repeats, warmup, rounds)
+        measure = _ort_measure(args, kwargs, threads, per_round, warmup, rounds)
     none: frozenset[str] = frozenset()
     every = frozenset(layers)
 
