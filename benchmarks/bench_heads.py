@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from litcompress._timing import median_seconds, ort_feed, ort_session
 from litcompress.export import export_onnx
 from litcompress.sparsity.channels import ChannelPruner
+from litcompress.sparsity.hf_heads import HFAttention, PackedAttention
 
 
 def build(kind: str, width: int, layers: int, heads: int, vocab: int, context: int) -> torch.nn.Module:
@@ -65,7 +66,7 @@ def measure(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     layers = [n for n, m in pruned.named_modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"]
     pruner = ChannelPruner(pruned, x, layers, sparsity=args.sparsity)
     groups = {g.name: g.channels for g in pruner.groups}
-    attention = sum(1 for g in pruner.groups if g.root[0] == "hf_heads")
+    attention = sum(1 for g in pruner.groups if isinstance(g.remover, (HFAttention, PackedAttention)))
     pruner.update(1.0)
     masked = output(pruned, x)
     removed = pruner.remove()
