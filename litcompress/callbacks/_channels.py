@@ -5,6 +5,7 @@ at the end or mid-fit, and rank zero's smaller copy under FSDP2."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from copy import deepcopy
 from typing import Any, cast
 
 import lightning.pytorch as pl
@@ -12,7 +13,7 @@ from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, ran
 from torch import Tensor, nn
 
 from litcompress._extras import require
-from litcompress._validation import fail
+from litcompress._validation import fail, fail_state
 from litcompress.callbacks._base import _compression_target
 from litcompress.callbacks._inputs import first_batch_inputs
 from litcompress.callbacks._pruning_base import _PruningBase
@@ -75,11 +76,17 @@ def build_channel_pruner(callback: _PruningBase, trainer: pl.Trainer, pl_module:
     return pruner, x
 
 
-def remove_dead_channels(callback: _PruningBase, pruner: ChannelPruner, x: Any) -> dict[str, tuple[int, int]]:
+def remove_dead_channels(callback: _PruningBase, pruner: ChannelPruner, x: Any,
+                         inputs: Sequence[Any] = ()) -> dict[str, tuple[int, int]]:
     """Remove the channels unstructured pruning zeroed entirely (their constant output folded into the consumers'
-    biases): the model computes what it computed, with smaller layers."""
+    biases): the model computes what it computed, with smaller layers. The removal is tried on a copy first and
+    checked on ``x`` and ``inputs``: if the copy computes anything else, nothing is removed (a warning says why)."""
     before = sum(p.numel() for p in pruner.model.parameters())
     dead = DeadChannels(pruner, x)
+    why = dead.check(inputs)
+    if why is not None:
+        rank_zero_warn(f"Pruning(remove_channels=True): the all-zero channels stay (zeros, not removed): {why}")
+        return {}
     removed = dead.remove()
     if dead.kept:
         rank_zero_warn("Pruning(remove_channels=True): some all-zero channels stay: "
@@ -91,26 +98,60 @@ def remove_dead_channels(callback: _PruningBase, pruner: ChannelPruner, x: Any) 
     return removed
 
 
-def remove_channels_mid_fit(callback: _PruningBase, trainer: pl.Trainer,
-                            pruner: ChannelPruner) -> dict[str, tuple[int, int]]:
-    """Delete the masked channels during the fit: the optimizers then hold the smaller tensors, each with the
-    kept slices of its state (momentum, Adam moments), and frozen per-channel weight scales shrink with them."""
+def _keep_inexact(callback: _PruningBase, pruner: ChannelPruner, inputs: Sequence[Any], mid_fit: bool) -> None:
+    """Try the removal on a copy of the model first, checked on the traced input and ``inputs`` (the last training
+    batches): the groups whose removal would change the model's outputs keep their channels, masked, with a warning
+    (mid-fit: an error, before anything changed)."""
+    why = pruner.check_removal(inputs)
+    if why is None:
+        return
+    masked = [g.name for g in pruner.groups if g.mask is not None and not bool(g.mask.all())]
+    bad = {n: w for n in masked if (w := pruner.check_removal(inputs, groups=[n])) is not None}
+    rest = [n for n in masked if n not in bad]
+    if not bad or (rest and pruner.check_removal(inputs, groups=rest) is not None):
+        bad = {n: bad.get(n, why) for n in masked}  # exact one by one, not together: none is removed
+    text = "; ".join(f"`{k}`: {v}" for k, v in bad.items())
+    reason = ("the smaller model would not compute what the masked model computes (the dependency graph was traced "
+              "on one input, so it follows the path that input takes: a data-dependent branch it did not take does "
+              f"not shrink): {text}")
+    if mid_fit:
+        fail_state(f"the channels of {len(bad)} group(s) cannot be removed at `remove_at` (nothing was changed): "
+                   + reason, type(callback).__name__,
+                   "remove the channels at the end of the fit (remove_at=None: such groups then stay masked), or "
+                   "leave these layers out with `exclude`")
+    pruner.groups = [g for g in pruner.groups if g.name not in bad]
+    rank_zero_warn(f"{type(callback).__name__}: {len(bad)} channel group(s) stay masked (zeros), not removed, "
+                   f"because {reason}")
+
+
+def remove_channels_mid_fit(callback: _PruningBase, trainer: pl.Trainer, pruner: ChannelPruner,
+                            inputs: Sequence[Any] = ()) -> dict[str, tuple[int, int]]:
+    """Delete the masked channels during the fit, checked first (see :func:`remove_channels`): the optimizers then
+    hold the smaller tensors, each with the kept slices of its state (momentum, Adam moments), and frozen
+    per-channel weight scales shrink with them."""
+    _keep_inexact(callback, pruner, inputs, mid_fit=True)
     kept = pruner.kept_positions()
     old = {key: getattr(*key) for key in kept}
-    removed = remove_channels(callback, pruner)
+    removed = _remove(callback, pruner)
     replacements = {}
     for (module, attr), dims in kept.items():
         new = getattr(pruner.replaced.get(module, module), attr)  # an attention layer that lost heads is replaced
         if new is not old[(module, attr)]:
             replacements[old[(module, attr)]] = [(new, keep_slices(dims))]
-        if isinstance(module, QuantizedLayer) and attr in module.weight_quantizers:
-            module.weight_quantizers[attr].keep_channels(dims)
     point_optimizers(trainer, type(callback).__name__, replacements)
     return removed
 
 
-def remove_channels(callback: _PruningBase, pruner: ChannelPruner) -> dict[str, tuple[int, int]]:
-    """Delete the masked channels: the model becomes an ordinary smaller ``nn.Module``."""
+def remove_channels(callback: _PruningBase, pruner: ChannelPruner,
+                    inputs: Sequence[Any] = ()) -> dict[str, tuple[int, int]]:
+    """Delete the masked channels: the model becomes an ordinary smaller ``nn.Module``. The removal is tried on a
+    copy of the model first and checked on the traced input and ``inputs``: groups whose removal would change the
+    outputs stay masked, with a warning."""
+    _keep_inexact(callback, pruner, inputs, mid_fit=False)
+    return _remove(callback, pruner)
+
+
+def _remove(callback: _PruningBase, pruner: ChannelPruner) -> dict[str, tuple[int, int]]:
     before = sum(p.numel() for p in pruner.model.parameters())
     removed = pruner.remove()
     after = sum(p.numel() for p in pruner.model.parameters())
@@ -120,25 +161,30 @@ def remove_channels(callback: _PruningBase, pruner: ChannelPruner) -> dict[str, 
     return removed
 
 
-def smaller_copy(callback: _PruningBase, pruner: ChannelPruner, traced: Any,
-                 dead: bool = False) -> tuple[dict[str, tuple[int, int]], Any]:
+def smaller_copy(callback: _PruningBase, pruner: ChannelPruner, traced: Any, dead: bool = False,
+                 inputs: Sequence[Any] = ()) -> tuple[dict[str, tuple[int, int]], Any]:
     """FSDP2: the sharded model keeps its size (its channels masked, or zeroed by unstructured pruning); rank zero
-    gathers a whole copy (the model's memory once, on its CPU), traces it again and removes from it the masked
-    channels (``dead``: the all-zero ones). Collective. Returns what was removed and the copy (``None`` elsewhere)."""
+    gathers a whole copy (the model's memory once, on its CPU; twice while the removal is checked), traces it again
+    and removes from it the masked channels (``dead``: the all-zero ones), checked as :func:`remove_channels` does.
+    Collective. Returns what was removed and the copy (``None`` elsewhere)."""
     from litcompress.distributed import gather_model
 
     copy = gather_model(pruner.model)
     if copy is None:
         return {}, None
+    for module in copy.modules():  # the copy shares the sharded model's quantizers: it shrinks its own
+        if isinstance(module, QuantizedLayer):
+            module.weight_quantizers = deepcopy(module.weight_quantizers)
     x = move_data_to_device(traced, "cpu")  # the copy lives on rank zero's CPU
+    inputs = [move_data_to_device(i, "cpu") for i in inputs]
     was_training = copy.training
     copy.eval()
     try:
         twin = ChannelPruner(copy, x, pruner.layers, 0.0 if dead else pruner.target,
-                             "magnitude" if dead else pruner.importance)
+                             "magnitude" if dead else pruner.importance, verify=False)
     finally:
         copy.train(was_training)
     if dead:
-        return remove_dead_channels(callback, twin, x), copy
+        return remove_dead_channels(callback, twin, x, inputs), copy
     twin.load_state_dict({"masks": {g.name: g.mask for g in pruner.groups if g.mask is not None}})
-    return remove_channels(callback, twin), copy
+    return remove_channels(callback, twin, inputs), copy

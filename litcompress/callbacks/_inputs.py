@@ -12,7 +12,7 @@ from torch.utils.data import IterableDataset, default_collate
 
 from litcompress._validation import fail
 
-__all__ = ["first_batch_inputs"]
+__all__ = ["first_batch_inputs", "model_inputs"]
 
 
 def first_batch_inputs(trainer: pl.Trainer, pl_module: pl.LightningModule, who: str) -> Any:
@@ -29,7 +29,11 @@ def first_batch_inputs(trainer: pl.Trainer, pl_module: pl.LightningModule, who: 
         fail("example_input", "a batch when the train dataloader is not a map-style DataLoader with a batch size",
              None, exc=TypeError, hint=hint)
     collate = getattr(loader, "collate_fn", None) or default_collate
-    batch = collate([dataset[i] for i in range(min(batch_size, len(dataset)))])
+    return model_inputs(collate([dataset[i] for i in range(min(batch_size, len(dataset)))]), pl_module)
+
+
+def model_inputs(batch: Any, pl_module: pl.LightningModule) -> Any:
+    """The model inputs of a training ``batch`` (the rule of :func:`first_batch_inputs`)."""
     unpack = getattr(pl_module, "unpack_batch", None)
     if callable(unpack):
         return unpack(batch)[0]

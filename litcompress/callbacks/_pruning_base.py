@@ -3,6 +3,7 @@ the clock, enforcement after every optimizer step, gradient scores, logging and 
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -13,12 +14,15 @@ from typing_extensions import override
 
 from litcompress._validation import check_bool, check_nonempty_str, fail
 from litcompress.callbacks._base import _CompressionCallback, _warn_inexact_resume, _Window
+from litcompress.callbacks._inputs import model_inputs
 from litcompress.schedules import Schedule, get_schedule
 from litcompress.selection import ParameterFilter, ParameterRef, check_patterns
 from litcompress.sparsity.importance import DATA_DEPENDENT
 from litcompress.sparsity.protocol import MaskPruner
 
 __all__: list[str] = []
+
+_CHECKED_BATCHES = 4  # the last training batches a removal of channels is checked on
 
 
 class _PruningBase(_CompressionCallback):
@@ -58,6 +62,12 @@ class _PruningBase(_CompressionCallback):
         self.pruner: MaskPruner | None = None
         self._window: _Window | None = None
         self._last_point: int | None = None
+        # the inputs of the last training batches: a removal of channels is checked on them before it is trusted
+        self._recent: deque[Any] = deque(maxlen=_CHECKED_BATCHES)
+
+    def _removes(self) -> bool:
+        """Whether channels will be removed (so the last batches' inputs are kept to check the removal on)."""
+        return False
 
     def _ready(self) -> bool:
         return self.pruner is not None
@@ -125,6 +135,8 @@ class _PruningBase(_CompressionCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._training = True
+        if self._removes():
+            self._recent.append(model_inputs(batch, pl_module))
         self._maybe_update(trainer)
 
     @override
@@ -136,6 +148,7 @@ class _PruningBase(_CompressionCallback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
+        self._recent.clear()
 
     def _before_update(self, point: int, value: float) -> None:
         """Called before the masks move to ``value`` at ``point`` (rewinding takes its snapshot here)."""

@@ -42,11 +42,13 @@ class StructureFollower:
             self._handle = None
 
 
-def check_mid_fit(trainer: pl.Trainer, who: str, name: str, value: Any) -> None:
+def check_mid_fit(trainer: pl.Trainer, who: str, name: str, value: Any,
+                  instead: str = "0 (before the first step)") -> None:
     """A structure change after the optimizers exist needs the model as the optimizers see it: one device, no
-    wrapper (DDP's reducer and FSDP's shards hold the old parameters)."""
+    wrapper (DDP's reducer and FSDP's shards hold the old parameters). ``instead``: the value that asks for no
+    mid-fit change."""
     if not isinstance(trainer.strategy, SingleDeviceStrategy):
-        fail(name, f"0 (before the first step) under {type(trainer.strategy).__name__}", value,
+        fail(name, f"{instead} under {type(trainer.strategy).__name__}", value,
              hint=f"{who} changes the model's structure mid-fit only on a single device for now; change it before "
                   "training starts, or at the end of the fit")
 

@@ -138,6 +138,9 @@ class ChannelPruning(_PruningBase):
         self._traced: Any = None  # FSDP2: the input traced in `setup`, before sharding
         self.pruner: ChannelPruner | None = None
 
+    def _removes(self) -> bool:
+        return self.remove_channels and self.pruner is not None
+
     def _key_fields(self) -> dict[str, Any]:
         return {"sparsity": self.sparsity, "pattern": "channel", "parameters": self.parameters,
                 "exclude": self.exclude}
@@ -150,7 +153,8 @@ class ChannelPruning(_PruningBase):
         _check_sharding(trainer, pl_module, type(self).__name__, layers_before_sharding=True)
         self._follower.attach(pl_module)
         if self.remove_at is not None:
-            check_mid_fit(trainer, type(self).__name__, "remove_at", self.remove_at)
+            check_mid_fit(trainer, type(self).__name__, "remove_at", self.remove_at,
+                          instead="None (the channels are removed at the end of the fit)")
         if next(_compression_target(pl_module).parameters(), None) is None:
             return  # layers are built in `configure_model` (after this hook): select in `on_fit_start`
         self._prepare(trainer, pl_module)
@@ -197,7 +201,7 @@ class ChannelPruning(_PruningBase):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self._remove_step is not None and trainer.global_step >= self._remove_step and self.pruner is not None:
             self._remove_hooks()  # the hooks hold the spent masks
-            self.removed = remove_channels_mid_fit(self, trainer, self.pruner)
+            self.removed = remove_channels_mid_fit(self, trainer, self.pruner, list(self._recent))
             self.pruner = None
 
     @override
@@ -206,10 +210,10 @@ class ChannelPruning(_PruningBase):
             return
         self._remove_hooks()  # the optimizers point at the removed parameters
         if self.pruner.local is not None:  # FSDP2: shards cannot shrink; rank zero gets a smaller copy
-            self.removed, self.smaller_model = smaller_copy(self, self.pruner, self._traced)
+            self.removed, self.smaller_model = smaller_copy(self, self.pruner, self._traced, inputs=list(self._recent))
             self._traced = None  # spent with the masks: a later fit traces again
         else:
-            self.removed = remove_channels(self, self.pruner)
+            self.removed = remove_channels(self, self.pruner, list(self._recent))
         self.pruner = None
 
     @override

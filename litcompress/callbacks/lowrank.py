@@ -10,8 +10,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from litcompress._validation import check_bool, check_int, check_nonempty_str, fail
+from litcompress._validation import check_bool, check_int, check_nonempty_str, fail, fail_state
 from litcompress.callbacks._base import _check_sharding, _compression_target, _CompressionCallback
+from litcompress.callbacks._pruning_base import _PruningBase
 from litcompress.callbacks._structure import StructureFollower, check_mid_fit, point_optimizers
 from litcompress.factorization.lowrank import (
     Factorized,
@@ -20,6 +21,7 @@ from litcompress.factorization.lowrank import (
     check_rank_options,
     factorizable,
     factorize_,
+    may_factorize,
     tied_to,
 )
 from litcompress.layers import HFConv1D
@@ -45,6 +47,11 @@ class LowRankFactorization(_CompressionCallback):
     ``trainer.fit(ckpt_path=...)`` while this callback is attached; to load one for inference in a fresh
     process, build the model, call :func:`litcompress.structure.match_structure_` with the checkpoint's
     ``state_dict``, then ``load_state_dict``.
+
+    With :class:`~litcompress.callbacks.Pruning` or :class:`~litcompress.callbacks.ChannelPruning` in the same fit,
+    at ``start=0`` they prune the factors, in either order of the callbacks. A later ``start`` is refused before the
+    first step when a pruner masks (or cuts the inputs of) a layer replaced then: masks cannot follow a weight into
+    its factors. Keep such layers out of one of the two callbacks, or factorize at ``start=0``.
 
     Args:
         rank: the rank of every factorized layer (at most ``min(out, in)`` of each: an error otherwise).
@@ -129,6 +136,7 @@ class LowRankFactorization(_CompressionCallback):
             modules = dict(target.named_modules())
             self._originals = {n: modules[n] for n in self.layers}
             self._factorize(trainer, pl_module, mid_fit=False)
+            self._reselect(trainer, pl_module, stage)
 
     def _select(self, target: nn.Module) -> list[str]:
         refs = select_parameters(target, self.parameters, self.exclude, kinds=_KINDS)
@@ -164,6 +172,47 @@ class LowRankFactorization(_CompressionCallback):
                 if why is not None:
                     fail("start", "0 when another callback changes the selected layers before training", self.start,
                          hint=f"`{name}`: {why}")
+            self._check_pruners(trainer, modules, self._at_step)
+
+    def _replaced(self, modules: dict[str, nn.Module]) -> dict[int, str]:
+        """The weights this callback replaces (or may, with ``energy``) at ``start``, by tensor id: their layers."""
+        return {id(modules[n].get_parameter("weight")): n for n in self.layers if may_factorize(
+            modules[n], rank=self.rank, rank_ratio=self.rank_ratio, energy=self.energy)}
+
+    def _check_pruners(self, trainer: pl.Trainer, modules: dict[str, nn.Module], at_step: int) -> None:
+        """Refuse a pruning callback that masks the weights of layers replaced at ``start``: its masks would stay on
+        the replaced weights (the factors dense, the sparsity it reports untrue), and channels it removes would not
+        match the factorized layer. Checked when every callback's pruner exists, before the first step."""
+        replaced = self._replaced(modules)
+        for other in trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning, not declared on Trainer
+            if other is self or not isinstance(other, _PruningBase):
+                continue
+            remove_at = getattr(other, "remove_at", None)
+            if remove_at is not None and remove_at * other._steps_per_interval(trainer) <= at_step:
+                continue  # its channels are gone before the factorization, which sees the smaller layers
+            shared = sorted({replaced[i] for i in _touched(other) if i in replaced}, key=self.layers.index)
+            if shared:
+                who, me = type(other).__name__, type(self).__name__
+                fail("start", f"0 when {who} prunes layers that {me} replaces", self.start,
+                     hint=f"{who} masks the weights of {', '.join(shared)}, which {me} replaces by two factors at "
+                          f"optimizer step {at_step}: the masks would stay on the replaced weights, the "
+                          f"factors would be dense and removed channels would not match them. Factorize before "
+                          f"training (start=0) so that {who} prunes the factors, or keep these layers out of one "
+                          "of the two callbacks (`exclude=`)")
+
+    def _reselect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Pruning callbacks placed before this one selected their tensors in their own ``setup``, in the layers
+        just replaced: they select again, in the factorized model (so either order prunes the factors)."""
+        replaced = {id(layer.get_parameter("weight")) for name, layer in self._originals.items()
+                    if self.results[name].factorized}
+        for other in trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning, not declared on Trainer
+            if other is self or not isinstance(other, _PruningBase) or not _touched(other) & replaced:
+                continue
+            other.setup(trainer, pl_module, stage)
+            if _touched(other) & replaced:  # it kept its selection (e.g. traced for dead channels already)
+                fail_state(f"{type(other).__name__} selected its tensors before {type(self).__name__} replaced their "
+                           "layers", type(other).__name__, f"place {type(self).__name__} before "
+                           f"{type(other).__name__} in the Trainer's `callbacks`, so that it prunes the factors")
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -217,3 +266,16 @@ class LowRankFactorization(_CompressionCallback):
 
     def _load(self, state: dict[str, Any]) -> None:
         self.done = bool(state.get("done", False))
+
+
+def _touched(callback: _PruningBase) -> set[int]:
+    """The ids of every tensor a pruning callback masks or slices: its selection and, when it removes channels, every
+    layer coupled to them (the next layers' inputs), whether or not it has traced them yet."""
+    ids = {id(r.tensor) for r in getattr(callback, "_channel_refs", None) or ()}  # ChannelPruning, before tracing
+    dead = getattr(callback, "_dead", None)  # Pruning(remove_channels=True): the dead-channel pruner
+    for pruner in (callback.pruner, dead[0] if dead is not None else None):
+        if pruner is None:
+            continue
+        ids |= {id(r.tensor) for r in pruner.refs}
+        ids |= {id(s.tensor) for group in getattr(pruner, "groups", ()) for s in group.slices}
+    return ids

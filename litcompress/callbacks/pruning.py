@@ -190,10 +190,13 @@ class Pruning(_PruningBase):
             return
         self._remove_hooks()
         if self.pruner is not None and self.pruner.shards is not None:  # FSDP2: on rank zero's copy
-            self.removed, self.smaller_model = smaller_copy(self, *self._dead, dead=True)
+            self.removed, self.smaller_model = smaller_copy(self, *self._dead, dead=True, inputs=list(self._recent))
         else:
-            self.removed = remove_dead_channels(self, *self._dead)
+            self.removed = remove_dead_channels(self, *self._dead, inputs=list(self._recent))
         self._dead, self.pruner = None, None
+
+    def _removes(self) -> bool:
+        return self._dead is not None
 
     def _before_update(self, point: int, value: float) -> None:
         if self.rewind and self.pruner is not None and self._window is not None and point == self._window.start:

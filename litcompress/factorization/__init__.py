@@ -8,9 +8,10 @@ from litcompress.factorization.lowrank import (
     choose_rank,
     factorizable,
     factorize_,
+    may_factorize,
     rank_limit,
     tied_to,
 )
 
 __all__ = ["Factorized", "LowRankResult", "check_rank", "check_rank_options", "choose_rank", "factorizable",
-           "factorize_", "rank_limit", "tied_to"]
+           "factorize_", "may_factorize", "rank_limit", "tied_to"]

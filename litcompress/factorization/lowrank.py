@@ -36,7 +36,7 @@ from litcompress.layers import HFConv1D
 from litcompress.quantization.layers import QuantizedLayer
 
 __all__ = ["Factorized", "LowRankResult", "check_rank", "check_rank_options", "choose_rank", "factorizable",
-           "factorize_", "rank_limit", "tied_to"]
+           "factorize_", "may_factorize", "rank_limit", "tied_to"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -44,20 +44,101 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class Factorized(nn.Sequential):
     """A layer as two thinner ones, ``second(first(x))``; an ordinary module (exports, saves, trains as usual).
 
+    It still answers what code reads from the layer it replaced (Hugging Face's T5 reads ``wo.weight.dtype``, ViT
+    ``projection.weight.dtype``): :attr:`weight`, ``bias``, the sizes (``in_features`` / ``out_features`` and
+    ``nx`` / ``nf`` for a Linear or transformers ``Conv1D``; ``in_channels`` / ``out_channels`` / ``kernel_size``
+    for a convolution), all read from the factors, so they follow the factors' dtype, device and shapes. None of
+    them is a Parameter or a buffer: parameter lists, ``state_dict``, optimizers and layer selection see only the
+    factors.
+
     Attributes:
         first: ``in -> rank`` (no bias).
         second: ``rank -> out`` (the original layer's bias).
+        transposed: the replaced layer stored its weight ``(in, out)`` (transformers' ``Conv1D``), so
+            :attr:`weight` is given in that layout.
+
+    >>> layer = Factorized(nn.Linear(6, 2, bias=False), nn.Linear(2, 4))
+    >>> tuple(layer.weight.shape), layer.in_features, layer.out_features, layer.rank, layer.weight.dtype
+    ((4, 6), 6, 4, 2, torch.float32)
+    >>> x = torch.randn(3, 6)
+    >>> torch.allclose(layer(x), x @ layer.weight.t() + layer.bias)
+    True
     """
 
     first: nn.Module
     second: nn.Module
 
-    def __init__(self, first: nn.Module, second: nn.Module) -> None:
+    def __init__(self, first: nn.Module, second: nn.Module, transposed: bool = False) -> None:
         super().__init__(OrderedDict(first=first, second=second))
+        self.transposed = transposed
 
     @property
     def rank(self) -> int:
         return int(_weight(self.first).shape[0])
+
+    @property
+    def weight(self) -> Tensor:
+        """``second``'s weight times ``first``'s, in the replaced layer's layout: ``(out, in)`` for a Linear,
+        ``(out, in, *kernel)`` for a convolution, ``(in, out)`` when :attr:`transposed`.
+
+        Computed on every read (``rank * in * out`` multiply-adds, differentiable: gradients reach the factors): a
+        new tensor, not a Parameter, so writing into it changes nothing. Code that only asks its dtype or device
+        pays the product too; ``first.weight.dtype`` is free.
+        """
+        first, second = _weight(self.first), _weight(self.second)
+        w = second.reshape(second.shape[0], -1) @ first.reshape(first.shape[0], -1)  # (out, rank) @ (rank, in*k)
+        return w.t() if self.transposed else w.reshape(second.shape[0], *first.shape[1:])
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The replaced layer's bias (the same Parameter, held by ``second``)."""
+        bias = getattr(self.second, "bias", None)
+        return bias if isinstance(bias, Tensor) else None
+
+    @property
+    def in_features(self) -> int:
+        return self._linear_size(1)
+
+    @property
+    def out_features(self) -> int:
+        return self._linear_size(0)
+
+    @property
+    def nx(self) -> int:
+        """Inputs, by the name transformers' ``Conv1D`` gives them."""
+        return self._linear_size(1)
+
+    @property
+    def nf(self) -> int:
+        """Outputs, by the name transformers' ``Conv1D`` gives them."""
+        return self._linear_size(0)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self._conv().weight.shape[1])
+
+    @property
+    def out_channels(self) -> int:
+        self._conv()
+        return int(_weight(self.second).shape[0])
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(self._conv().kernel_size)
+
+    def _linear_size(self, end: int) -> int:
+        """Outputs (``end=0``, rows of ``second``) or inputs (``end=1``, columns of ``first``) of a Linear pair."""
+        if isinstance(self.first, _CONV):
+            raise AttributeError(f"a factorized {type(self.first).__name__} has channels, not features")
+        return int(_weight(self.second if end == 0 else self.first).shape[end])
+
+    def _conv(self) -> nn.modules.conv._ConvNd:
+        if not isinstance(self.first, _CONV):
+            raise AttributeError("a factorized Linear has features, not channels")
+        return self.first
+
+    def extra_repr(self) -> str:
+        return "transposed=True" if self.transposed else ""
 
     @classmethod
     def like(cls, layer: nn.Module, rank: int) -> Factorized:
@@ -78,7 +159,7 @@ class Factorized(nn.Sequential):
             second = nn.Linear(rank, n_out, bias=layer.bias is not None, device=device, dtype=dtype)
         if layer.bias is not None:
             second.bias = layer.bias  # the same Parameter: optimizers keep it and its state
-        return cls(first, second)
+        return cls(first, second, transposed=isinstance(layer, HFConv1D))
 
 
 @dataclass(frozen=True)
@@ -148,6 +229,37 @@ def tied_to(model: nn.Module, name: str) -> str | None:
 def rank_limit(layer: nn.Module) -> int:
     """The largest rank of ``layer``'s weight, ``min(out, in)``."""
     return min(_dims(layer))
+
+
+def may_factorize(layer: nn.Module, rank: int | None = None, rank_ratio: float | None = None,
+                  energy: float | None = None) -> bool:
+    """Whether :func:`factorize_` with these options may replace ``layer`` (else it surely keeps it dense).
+
+    With ``rank`` or ``rank_ratio`` the rank follows from the layer's shape, so the answer is exact: the rank cuts
+    its weights, ``rank * (in + out) < in * out``. With ``energy`` the rank depends on the weights when they are
+    factorized, so the answer is whether the smallest rank, 1, would cut them.
+
+    Args:
+        layer: a Linear, ungrouped convolution or transformers ``Conv1D``.
+        rank: a fixed rank (capped at ``min(out, in)``).
+        rank_ratio: a fraction of the full rank, as in :func:`factorize_`.
+        energy: a fraction of the squared singular values, as in :func:`factorize_`. Pass exactly one of the three.
+
+    >>> may_factorize(nn.Linear(64, 64), rank=31), may_factorize(nn.Linear(64, 64), rank=32)
+    (True, False)
+    >>> may_factorize(nn.Linear(64, 4), energy=0.9)  # 1 * (64 + 4) < 64 * 4: depends on the weights
+    True
+    """
+    check_rank_options(rank, rank_ratio, energy)
+    full = rank_limit(layer)
+    # a fixed rank or ratio reads only how many singular values there are
+    r = 1 if energy is not None else choose_rank(torch.ones(full), rank=rank, rank_ratio=rank_ratio)
+    return _cuts(layer, r)
+
+
+def _cuts(layer: nn.Module, rank: int) -> bool:
+    n_in, n_out = _dims(layer)
+    return rank * (n_in + n_out) < n_in * n_out
 
 
 def check_rank(name: str, layer: nn.Module, rank: int | None) -> None:
@@ -258,7 +370,7 @@ def factorize_(model: nn.Module, layers: Sequence[str], *, rank: int | None = No
         before = n_in * n_out
         total = float((s.double() ** 2).sum())
         error = math.sqrt(float((s[r:].double() ** 2).sum()) / total) if total else 0.0
-        if r * (n_in + n_out) >= before:
+        if not _cuts(layer, r):
             report[name] = LowRankResult(len(s), len(s), before, before, 0.0, False)
             continue
         root = s[:r].sqrt()

@@ -30,14 +30,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from litcompress._calls import call_model
 from litcompress._extras import require
 from litcompress._shards import local
 from litcompress._validation import check_choice, check_fraction, fail
 from litcompress.layers import HFConv1D
+from litcompress.quantization._base import QuantizedLayer
 from litcompress.sparsity._local import LocalView
 from litcompress.sparsity._remover import _Remover
-from litcompress.sparsity._slice import _Slice
-from litcompress.sparsity._tp import _Member, coupled_groups, output_layers, trace
+from litcompress.sparsity._slice import NORMS as _NORMS
+from litcompress.sparsity._slice import _Slice, member_slices
+from litcompress.sparsity._tp import coupled_groups, output_layers, trace
+from litcompress.sparsity._verify import dry_run, tied_names, try_removal
 from litcompress.sparsity.hf_heads import AttentionPlan, traceable
 
 __all__ = ["CHANNEL_IMPORTANCES", "ChannelGroup", "ChannelPruner"]
@@ -47,7 +51,6 @@ CHANNEL_IMPORTANCES = ("magnitude", "l1", "taylor", "bn_scale")
 ``|w * grad|`` (first-order Taylor estimate of the loss change); ``bn_scale``: ``|gamma|`` of the group's
 BatchNorm layers (network slimming)."""
 
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _ATTENTION = (nn.MultiheadAttention,)
 _ROOTS = (nn.Linear, nn.modules.conv._ConvNd, HFConv1D)  # the layers whose output channels root a group
 
@@ -76,37 +79,6 @@ class ChannelGroup:
         return s.index[~self.mask[s.root]]
 
 
-def _slices(members: list[_Member], names: Mapping[nn.Module, str]) -> tuple[list[_Slice], str | None]:
-    """The parameter slices of a group of coupled channels, or (``[]``, why) when it holds a layer this cannot mask
-    exactly (a LayerNorm, a grouped convolution, an unknown layer with parameters)."""
-    out: list[_Slice] = []
-    for member in members:
-        module, producer, index, root = member.module, member.producer, member.index, member.root
-        if not list(module.parameters(recurse=False)):
-            continue  # element-wise ops, reshapes, pooling: nothing to mask
-        where = names.get(module, type(module).__name__)
-        if isinstance(module, _NORMS):
-            attrs = [(a, 0) for a in ("weight", "bias") if getattr(module, a, None) is not None]
-        elif isinstance(module, nn.Linear):
-            attrs = [("weight", 0), ("bias", 0)] if producer else [("weight", 1)]
-        elif isinstance(module, nn.modules.conv._ConvNd):
-            depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
-            if module.groups > 1 and not depthwise:
-                return [], f"`{where}` is a grouped convolution"
-            out_dim = 1 if module.transposed else 0
-            attrs = [("weight", out_dim), ("bias", 0)] if producer or depthwise else [("weight", 1 - out_dim)]
-        elif isinstance(module, HFConv1D):  # weight (in, out): the transpose of nn.Linear
-            attrs = [("weight", 1), ("bias", 0)] if producer else [("weight", 0)]
-        elif isinstance(module, nn.Embedding):
-            attrs = [("weight", 1)]
-        else:
-            return [], f"`{where}` ({type(module).__name__}) cannot be masked exactly"
-        for attr, dim in attrs:
-            if getattr(module, attr, None) is not None:
-                out.append(_Slice(module, attr, dim, index, root, producer))
-    return out, None
-
-
 class ChannelPruner:
     """Masks whole channels of ``layers`` (and everything coupled to them), scheduled toward ``sparsity``.
 
@@ -120,10 +92,18 @@ class ChannelPruner:
             key or value projection is selected lose whole heads too (:mod:`litcompress.sparsity.hf_heads`).
         sparsity: the final fraction of channels removed from each group.
         importance: one of :data:`CHANNEL_IMPORTANCES`.
+        verify: before masking anything, remove about half of every group's channels from a copy of the model and
+            check that exactly the masked positions go and that the copy computes what the masked model computes on
+            ``example_input``; a group that fails is left alone, with the reason in :attr:`skipped`. The graph
+            is traced on one input, so it sees the path that input takes: check the removal on more inputs with
+            :meth:`check_removal` before :meth:`remove`.
+
+    Groups touching a weight that several layers share (tied weights) are left alone too: removing channels would
+    untie them.
     """
 
     def __init__(self, model: nn.Module, example_input: Any, layers: Sequence[str], sparsity: float,
-                 importance: str = "magnitude", refs: Sequence[Any] = ()) -> None:
+                 importance: str = "magnitude", refs: Sequence[Any] = (), verify: bool = True) -> None:
         require("torch_pruning", what="channel pruning")
         check_fraction("sparsity", sparsity)
         check_choice("importance", importance, CHANNEL_IMPORTANCES)
@@ -136,27 +116,43 @@ class ChannelPruner:
         self.refs = list(refs)  # the selected tensors (for callers that check two pruners do not overlap)
         if isinstance(example_input, Mapping):  # keyword inputs (a Hugging Face batch)
             example_input = dict(example_input)
+        try:
+            with torch.no_grad():
+                call_model(model, example_input)
+        except Exception as err:
+            fail("example_input", "an input the model runs on", type(example_input).__name__,
+                 hint=f"the model fails on it ({type(err).__name__}: {err}); pass what its forward takes (a tensor, "
+                      "a tuple of positional inputs or a mapping of keyword inputs) on the model's device, with the "
+                      "dtype its first layer expects")
         plan = AttentionPlan.of(model)  # Hugging Face attention: heads pruned whole, never channel by channel
         try:
             with traceable(plan.blocks.values()):
                 graph = trace(model, example_input)  # norms it does not know (RMSNorm): their groups skipped below
         except (TypeError, ValueError, RuntimeError, KeyError, IndexError, AttributeError) as err:
             fail("model", "a model whose coupled channels Torch-Pruning can trace", type(model).__name__,
-                 hint=f"tracing failed ({type(err).__name__}: {err}); use an unstructured or N:M pattern")
+                 hint=f"the model runs on `example_input`, but tracing its dependency graph failed "
+                      f"({type(err).__name__}: {err}); prune it with `Pruning` (unstructured or N:M) instead")
         names = {m: n for n, m in modules.items()}
+        tied = tied_names(model)
         selected = {modules[n] for n in layers}
         self.groups: list[ChannelGroup] = []
         self.skipped: dict[str, str] = {}  # root layer -> why its channels are left alone
         self.replaced: dict[nn.Module, nn.Module] = {}  # attention layers that lost heads -> their replacements
         projections = plan.keep
-        ignored = output_layers(graph, _ROOTS, _NORMS) + list(projections)  # outputs: the model's, never pruned
+        outputs = output_layers(graph, _ROOTS, _NORMS)
+        ignored = outputs + list(projections)  # outputs: the model's, never pruned
+        covered = set(outputs)  # selected layers whose output channels some group (or the output) accounts for
         for coupled in coupled_groups(graph, _ROOTS, ignored):
             producers = [m.module for m in coupled.members if m.producer and isinstance(m.module, _ROOTS)]
             if not any(p in selected for p in producers):
                 continue
+            covered.update(producers)
             name = min((names[p] for p in producers if p in selected), key=list(modules).index)
-            slices, why = _slices(coupled.members, names)
+            slices, why = member_slices(coupled.members, names)
             why = why or next((projections[s.module] for s in slices if s.module in projections), None)
+            why = why or next((f"{' and '.join(f'`{n}`' for n in tied[id(s.tensor)])} are one tensor (tied "
+                               "weights): removing channels would untie them" for s in slices if id(s.tensor) in tied),
+                              None)
             if why is not None:
                 self.skipped[name] = why
                 continue
@@ -165,9 +161,44 @@ class ChannelPruner:
         heads, why_not = plan.selected(selected)
         self.groups += [ChannelGroup(name, b.units, b.slices(), b) for name, b in heads.items()]
         self.skipped |= why_not
+        covered |= {s.module for g in self.groups for s in g.slices if s.producer}
+        for n in layers:  # e.g. a transformer's residual stream: Torch-Pruning roots no group there
+            if isinstance(modules[n], _ROOTS) and modules[n] not in covered and n not in self.skipped:
+                self.skipped[n] = ("no group of coupled channels that can be removed starts at its outputs (in a "
+                                   "transformer: the residual stream every block adds to and normalizes): its width "
+                                   "stays")
         self.scores: dict[str, Tensor] = {}
         self.local: LocalView | None = None  # FSDP2 row shards (see `follow_layout`)
         self._zero_index: list[tuple[_Slice, Tensor]] | None = None
+        self._example = example_input  # traced: what `check_removal` traces its copy on
+        if importance == "bn_scale":
+            for g in self.groups:
+                if not any(isinstance(s.module, _NORMS) for s in g.slices):
+                    fail("importance", "'bn_scale' only for layers followed by BatchNorm", importance,
+                         hint=f"`{g.name}` has no BatchNorm; use 'magnitude' or exclude it")
+        if verify and self.groups:
+            self.skipped |= dry_run(self)
+
+    # ------------------------------------------------------------------ checks
+    def check_removal(self, inputs: Sequence[Any] = (), groups: Sequence[str] | None = None) -> str | None:
+        """Remove the masked channels from a copy of the model and check the copy against the masked model: every
+        tensor keeps exactly the positions its masks keep, tied weights stay tied, and the outputs on the traced
+        input and on each of ``inputs`` agree within float tolerance. Returns what differs, or ``None``.
+
+        Call it before :meth:`remove` with inputs the model will see (the tracing saw one path through the model; a
+        data-dependent branch it did not take may not shrink). Costs a copy of the model and one tracing.
+        ``groups``: check only these groups' removal (default: every masked group).
+
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        >>> pruner = ChannelPruner(model, torch.randn(2, 8), layers=["0"], sparsity=0.5)
+        >>> _ = pruner.update(1.0)
+        >>> pruner.check_removal([torch.randn(5, 8)]) is None
+        True
+        """
+        masks = {g.name: g.mask for g in self.groups if g.mask is not None and (groups is None or g.name in groups)}
+        return try_removal(self, masks, list(inputs)) if masks else None
 
     def _add_heads(self, model: nn.Module, names: list[str]) -> None:
         """One group per attention layer: its heads (see :mod:`litcompress.sparsity.heads`)."""
@@ -235,9 +266,6 @@ class ChannelPruner:
                         self._add(score, s, torch.abs)
                 elif s.producer:
                     self._add(score, s, torch.abs if self.importance == "l1" else torch.square)
-            if self.importance == "bn_scale" and not any(isinstance(s.module, _NORMS) for s in g.slices):
-                fail("importance", "'bn_scale' only for layers followed by BatchNorm", self.importance,
-                      hint=f"`{g.name}` has no BatchNorm; use 'magnitude' or exclude it")
             out[g.name] = score
         if self.local is not None and out:  # each process scored its rows: one sum over processes
             flat = self.local.sum(torch.cat(list(out.values())))
@@ -330,7 +358,9 @@ class ChannelPruner:
     def remove(self) -> dict[str, tuple[int, int]]:
         """Delete the pruned channels from the model (Torch-Pruning's ``Group.prune``): layers, BatchNorms and
         consumers shrink together; attention loses whole heads (an ``nn.MultiheadAttention`` is replaced, see
-        :attr:`replaced`). Returns ``{group: (channels before, after)}``; the masks are then spent."""
+        :attr:`replaced`); frozen per-channel scales of quantization-aware layers keep the kept channels'.
+        Returns ``{group: (channels before, after)}``; the masks are then spent."""
+        kept = self.kept_positions()
         done = {}
         for g in self.groups:
             if g.mask is None:
@@ -338,8 +368,12 @@ class ChannelPruner:
             if not bool(g.mask.all()):
                 g.remover.remove(g.mask)
             done[g.name] = (g.channels, int(g.mask.sum()))
+        for (module, attr), dims in kept.items():  # frozen per-channel weight scales shrink with their weights
+            if isinstance(module, QuantizedLayer) and attr in module.weight_quantizers:
+                module.weight_quantizers[attr].keep_channels(dims)
         self.groups = []
         self._zero_index = None
+        self._example = None
         return done
 
     # ------------------------------------------------------------------ state
@@ -362,5 +396,4 @@ class ChannelPruner:
         if self.local is not None and self.local.shards.rank != 0:  # saved as totals: counted once, on rank zero
             self.scores = {k: torch.zeros_like(v) for k, v in self.scores.items()}
         self._zero_index = None
-
 

@@ -24,6 +24,7 @@ without a bias, or a padded convolution, is kept, with the reason in :attr:`Dead
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -31,7 +32,9 @@ from torch import Tensor, nn
 
 from litcompress._calls import call_model
 from litcompress.layers import HFConv1D
+from litcompress.quantization._base import QuantizedLayer
 from litcompress.sparsity._slice import _Slice
+from litcompress.sparsity._verify import check_removal, throwaway_copy
 from litcompress.sparsity.channels import ChannelGroup, ChannelPruner
 
 __all__ = ["DeadChannels"]
@@ -54,7 +57,7 @@ class DeadChannels:
     """
 
     def __init__(self, pruner: ChannelPruner, example_input: Any, atol: float = 1e-6) -> None:
-        self.pruner, self.atol = pruner, atol
+        self.pruner, self.atol, self.example_input = pruner, atol, example_input
         self.dead: dict[str, Tensor] = {}
         self.kept: dict[str, str] = {}
         self._folds: list[tuple[nn.Module, Tensor]] = []  # (consumer, bias increment)
@@ -135,7 +138,12 @@ class DeadChannels:
         bias = getattr(module, "bias", None)
         if bias is None:
             return "it outputs a nonzero constant into a layer without a bias", None
-        w = s.tensor.detach().float()
+        w = s.tensor.detach()
+        if isinstance(module, QuantizedLayer) and module.fake_quant_enabled:  # fold what the layer computes with
+            w = module.weight_quantizers[s.attr](w) if s.attr in module.weight_quantizers else w
+            quantizer = module.input_quantizers.get("input")
+            c = c if quantizer is None else quantizer(c.to(w.dtype), False).float()
+        w = w.float()
         if conv:
             padding = getattr(module, "padding", 0)
             if module.transposed or (padding != "valid" and any(int(p) for p in (
@@ -149,6 +157,19 @@ class DeadChannels:
         else:
             increment = w.index_select(1, positions.to(w.device)) @ c.to(w.device)
         return None, (module, increment)
+
+    def check(self, inputs: Sequence[Any] = ()) -> str | None:
+        """Remove the dead channels from a copy of the model and check that the copy computes what the model
+        computes on ``example_input`` and on each of ``inputs`` (a constant read on one input may vary on others);
+        returns what differs, or ``None``."""
+        if not self._folds and not self.dead:
+            return None
+        model = throwaway_copy(self.pruner.model)
+        pruner = ChannelPruner(model, self.example_input, self.pruner.layers, 0.0, verify=False)
+        names = {g.name for g in self.pruner.groups}
+        pruner.groups = [g for g in pruner.groups if g.name in names]  # the groups that passed the dry run
+        twin = DeadChannels(pruner, self.example_input, self.atol)
+        return check_removal(model, [self.example_input, *inputs], {}, {}, twin.remove)
 
     @torch.no_grad()
     def remove(self) -> dict[str, tuple[int, int]]:

@@ -3,18 +3,21 @@ trains the new factors, and a fit resumed after the change ends where an uninter
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from litcompress import LowRankFactorization
 from litcompress.callbacks._structure import check_mid_fit
 from litcompress.factorization import Factorized
 from litcompress.structure import match_structure_
 from tests.helpers import Crash, Interrupted, RecordingLogger, fit
-from tests.models import ZOO, LitClassifier
+from tests.models import ZOO, LitClassifier, trainer_kwargs
 
 
 class Watch(LowRankFactorization.__mro__[-2]):  # a plain Callback: records the loss and the factors' values
@@ -252,3 +255,59 @@ def test_explicitly_selected_tied_head_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="tied to 2"):
         factorize_(model, ["0"], rank=1)
+
+
+def _t5() -> nn.Module:  # T5DenseActDense reads `wo.weight.dtype` in its forward
+    import transformers
+
+    return transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2,
+        decoder_start_token_id=0, pad_token_id=0))
+
+
+def _vit() -> nn.Module:  # ViTModel reads `patch_embeddings.projection.weight.dtype` (a Conv2d) in its forward
+    import transformers
+
+    return transformers.ViTForImageClassification(transformers.ViTConfig(
+        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        num_labels=3))
+
+
+class _LitHF(pl.LightningModule):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        key = "input_ids" if x.dtype == torch.long else "pixel_values"
+        return self.model(**{key: x}, labels=y).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+@pytest.mark.parametrize("start", [0, 2])
+@pytest.mark.parametrize(("kind", "layer"), [("t5", "model.encoder.block.0.layer.1.DenseReluDense.wo"),
+                                             ("vit", "model.vit.embeddings.patch_embeddings.projection")])
+def test_models_that_read_a_layers_weight_train_after_factorization(tmp_path, kind, layer, start):
+    """T5 and ViT read the replaced layer's `.weight` in their forward: the steps after the change run and train the
+    factors (before, the first one failed with AttributeError)."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    if kind == "t5":
+        ids = torch.randint(0, 64, (16, 8), generator=g)
+        data = TensorDataset(ids, ids)
+    else:
+        data = TensorDataset(torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 3, (16,), generator=g))
+    module, watch = _LitHF(_t5() if kind == "t5" else _vit()), Watch()
+    lowrank = LowRankFactorization(rank=2, start=start, interval="step", verbose=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1), callbacks=[lowrank, watch])
+    trainer.fit(module, DataLoader(data, batch_size=4))
+    factorized = module.get_submodule(layer)
+    assert isinstance(factorized, Factorized) and lowrank.results[layer].factorized
+    assert len(watch.losses) == 4 and all(math.isfinite(loss) for loss in watch.losses)
+    state = trainer.optimizers[0].state
+    assert factorized.first.weight in state and factorized.second.weight in state  # stepped after the change

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from litcompress.factorization import Factorized, choose_rank, factorize_
+from litcompress.factorization import Factorized, choose_rank, factorize_, may_factorize
 
 
 def _low_rank_weight(out: int, inp: int, spectrum: list[float], seed: int = 0) -> torch.Tensor:
@@ -130,3 +130,77 @@ def test_bad_input_is_refused_before_anything_changes(layers, kwargs, exc, match
     with pytest.raises(exc, match=match):
         factorize_(model, ["0", *layers] if layers != ["0"] else layers, **kwargs)
     assert [type(m) for m in model] == before
+
+
+def _layers() -> dict[str, nn.Module]:
+    layers = {"linear": nn.Linear(12, 10), "conv2d": nn.Conv2d(3, 10, 3, padding=1, stride=2)}
+    transformers = pytest.importorskip("transformers")
+    layers["hf_conv1d"] = transformers.pytorch_utils.Conv1D(10, 12)  # nf=10 outputs, nx=12 inputs: weight (12, 10)
+    return layers
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "hf_conv1d"])
+def test_a_factorized_layer_answers_what_the_replaced_layer_did(kind):
+    """What T5 (`wo.weight.dtype`), ViT (`projection.weight.dtype`) and users read: the weight in the layer's own
+    layout, equal to the rank-r product, with the bias, sizes, dtype and device of the factors."""
+    torch.manual_seed(0)
+    layer = _layers()[kind]
+    shape, bias = tuple(layer.weight.shape), layer.bias
+    x = torch.randn(2, 3, 8, 8) if kind == "conv2d" else torch.randn(5, 12)
+    model = nn.Sequential(layer)
+    factorize_(model, ["0"], rank=2)
+    new = model[0]
+    assert isinstance(new, Factorized) and tuple(new.weight.shape) == shape and new.bias is bias
+    if kind == "conv2d":
+        expected = torch.nn.functional.conv2d(x, new.weight, bias, stride=2, padding=1)
+        assert (new.in_channels, new.out_channels, new.kernel_size) == (3, 10, (3, 3))
+        with pytest.raises(AttributeError, match="in_features"):
+            _ = new.in_features
+    else:
+        w = new.weight.t() if kind == "hf_conv1d" else new.weight
+        expected = x @ w.t() + bias
+        assert (new.in_features, new.out_features) == (new.nx, new.nf) == (12, 10)
+        assert new.transposed is (kind == "hf_conv1d")
+        with pytest.raises(AttributeError, match="out_channels"):
+            _ = new.out_channels
+    assert torch.allclose(model(x), expected, atol=1e-5)
+    assert int(torch.linalg.matrix_rank(new.weight.detach().reshape(shape[0], -1))) == 2
+    model.double()
+    assert new.weight.dtype == torch.float64 and new.weight.device == new.first.weight.device
+
+
+def test_the_weight_is_read_only_and_no_parameter():
+    """Parameter lists, state_dict, selection and quantization see the factors only; gradients through the computed
+    weight reach them; assigning a weight is refused."""
+    from litcompress.quantization import QuantConfig, convert_, quantized_layers
+    from litcompress.selection import select_parameters
+
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    factorize_(model, ["0"], rank=2)
+    names = ["0.first.weight", "0.second.weight", "0.second.bias", "2.weight", "2.bias"]
+    assert [n for n, _ in model.named_parameters()] == names and list(model.state_dict()) == names
+    assert [r.name for r in select_parameters(model)] == ["0.first.weight", "0.second.weight", "2.weight"]
+    model[0].weight.sum().backward()
+    assert model[0].first.weight.grad is not None and model[0].second.weight.grad is not None
+    with pytest.raises(KeyError, match="already exists"):
+        model[0].weight = nn.Parameter(torch.zeros(16, 16))
+    with pytest.raises(AttributeError):
+        model[0].weight = torch.zeros(16, 16)
+    convert_(model, QuantConfig(), ["0.first", "0.second", "2"])
+    assert sorted(quantized_layers(model)) == ["0.first", "0.second", "2"]
+    assert tuple(model[0].weight.shape) == (16, 16)  # the float product of the quantization-aware factors
+
+
+@pytest.mark.parametrize(("kwargs", "expected"), [
+    ({"rank": 5}, True),  # 5 * (12 + 10) = 110 < 120
+    ({"rank": 6}, False),  # 132 >= 120: kept dense
+    ({"rank_ratio": 0.5}, True),  # ceil(0.5 * 10) = 5
+    ({"rank_ratio": 0.6}, False),  # 6
+    ({"energy": 0.99}, True),  # the rank depends on the weights: 1 would cut them
+])
+def test_may_factorize_is_what_factorize_does(kwargs, expected):
+    layer = nn.Linear(12, 10)
+    assert may_factorize(layer, **kwargs) is expected
+    if "energy" not in kwargs:
+        model = nn.Sequential(layer)
+        assert factorize_(model, ["0"], **kwargs)["0"].factorized is expected
