@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from litcompress._extras import require
 from litcompress._validation import fail, fail_state
+from litcompress.callbacks._adapters import follow_adapters
 from litcompress.callbacks._base import _compression_target
 from litcompress.callbacks._inputs import first_batch_inputs
 from litcompress.callbacks._pruning_base import _PruningBase
@@ -68,6 +69,7 @@ def build_channel_pruner(callback: _PruningBase, trainer: pl.Trainer, pl_module:
         fail("parameters", "layers with output channels that can be removed", layers,
              hint="every selected layer is a model output or coupled to a layer that cannot shrink exactly: "
                   + "; ".join(f"{k}: {v}" for k, v in pruner.skipped.items()))
+    follow_adapters(pl_module, pruner, x, what)  # feature-distillation adapters follow their layers' channels
     if pruner.skipped:
         rank_zero_warn(f"{what}: {len(pruner.skipped)} layer(s) keep all their channels: "
                        + "; ".join(f"{k}: {v}" for k, v in pruner.skipped.items()))
