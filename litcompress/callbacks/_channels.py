@@ -22,6 +22,7 @@ from litcompress.callbacks._structure import point_optimizers
 from litcompress.layers import HFConv1D
 from litcompress.quantization.layers import QuantizedLayer
 from litcompress.selection import ParameterRef
+from litcompress.sparsity._verify import check_removal
 from litcompress.sparsity.channels import ChannelPruner
 from litcompress.sparsity.dead import DeadChannels
 from litcompress.structure import keep_slices
@@ -186,7 +187,21 @@ def smaller_copy(callback: _PruningBase, pruner: ChannelPruner, traced: Any, dea
                              "magnitude" if dead else pruner.importance, verify=False)
     finally:
         copy.train(was_training)
+    # the copy is rank zero's own: the removal is checked on it in place (the sharded model cannot be copied again)
+    names = {g.name for g in pruner.groups}
+    twin.groups = [g for g in twin.groups if g.name in names]  # the groups the sharded model's dry run kept
+    done: dict[str, tuple[int, int]] = {}
+    remover: DeadChannels | ChannelPruner
     if dead:
-        return remove_dead_channels(callback, twin, x, inputs), copy
-    twin.load_state_dict({"masks": {g.name: g.mask for g in pruner.groups if g.mask is not None}})
-    return remove_channels(callback, twin, inputs), copy
+        remover = DeadChannels(twin, x)
+        kept: Any = {}
+    else:
+        twin.load_state_dict({"masks": {g.name: g.mask for g in pruner.groups if g.mask is not None}})
+        remover, kept = twin, twin.kept_positions()
+    why = check_removal(copy, [x, *inputs], kept, twin.replaced, lambda: done.update(remover.remove()))
+    if why is not None:
+        rank_zero_warn(f"{type(callback).__name__}: no smaller copy is made, because removing the channels from it "
+                       f"would change what it computes: {why}. The sharded model is whole (masked): gather it with "
+                       "`litcompress.distributed.gather_model`")
+        return {}, None
+    return done, copy

@@ -65,6 +65,19 @@ class _PruningBase(_CompressionCallback):
         # the inputs of the last training batches: a removal of channels is checked on them before it is trusted
         self._recent: deque[Any] = deque(maxlen=_CHECKED_BATCHES)
 
+    def _touched(self) -> set[int]:
+        """The ids of every tensor this callback masks or slices: its selection and, when it removes channels, every
+        tensor coupled to them (the next layers' inputs), whether or not it has traced them yet."""
+        ids: set[int] = set()
+        for pruner in self._pruners():
+            ids |= {id(r.tensor) for r in pruner.refs}
+            ids |= {id(s.tensor) for group in getattr(pruner, "groups", ()) for s in group.slices}
+        return ids
+
+    def _pruners(self) -> list[Any]:
+        """Every pruner this callback holds now."""
+        return [self.pruner] if self.pruner is not None else []
+
     def _removes(self) -> bool:
         """Whether channels will be removed (so the last batches' inputs are kept to check the removal on)."""
         return False

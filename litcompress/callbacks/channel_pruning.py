@@ -138,6 +138,9 @@ class ChannelPruning(_PruningBase):
         self._traced: Any = None  # FSDP2: the input traced in `setup`, before sharding
         self.pruner: ChannelPruner | None = None
 
+    def _touched(self) -> set[int]:
+        return super()._touched() | {id(r.tensor) for r in self._channel_refs or ()}  # selected, maybe not traced
+
     def _removes(self) -> bool:
         return self.remove_channels and self.pruner is not None
 

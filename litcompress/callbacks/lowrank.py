@@ -190,7 +190,7 @@ class LowRankFactorization(_CompressionCallback):
             remove_at = getattr(other, "remove_at", None)
             if remove_at is not None and remove_at * other._steps_per_interval(trainer) <= at_step:
                 continue  # its channels are gone before the factorization, which sees the smaller layers
-            shared = sorted({replaced[i] for i in _touched(other) if i in replaced}, key=self.layers.index)
+            shared = sorted({replaced[i] for i in other._touched() if i in replaced}, key=self.layers.index)
             if shared:
                 who, me = type(other).__name__, type(self).__name__
                 fail("start", f"0 when {who} prunes layers that {me} replaces", self.start,
@@ -206,10 +206,10 @@ class LowRankFactorization(_CompressionCallback):
         replaced = {id(layer.get_parameter("weight")) for name, layer in self._originals.items()
                     if self.results[name].factorized}
         for other in trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning, not declared on Trainer
-            if other is self or not isinstance(other, _PruningBase) or not _touched(other) & replaced:
+            if other is self or not isinstance(other, _PruningBase) or not other._touched() & replaced:
                 continue
             other.setup(trainer, pl_module, stage)
-            if _touched(other) & replaced:  # it kept its selection (e.g. traced for dead channels already)
+            if other._touched() & replaced:  # it kept its selection (e.g. traced for dead channels already)
                 fail_state(f"{type(other).__name__} selected its tensors before {type(self).__name__} replaced their "
                            "layers", type(other).__name__, f"place {type(self).__name__} before "
                            f"{type(other).__name__} in the Trainer's `callbacks`, so that it prunes the factors")
@@ -266,16 +266,3 @@ class LowRankFactorization(_CompressionCallback):
 
     def _load(self, state: dict[str, Any]) -> None:
         self.done = bool(state.get("done", False))
-
-
-def _touched(callback: _PruningBase) -> set[int]:
-    """The ids of every tensor a pruning callback masks or slices: its selection and, when it removes channels, every
-    layer coupled to them (the next layers' inputs), whether or not it has traced them yet."""
-    ids = {id(r.tensor) for r in getattr(callback, "_channel_refs", None) or ()}  # ChannelPruning, before tracing
-    dead = getattr(callback, "_dead", None)  # Pruning(remove_channels=True): the dead-channel pruner
-    for pruner in (callback.pruner, dead[0] if dead is not None else None):
-        if pruner is None:
-            continue
-        ids |= {id(r.tensor) for r in pruner.refs}
-        ids |= {id(s.tensor) for group in getattr(pruner, "groups", ()) for s in group.slices}
-    return ids

@@ -195,6 +195,9 @@ class Pruning(_PruningBase):
             self.removed = remove_dead_channels(self, *self._dead, inputs=list(self._recent))
         self._dead, self.pruner = None, None
 
+    def _pruners(self) -> list[Any]:
+        return super()._pruners() + ([self._dead[0]] if self._dead is not None else [])  # the dead-channel tracer
+
     def _removes(self) -> bool:
         return self._dead is not None
 

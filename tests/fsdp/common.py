@@ -303,10 +303,12 @@ def run_unsynced(processes: int, root: Any) -> dict[str, Any]:
 
 
 def run_channel(processes: int, root: Any, dead: bool = False, importance: str = "magnitude",
-                gpt: bool = False) -> dict[str, Any]:
+                gpt: bool = False, quantized: bool = False) -> dict[str, Any]:
     """Channel pruning (``dead``: unstructured pruning whose all-zero channels are removed): traced in `setup` on
     the whole model, masks on shards; at the end rank zero gets the smaller model (the sharded one keeps its size,
-    masked). One process: the model itself ends smaller. ``gpt``: GPT-2's heads (packed in c_attn) and MLP neurons."""
+    masked). One process: the model itself ends smaller. ``gpt``: GPT-2's heads (packed in c_attn) and MLP neurons.
+    ``quantized``: with quantization-aware training whose per-channel weight scales are frozen before the removal (the
+    smaller copy shrinks its own scales; the sharded model keeps its)."""
     x = torch.randn(5, 16, generator=torch.Generator().manual_seed(7))
     torch.manual_seed(0)
     module = Classifier(mlp())
@@ -321,7 +323,8 @@ def run_channel(processes: int, root: Any, dead: bool = False, importance: str =
     else:
         pruning = ChannelPruning(0.5, importance=importance, interval="step", start=2, end=8, frequency=2,
                           example_input=x, verbose=False)
-    fit = trainer(processes, root, callbacks=[pruning])
+    extra = [QuantizationAwareTraining(interval="step", freeze_observers=4, verbose=False)] if quantized else []
+    fit = trainer(processes, root, callbacks=[*extra, pruning])
     fit.fit(module, loader(fit, module))
     module.eval()
     with torch.no_grad():

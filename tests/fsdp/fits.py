@@ -4,8 +4,8 @@
 
 STRATEGY: ``fsdp`` (ModelParallelStrategy) or ``ddp`` (the reference for quantization-aware training, whose first
 activation range is each process's own); CASE: a name of ``tests.fsdp.common.CASES``, ``resume``,
-``resume_full`` (one-file checkpoints), ``export``, ``unsynced``, ``channel``, ``channel_taylor``, ``channel_gpt2`` or
-``dead``.
+``resume_full`` (one-file checkpoints), ``export``, ``unsynced``, ``channel``, ``channel_taylor``, ``channel_gpt2``,
+``channel_qat`` or ``dead``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def main() -> None:
                    "resume_full": lambda n, r: run_resume(n, r, "fsdp_full"),
                    "dead": lambda n, r: run_channel(n, r, dead=True),
                    "channel_taylor": lambda n, r: run_channel(n, r, importance="taylor"),
-                   "channel_gpt2": lambda n, r: run_channel(n, r, gpt=True)}
+                   "channel_gpt2": lambda n, r: run_channel(n, r, gpt=True),
+                   "channel_qat": lambda n, r: run_channel(n, r, quantized=True)}
         results[case] = special[case](2, root) if case in special else run_case(case, 2, root, strategy)
         results[case]["seconds"] = time.perf_counter() - began
         if torch.distributed.get_rank() == 0:

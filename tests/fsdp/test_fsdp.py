@@ -35,7 +35,7 @@ def _launch(out: Path, strategy: str, cases: list[str]) -> dict:
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> dict:
     special = ["resume", "resume_full", "export", "unsynced", "channel", "channel_taylor", "channel_gpt2",
-               "dead"]  # fits.py
+               "channel_qat", "dead"]  # fits.py
     return _launch(tmp_path_factory.mktemp("fsdp"), "fsdp", [*CASES, *special])
 
 
@@ -144,6 +144,15 @@ def test_gpt2_heads_and_neurons_of_a_sharded_fit(sharded, tmp_path):
     _close(got["smaller"], want["smaller"])
     torch.testing.assert_close(got["y"], want["y"], atol=ATOL, rtol=0)
     torch.testing.assert_close(got["y_smaller"], got["y"], atol=ATOL, rtol=0)
+
+
+def test_frozen_quantization_scales_follow_the_smaller_copy_of_a_sharded_fit(sharded):
+    """Frozen per-channel weight scales: rank zero's smaller copy shrinks its own (before: the copy kept the old
+    sizes and failed to run), and the sharded model, which keeps its size, keeps its scales."""
+    got = sharded["channel_qat"]
+    assert got["removed"] == {"model.0": (36, 18), "model.2": (27, 13)}
+    assert got["smaller"]["model.0.weight"].shape == (18, 16)
+    torch.testing.assert_close(got["y_smaller"], got["y"], atol=1e-4, rtol=0)
 
 
 def test_dead_channels_of_a_sharded_fit(sharded, tmp_path):
