@@ -22,9 +22,10 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
-from litcompress._validation import check_choice, check_int, fail
+from litcompress._validation import check_bool, check_choice, check_int, check_nonempty_str, fail
 from litcompress.callbacks._sharded_state import load_sharded, save_sharded
 from litcompress.schedules import Schedule, latest_update, progress
+from litcompress.selection import check_patterns
 
 __all__: list[str] = []
 
@@ -84,6 +85,17 @@ def _warn_inexact_resume(trainer: pl.Trainer) -> None:
         "the loader `state_dict()` / `load_state_dict()` (Lightning restores them), or resume from end-of-epoch "
         "checkpoints."
     )
+
+
+def _check_common(parameters: Any, exclude: Any, verbose: Any, log_prefix: Any = "") -> None:
+    """The arguments every compression callback takes: a selection (``parameters``: regexes or a callable, ``None``
+    for the default; ``exclude``: regexes), ``verbose`` and, where it logs metrics, ``log_prefix``."""
+    if parameters is not None and not callable(parameters):
+        check_patterns("parameters", parameters)
+    check_patterns("exclude", exclude)
+    check_bool("verbose", verbose)
+    if log_prefix != "":
+        check_nonempty_str("log_prefix", log_prefix)
 
 
 def _check_sharding(trainer: pl.Trainer, pl_module: nn.Module, who: str, layers_before_sharding: bool = False) -> None:

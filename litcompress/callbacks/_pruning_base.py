@@ -12,11 +12,18 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from litcompress._validation import check_bool, check_nonempty_str, fail
-from litcompress.callbacks._base import _CompressionCallback, _warn_inexact_resume, _Window
+from litcompress._validation import fail
+from litcompress.callbacks._base import (
+    _check_common,
+    _check_sharding,
+    _compression_target,
+    _CompressionCallback,
+    _warn_inexact_resume,
+    _Window,
+)
 from litcompress.callbacks._inputs import model_inputs
 from litcompress.schedules import Schedule, get_schedule
-from litcompress.selection import ParameterFilter, ParameterRef, check_patterns
+from litcompress.selection import ParameterFilter, ParameterRef
 from litcompress.sparsity.importance import DATA_DEPENDENT
 from litcompress.sparsity.protocol import MaskPruner
 
@@ -49,11 +56,7 @@ class _PruningBase(_CompressionCallback):
         super().__init__(interval)
         self._check_window(start, end, frequency)
         self.schedule = get_schedule(schedule)
-        if parameters is not None and not callable(parameters):
-            check_patterns("parameters", parameters)
-        check_patterns("exclude", exclude)
-        check_nonempty_str("log_prefix", log_prefix)
-        check_bool("verbose", verbose)
+        _check_common(parameters, exclude, verbose, log_prefix)
         self.start, self.end, self.frequency = start, end, frequency
         self.importance = importance
         self.parameters, self.exclude = parameters, exclude
@@ -64,6 +67,28 @@ class _PruningBase(_CompressionCallback):
         self._last_point: int | None = None
         # the inputs of the last training batches: a removal of channels is checked on them before it is trusted
         self._recent: deque[Any] = deque(maxlen=_CHECKED_BATCHES)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._training = False
+        _check_sharding(trainer, pl_module, type(self).__name__, layers_before_sharding=self._traces())
+        self._before_selection(trainer, pl_module)
+        if next(_compression_target(pl_module).parameters(), None) is None:
+            return  # layers are built in `configure_model` (after this hook): select in `on_fit_start`
+        self._prepare(trainer, pl_module)
+
+    def _traces(self) -> bool:
+        """Whether the callback traces (or changes) layers, which must then exist before FSDP2 shards them."""
+        return False
+
+    def _before_selection(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Called in ``setup`` before the selection (checks of the strategy, hooks on the module)."""
+
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Select the tensors and build what can be built before the fit starts."""
+        raise NotImplementedError
 
     def _touched(self) -> set[int]:
         """The ids of every tensor this callback masks or slices: its selection and, when it removes channels, every

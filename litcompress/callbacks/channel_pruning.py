@@ -13,7 +13,7 @@ from torch import nn
 from typing_extensions import override
 
 from litcompress._validation import check_bool, check_choice, check_fraction, check_int, fail
-from litcompress.callbacks._base import _check_sharding, _compression_target
+from litcompress.callbacks._base import _compression_target
 from litcompress.callbacks._channels import build_channel_pruner, remove_channels, remove_channels_mid_fit, smaller_copy
 from litcompress.callbacks._pruning_base import _PruningBase
 from litcompress.callbacks._structure import StructureFollower, check_mid_fit
@@ -148,19 +148,14 @@ class ChannelPruning(_PruningBase):
         return {"sparsity": self.sparsity, "pattern": "channel", "parameters": self.parameters,
                 "exclude": self.exclude}
 
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        self._training = False
-        _check_sharding(trainer, pl_module, type(self).__name__, layers_before_sharding=True)
+    def _traces(self) -> bool:
+        return True
+
+    def _before_selection(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._follower.attach(pl_module)
         if self.remove_at is not None:
             check_mid_fit(trainer, type(self).__name__, "remove_at", self.remove_at,
                           instead="None (the channels are removed at the end of the fit)")
-        if next(_compression_target(pl_module).parameters(), None) is None:
-            return  # layers are built in `configure_model` (after this hook): select in `on_fit_start`
-        self._prepare(trainer, pl_module)
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Select the layers; masks need the coupled-channel graph, traced on a batch in `on_fit_start` (under

@@ -10,8 +10,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from litcompress._validation import check_bool, check_int, check_nonempty_str, fail, fail_state
-from litcompress.callbacks._base import _check_sharding, _compression_target, _CompressionCallback
+from litcompress._validation import check_int, fail, fail_state
+from litcompress.callbacks._base import _check_common, _check_sharding, _compression_target, _CompressionCallback
 from litcompress.callbacks._pruning_base import _PruningBase
 from litcompress.callbacks._structure import StructureFollower, check_mid_fit, point_optimizers
 from litcompress.factorization.lowrank import (
@@ -25,7 +25,7 @@ from litcompress.factorization.lowrank import (
     tied_to,
 )
 from litcompress.layers import HFConv1D
-from litcompress.selection import ParameterFilter, check_patterns, select_parameters
+from litcompress.selection import ParameterFilter, select_parameters
 
 __all__ = ["LowRankFactorization"]
 
@@ -95,11 +95,7 @@ class LowRankFactorization(_CompressionCallback):
         super().__init__(interval)
         check_rank_options(rank, rank_ratio, energy)
         check_int("start", start, minimum=0)
-        if parameters is not None and not callable(parameters):
-            check_patterns("parameters", parameters)
-        check_patterns("exclude", exclude)
-        check_nonempty_str("log_prefix", log_prefix)
-        check_bool("verbose", verbose)
+        _check_common(parameters, exclude, verbose, log_prefix)
         self.rank, self.rank_ratio, self.energy = rank, rank_ratio, energy
         self.start, self.parameters, self.exclude = start, parameters, exclude
         self.log_prefix, self.verbose = log_prefix, verbose

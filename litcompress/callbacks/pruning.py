@@ -11,7 +11,7 @@ from torch import nn
 from typing_extensions import override
 
 from litcompress._validation import check_bool, check_choice, check_int, fail
-from litcompress.callbacks._base import _check_sharding, _compression_target
+from litcompress.callbacks._base import _compression_target
 from litcompress.callbacks._channels import build_channel_pruner, remove_dead_channels, smaller_copy
 from litcompress.callbacks._pruning_args import check_importance, resolve_sparsity
 from litcompress.callbacks._pruning_base import _PruningBase
@@ -151,15 +151,8 @@ class Pruning(_PruningBase):
         return {"sparsity": self.sparsity, "pattern": self.pattern, "parameters": self.parameters,
                 "exclude": self.exclude}
 
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        self._training = False
-        _check_sharding(trainer, pl_module, type(self).__name__, layers_before_sharding=self.remove_channels)
-        if next(_compression_target(pl_module).parameters(), None) is None:
-            return  # layers are built in `configure_model` (after this hook): select in `on_fit_start`
-        self._prepare(trainer, pl_module)
+    def _traces(self) -> bool:
+        return self.remove_channels
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         refs = self._trainable(select_parameters(_compression_target(pl_module), self.parameters, self.exclude))

@@ -14,8 +14,9 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from litcompress._shards import is_dtensor
-from litcompress._validation import check_bool, check_int, check_real, fail
+from litcompress._validation import check_int, check_real, fail
 from litcompress.callbacks._base import (
+    _check_common,
     _check_sharding,
     _compression_target,
     _CompressionCallback,
@@ -26,7 +27,7 @@ from litcompress.quantization.access import quantized_layers
 from litcompress.quantization.layers import QUANTIZABLE_KINDS, QuantizedLayer, convert_, revert_
 from litcompress.quantization.plan import conversion_plan
 from litcompress.quantization.quantizers import ActivationQuantizer, QuantConfig, WeightQuantizer
-from litcompress.selection import ParameterFilter, check_patterns, select_parameters
+from litcompress.selection import ParameterFilter, select_parameters
 
 __all__ = ["QuantizationAwareTraining"]
 
@@ -101,10 +102,7 @@ class QuantizationAwareTraining(_CompressionCallback):
             fail("freeze_observers", f"None or > `start` ({start})", freeze_observers,
                   hint="ranges must be observed for a while after quantization starts before they freeze")
         check_real("scale_lr", scale_lr, allow_none=True)
-        if parameters is not None and not callable(parameters):
-            check_patterns("parameters", parameters)
-        check_patterns("exclude", exclude)
-        check_bool("verbose", verbose)
+        _check_common(parameters, exclude, verbose)
         self.start, self.freeze_observers, self.freeze_bn = start, freeze_observers, freeze_bn
         self.parameters, self.exclude, self.scale_lr, self.verbose = parameters, exclude, scale_lr, verbose
 
