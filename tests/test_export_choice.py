@@ -17,8 +17,10 @@ import pytest
 import torch
 from torch import nn
 
+import litcompress.export.choice as choice_module
 from litcompress import QuantizationAwareTraining
 from litcompress.export import Int8Choice, choose_int8, export_onnx
+from litcompress.export._writer import write_float_layers
 from litcompress.quantization import QuantConfig, convert_, quantized_layers
 from tests.helpers import fit
 from tests.models import ZOO
@@ -47,15 +49,15 @@ def scopes(node: onnx.NodeProto) -> list[str]:
     return eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))  # a list literal written by torch's exporter
 
 
-def int8_structure(path) -> tuple[set[str], set[str], set[str]]:
+def int8_structure(path, layers=LAYERS) -> tuple[set[str], set[str], set[str]]:
     """(layers with an int8 weight initializer behind a DequantizeLinear, layers with a QuantizeLinear, names of the
-    float initializers), read from the exported graph."""
+    float initializers), read from the exported graph; `layers`: the quantized layers' names."""
     graph = onnx.load(str(path)).graph
     int8_inits = {i.name for i in graph.initializer if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
     float_inits = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
     weights, quantize = set(), set()
     for node in graph.node:
-        layer = next((s for s in reversed(scopes(node)) if s in LAYERS or s.startswith("model.")), None)
+        layer = next((s for s in reversed(scopes(node)) if s in layers or s.startswith("model.")), None)
         if node.op_type == "DequantizeLinear" and node.input[0] in int8_inits:
             weights.add(layer)
         if node.op_type == "QuantizeLinear":
@@ -81,21 +83,25 @@ def check_file(path, model, x, int8: set[str]) -> None:
     finally:
         for layer in layers.values():
             layer.fake_quant_enabled = True
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    out = ort_output(path, x)
     assert np.abs(out - expected).max() <= 0.02 * (np.abs(expected).max() + 1e-6)
     assert (out.argmax(-1) == expected.argmax(-1)).mean() >= 0.9
+
+
+def ort_output(path, x) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
 
 
 class Timer:
     """A stand-in for ONNX Runtime: the latency of each file from the layers it holds as int8 (read from the graph),
     through `cost(int8_layers) -> seconds`. Records every call."""
 
-    def __init__(self, cost) -> None:
-        self.cost, self.calls = cost, []
+    def __init__(self, cost, layers=LAYERS) -> None:
+        self.cost, self.calls, self.layers = cost, [], layers
 
     def __call__(self, paths):
-        held = [frozenset(int8_structure(p)[0]) for p in paths]
+        held = [frozenset(int8_structure(p, self.layers)[0]) for p in paths]
         self.calls.append(held)
         return [self.cost(h) for h in held]
 
@@ -125,8 +131,10 @@ def test_choice_follows_the_timings_of_the_files_it_exports(cost, expected):
         assert row.int8_ms > 0 and row.float_ms > 0
     assert choice.exported_ms == pytest.approx(1e3 * cost(frozenset(expected)))
     assert choice.float_ms == pytest.approx(1e3 * cost(frozenset())) and not choice.fell_back
-    assert choice.exported_ms <= choice.float_ms
+    assert choice.all_int8_ms == pytest.approx(1e3 * cost(frozenset(LAYERS)))
+    assert choice.exported_ms <= min(choice.float_ms, choice.all_int8_ms)
     assert timer.calls[0] == [frozenset(), frozenset(LAYERS)]  # all-float and all-int8 first
+    assert {frozenset(), frozenset(LAYERS)} <= set(timer.calls[-1])  # and in the last check
     assert ("int8 pays on no layer" in choice.note) == (not expected)
     assert all(m.fake_quant_enabled for m in quantized_layers(model).values()) and not model.training
 
@@ -146,11 +154,193 @@ def test_each_switch_is_timed_against_the_current_choice():
     assert (row.int8_ms, row.float_ms) == (pytest.approx(1e3 * 0.8), pytest.approx(1e3 * 0.6))
 
 
-def test_margin_keeps_float_unless_int8_clearly_pays():
+def test_margin_keeps_a_switch_only_when_it_clearly_pays():
     model, x = quantized_mlp()
-    cost = additive(1.0, net_0=-0.005, net_2=-0.005, net_4=-0.005)  # 1.5% faster as int8
+    cost = additive(1.0, net_0=-0.03, net_4=0.04)  # net.0 int8 makes the all-float model 3% faster
     assert choose_int8(model, x, measure=Timer(cost)).int8_layers == ()
-    assert choose_int8(model, x, measure=Timer(cost), margin=0.0).int8_layers == LAYERS
+    assert choose_int8(model, x, measure=Timer(cost), margin=0.0).int8_layers == ("net.0",)
+
+
+def test_the_faster_uniform_file_wins_whatever_the_margin():
+    """The margin is for switches and mixes: between the all-int8 and the all-float file, the faster one as measured
+    in the last check is chosen, so the choice is never slower than either."""
+    model, x = quantized_mlp()
+    cost = additive(1.0, net_0=-0.005, net_2=-0.005, net_4=-0.005)  # all-int8 1.5% faster than all-float
+    for margin in (0.05, 0.0):
+        choice = choose_int8(model, x, measure=Timer(cost), margin=margin)
+        assert choice.int8_layers == LAYERS and not choice.fell_back and not choice.note
+        assert choice.exported_ms == choice.all_int8_ms == pytest.approx(985.0)
+
+
+def last_check(search_ms, final_ms):
+    """A measure taking milliseconds from `search_ms(int8_layers)` until the last check (a later call that times both
+    uniform files), then from `final_ms`: a machine whose speed changed, or a search misled by noise."""
+    calls = []
+
+    def measure(paths):
+        held = [frozenset(int8_structure(p)[0]) for p in paths]
+        calls.append(held)
+        final = len(calls) > 1 and {frozenset(), frozenset(LAYERS)} <= set(held)
+        return [(final_ms if final else search_ms)(h) / 1e3 for h in held]
+
+    return measure, calls
+
+
+def test_a_mix_slower_than_all_int8_in_the_last_check_is_not_chosen():
+    """Issue 22: the search kept a mix that ran 7.62 ms against 6.75 ms for all-int8 in the same run, because the
+    last check compared it with all-float alone."""
+    model, x = quantized_mlp()
+    measure, calls = last_check(additive(9.0, net_0=-3.0, net_2=0.5, net_4=0.5),  # the search: net.0 alone pays
+                                lambda held: {0: 9.0, 3: 6.75}.get(len(held), 7.62))  # the last check: all-int8 wins
+    choice = choose_int8(model, x, measure=measure)
+    assert calls[-1] == [frozenset({"net.0"}), frozenset(), frozenset(LAYERS)]  # the mix and both uniform files
+    assert choice.int8_layers == LAYERS and choice.fell_back and all(row.int8 for row in choice.layers)
+    assert (choice.exported_ms, choice.all_int8_ms, choice.float_ms) == pytest.approx((6.75, 6.75, 9.0))
+    assert choice.note == ("fell back to all-int8: the mix ran 7.620 ms against 6.750 ms for all-int8 and 9.000 ms "
+                           "for all-float in the last check (a mix must beat both by 5%), so every layer exports int8")
+
+
+def test_a_mix_within_the_margin_of_the_faster_uniform_file_is_not_chosen():
+    model, x = quantized_mlp()
+    search = additive(1.0, net_0=-0.3, net_2=0.1, net_4=0.1)  # the search ends at {net.0}
+
+    def final(held):  # the last check: the mix 0.70 ms, all-float 0.72 ms (2.8% slower), all-int8 1.2 ms
+        return {0: 0.72, 1: 0.7}.get(len(held), 1.2)
+
+    choice = choose_int8(model, x, measure=last_check(search, final)[0])
+    assert choice.int8_layers == () and choice.fell_back and choice.exported_ms == pytest.approx(0.72)
+    assert choice.note.startswith("fell back to all-float: the mix ran 0.700 ms")
+    assert choose_int8(model, x, measure=last_check(search, final)[0], margin=0.02).int8_layers == ("net.0",)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_never_slower_than_either_uniform_file_whatever_the_timings(seed):
+    """Random timings on every call (a very noisy machine): the choice is never slower than all-int8 or all-float
+    in the last check, and its latency is the chosen file's own there."""
+    model, x = quantized_mlp()
+    rng = np.random.default_rng(seed)
+    timer = Timer(lambda held: float(rng.uniform(0.5, 1.5)))
+    choice = choose_int8(model, x, measure=timer)
+    assert choice.exported_ms <= min(choice.float_ms, choice.all_int8_ms)
+    final = timer.calls[-1]
+    assert {frozenset(), frozenset(LAYERS)} <= set(final)
+    if choice.int8_layers == LAYERS:
+        assert choice.exported_ms == choice.all_int8_ms
+    elif choice.int8_layers == ():
+        assert choice.exported_ms == choice.float_ms
+    else:
+        assert final[0] == frozenset(choice.int8_layers)
+        assert choice.exported_ms < 0.95 * min(choice.float_ms, choice.all_int8_ms)
+
+
+class Blocks(nn.Module):
+    """Three identical blocks (fc1 16->32, fc2 32->16) and a head 16->4: two groups of three layers and one alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.h = nn.ModuleList(nn.ModuleDict({"fc1": nn.Linear(16, 32), "fc2": nn.Linear(32, 16)}) for _ in range(3))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        for block in self.h:
+            x = x + block["fc2"](torch.relu(block["fc1"](x)))
+        return self.head(x)
+
+
+BLOCK_LAYERS = (*(f"h.{i}.{fc}" for i in range(3) for fc in ("fc1", "fc2")), "head")
+
+
+def test_the_same_layer_of_repeated_blocks_is_switched_as_one_group():
+    torch.manual_seed(0)
+    model, x = Blocks(), torch.randn(32, 16)
+    for layer in convert_(model, QuantConfig(activation_bits=None), list(BLOCK_LAYERS)).values():
+        layer.fake_quant_enabled = True
+    delta = {"fc1": -0.1, "fc2": 0.05, "head": 0.06}  # each layer int8: fc1 pays in every block, the others cost
+    timer = Timer(lambda held: 1.0 + sum(delta[name.rpartition(".")[2]] for name in held), layers=BLOCK_LAYERS)
+    choice = choose_int8(model, x, measure=timer)
+    assert choice.int8_layers == ("h.0.fc1", "h.1.fc1", "h.2.fc1")
+    every, none = frozenset(BLOCK_LAYERS), frozenset()
+    fc1 = frozenset(n for n in BLOCK_LAYERS if n.endswith("fc1"))
+    assert timer.calls == [  # 3 groups: 5 comparisons for 7 layers, every file written and timed holds whole groups
+        [none, every],  # all-int8 0.91 s, all-float 1.0 s
+        [every - fc1, every],  # from all-int8: each group tried as float
+        [fc1 | {"head"}, every],  # kept: 0.76 s
+        [fc1, fc1 | {"head"}],  # kept: 0.70 s
+        [fc1, none, every],  # the last check
+    ]
+    assert [(row.name, row.group) for row in choice.layers] == [
+        ("h.0.fc1", "h.*.fc1"), ("h.0.fc2", "h.*.fc2"), ("h.1.fc1", "h.*.fc1"), ("h.1.fc2", "h.*.fc2"),
+        ("h.2.fc1", "h.*.fc1"), ("h.2.fc2", "h.*.fc2"), ("head", "head")]
+    lines = str(choice).splitlines()
+    assert lines[2].split() == ["h.*.fc1", "(3", "layers)", "910.000", "1210.000", "int8"]  # the model, fc1 int8/not
+    assert lines[3].split() == ["h.*.fc2", "(3", "layers)", "910.000", "760.000", "float"]
+    assert lines[4].split() == ["head", "760.000", "700.000", "float"]
+    assert lines[5] == "all int8 910.000 ms | all float 1000.000 ms | exported 700.000 ms, int8 in 3 of 7 layers"
+
+
+def test_search_files_are_made_from_the_all_int8_export(monkeypatch):
+    """Only the uniform files and the mix kept for the last check are exported: the search's other files are the
+    all-int8 file with layers switched to float in the graph."""
+    model, x = quantized_mlp()
+    exported, write = [], choice_module.write_onnx
+
+    def counted(*args, int8_layers, **kwargs):
+        exported.append(frozenset(int8_layers))
+        write(*args, int8_layers=int8_layers, **kwargs)
+
+    monkeypatch.setattr(choice_module, "write_onnx", counted)
+    timer = Timer(additive(1.0, net_0=-0.3, net_2=-0.1, net_4=0.2))
+    assert choose_int8(model, x, measure=timer).int8_layers == ("net.0", "net.2")
+    assert len({c for call in timer.calls for c in call}) == 5  # 3 rewritten files were timed
+    assert exported == [frozenset(), frozenset(LAYERS), frozenset({"net.0", "net.2"})]
+
+
+@pytest.mark.parametrize("floated", [{"net.0"}, {"net.2", "net.4"}, set(LAYERS)])
+def test_a_rewritten_file_holds_and_computes_what_the_export_does(tmp_path, floated):
+    model, x = quantized_mlp()
+    rewritten = tmp_path / "rewritten.onnx"
+    assert write_float_layers(export_onnx(model, x, tmp_path / "int8.onnx", int8="all"), rewritten, floated, LAYERS)
+    exported = export_onnx(model, x, tmp_path / "mix.onnx", int8=[n for n in LAYERS if n not in floated])
+    (weights, quantize, _), expected = int8_structure(rewritten), int8_structure(exported)
+    assert weights == quantize == expected[0] == expected[1] == set(LAYERS) - floated
+    ours, theirs = ort_output(rewritten, x), ort_output(exported, x)  # float layers: fake-quantized vs float weights
+    assert np.abs(ours - theirs).max() <= 0.02 * np.abs(theirs).max()
+
+
+def tied_mlp() -> tuple[nn.Module, torch.Tensor]:
+    """Linear 8->8, ReLU, Linear 8->8 sharing the first one's weight, both quantized (weights only)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    model[2].weight = model[0].weight
+    for layer in convert_(model, QuantConfig(activation_bits=None), ["0", "2"]).values():
+        layer.fake_quant_enabled = True
+    return model.eval(), torch.randn(16, 8)
+
+
+def test_a_rewrite_it_cannot_do_exactly_is_refused(tmp_path):
+    model, x = quantized_mlp()
+    path = export_onnx(model, x, tmp_path / "int8.onnx", int8="all")
+    stripped = onnx.load(str(path))
+    for node in stripped.graph.node:  # without the exporter's name scopes no Q/DQ node has a layer
+        del node.metadata_props[:]
+    onnx.save(stripped, str(tmp_path / "stripped.onnx"))
+    assert not write_float_layers(tmp_path / "stripped.onnx", tmp_path / "out.onnx", {"net.0"}, LAYERS)
+    tied = export_onnx(*tied_mlp(), tmp_path / "tied.onnx", int8="all")  # one DequantizeLinear for both layers
+    assert not write_float_layers(tied, tmp_path / "out.onnx", {"0"}, ["0", "2"])
+    assert not (tmp_path / "out.onnx").exists()
+    assert write_float_layers(tied, tmp_path / "out.onnx", {"0", "2"}, ["0", "2"])
+    with pytest.MonkeyPatch.context() as mp:  # choose_int8 then exports the file
+        mp.setattr(choice_module, "write_float_layers", lambda *args: False)
+        timer = Timer(additive(1.0, net_0=-0.3, net_2=-0.1, net_4=0.2))
+        assert choose_int8(model, x, measure=timer).int8_layers == ("net.0", "net.2")
+
+
+def test_layers_sharing_a_weight_are_switched_together(tmp_path):
+    model, x = tied_mlp()
+    timer = Timer(lambda held: 1.0 - 0.2 * len(held), layers=("0", "2"))
+    choice = choose_int8(model, x, measure=timer)
+    assert [row.group for row in choice.layers] == ["0 + 2", "0 + 2"] and choice.int8_layers == ("0", "2")
+    assert len(timer.calls) == 1  # one group: the all-int8 and the all-float file, no mix
 
 
 def test_falls_back_to_float_when_the_last_check_says_so():
@@ -167,7 +357,9 @@ def test_falls_back_to_float_when_the_last_check_says_so():
     choice = choose_int8(model, x, measure=measure)
     assert choice.fell_back and choice.int8_layers == () and not any(row.int8 for row in choice.layers)
     assert choice.exported_ms == choice.float_ms == 500.0 and choice.all_int8_ms == 900.0
-    assert "fell back to float" in choice.note and "fell back to float" in str(choice)
+    assert choice.note == ("fell back to all-float: the search ended at all-int8, which ran 900.000 ms against "
+                           "500.000 ms in the last check, so every layer exports as float")
+    assert choice.note in str(choice)
 
 
 def test_report_table_and_dict():
@@ -195,17 +387,20 @@ def test_export_writes_the_choice(tmp_path):
         assert all(m.fake_quant_enabled for m in quantized_layers(model).values()) and not model.training
 
 
-def test_real_timing_never_exports_slower_than_float(tmp_path):
+def test_real_timing_never_exports_slower_than_either_uniform_file(tmp_path):
     """ONNX Runtime timing for real: which layers win depends on the machine, what holds whatever they are is
-    checked (every row measured, the export no slower than all-float, the file holding what was chosen)."""
+    checked (every row measured, the export no slower than all-float or all-int8, the file holding what was
+    chosen)."""
     model, x = quantized_mlp()
     model.train()
     choice = choose_int8(model, x, repeats=3, warmup=1, rounds=1, threads=1)  # 3 timed runs per file
     assert isinstance(choice, Int8Choice) and choice.threads == 1 and choice.batch_size == 32
     assert [row.name for row in choice.layers] == list(LAYERS)
     assert all(row.int8_ms > 0 and row.float_ms > 0 for row in choice.layers)
-    assert choice.exported_ms is not None and choice.float_ms is not None
-    assert choice.exported_ms < choice.float_ms or (choice.int8_layers == () and choice.exported_ms == choice.float_ms)
+    assert choice.exported_ms is not None and choice.float_ms is not None and choice.all_int8_ms is not None
+    assert choice.exported_ms <= min(choice.float_ms, choice.all_int8_ms)
+    if choice.int8_layers not in ((), LAYERS):  # a mix beats both uniform files by the margin
+        assert choice.exported_ms < 0.95 * min(choice.float_ms, choice.all_int8_ms)
     assert model.training  # restored
     check_file(export_onnx(model, x, tmp_path / "chosen.onnx", int8=choice), model.eval(), x,
                set(choice.int8_layers))

@@ -30,7 +30,7 @@ from litcompress.callbacks._inputs import first_batch_inputs
 from litcompress.distributed import gather_model, is_sharded_model
 from litcompress.quantization.access import quantized_layers
 from litcompress.report.summary import ModelSummary, summarize
-from litcompress.report.table import compare, format_table
+from litcompress.report.table import compare, deployed_latencies, format_table, speed_change
 
 __all__ = ["CompressionReport"]
 
@@ -58,7 +58,11 @@ class CompressionReport(Callback):
         metrics: logged metric keys to show (e.g. ``"val/acc"``, ``"val/f1"``, ``"val/loss"``).
         input_shape: a batch shape such as ``[256, 784]``: zeros of that shape are measured (handy in YAML). Not
             with ``example_input``.
-        latency: time forward passes (torch eager; also ONNX Runtime when the model is quantized).
+        latency: time forward passes (torch eager; also ONNX Runtime when the model is quantized: its all-int8 and
+            fp32 exports and the file you would deploy, int8 only where it pays, measured by
+            :func:`~litcompress.export.choose_int8` at ``L + 2`` exports for ``L`` quantized layers). The table's
+            ``speed, after vs before`` row compares what each model deploys (ONNX Runtime when both were timed
+            there, else torch eager), and a warning gives the numbers when the compressed model is slower.
         repeats: timed passes per latency figure (the median is reported).
         plots: also save ``compression_layers.png`` and ``compression_tradeoff.png`` (needs matplotlib).
         dirpath: where to write ``filename`` and the plots; default: ``trainer.log_dir``.
@@ -219,6 +223,12 @@ class CompressionReport(Callback):
         rank_zero_info(format_table(rows, title, before=label, after=after_label))
         if self.baseline_note:
             rank_zero_info(f"Note: {self.baseline_note}")
+        if final.deployed is not None and final.quantized:
+            rank_zero_info(f"Note: the deployed ONNX file is {final.deployed}, the fastest in ONNX Runtime here")
+        slower = _slower(baseline, final, label)
+        if slower:
+            rank_zero_info(f"Note: {slower}")
+            rank_zero_warn(f"CompressionReport: {slower}")
         report = {"schema": _SCHEMA, "baseline_kind": label, "baseline": baseline_dict, "final": final.to_dict(),
                   "metrics": {"before": before, "after": after}, "rows": rows, "note": self.baseline_note,
                   "global_step": trainer.global_step}
@@ -254,6 +264,26 @@ class CompressionReport(Callback):
         self.baseline = state_dict.get("baseline")
         self.baseline_metrics = dict(state_dict.get("baseline_metrics", {}))
         self.baseline_note = state_dict.get("note", "")
+
+
+def _slower(before: ModelSummary, after: ModelSummary, label: str) -> str:
+    """What to say when the compressed model would deploy slower than the baseline (else ``""``)."""
+    speed = deployed_latencies(before, after)
+    if speed is None:
+        return ""
+    where, a, b = speed
+    change = speed_change(a, b)
+    if not change.endswith("slower"):
+        return ""
+    text = (f"the compressed model runs {change} than the {label} model in {where} ({1e3 * b:.3f} ms vs "
+            f"{1e3 * a:.3f} ms per batch of {after.batch_size}, on this machine)")
+    if where == "torch eager" and after.quantized:
+        return text + ("; torch eager runs fake quantization, not what ONNX Runtime deploys: install onnxruntime "
+                       "for the deployed latency")
+    if after.int8_choice is not None:
+        return text + ("; that is already its export with int8 only where it pays (export_onnx(..., "
+                       "int8='auto')), no slower than its fp32 export")
+    return text
 
 
 def _headline(before: ModelSummary, after: ModelSummary) -> dict[str, float]:

@@ -10,16 +10,22 @@ True
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from collections.abc import Collection, Mapping
+import statistics
+import tempfile
+import warnings
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 
 from litcompress._calls import batch_call
-from litcompress._extras import ONNX_EXPORT, require
+from litcompress._extras import ONNX_EXPORT, ONNX_RUNTIME, install_hint, missing, require
+from litcompress._timing import median_seconds, ort_feed, ort_session
 from litcompress._validation import check_bool, fail
 from litcompress.distributed import gather_model
 from litcompress.export._writer import check_runs, write_onnx
@@ -30,10 +36,15 @@ __all__ = ["export_onnx"]
 
 logger = logging.getLogger(__name__)
 
+_ROUNDS, _RUNS = 5, 6  # the default's check: rounds in which each file runs once untimed, then _RUNS times timed
+_NOISE = 0.05  # the default's check warns when the int8 file is slower by more than this (timing noise below it)
+
 
 def _int8_layers(model: nn.Module, int8: Any, example_input: Tensor | Mapping[str, Tensor],
                  dynamic_batch: bool) -> Collection[str] | None:
     """The layers ``export_onnx(int8=...)`` keeps int8 (``None``: every one in force)."""
+    if int8 is None:
+        return None
     if isinstance(int8, str):
         if int8 not in ("all", "none", "auto"):
             fail("int8", "'all', 'none', 'auto', an Int8Choice or a list of quantized layer names", int8,
@@ -63,7 +74,7 @@ def export_onnx(
     path: str | os.PathLike,
     *,
     dynamic_batch: bool = True,
-    int8: Literal["all", "none", "auto"] | Int8Choice | Collection[str] = "all",
+    int8: Literal["all", "none", "auto"] | Int8Choice | Collection[str] | None = None,
 ) -> Path:
     """Export ``model`` to one self-contained ``.onnx`` file (weights inside, no ``.onnx.data``).
 
@@ -78,6 +89,15 @@ def export_onnx(
     per-layer timings) keeps int8 only on the layers where ONNX Runtime runs the model faster that way, and never
     exports a file slower than the all-float export (see :func:`~litcompress.export.choose_int8`).
 
+    The default writes every quantized layer int8, the model that was trained and validated, and never a file
+    slower than the fp32 export without saying so: it also exports the fp32 file (to a temporary folder) and times
+    both in ONNX Runtime on ``example_input`` (30 runs each, in alternating rounds; ``torch.get_num_threads()``
+    threads). When the int8 file runs slower by more than 5% (timing noise below that: the INFO log gives the
+    numbers), a ``UserWarning`` gives both latencies and the ways out:
+    ``int8="auto"`` or ``int8="none"``, whose float layers compute with the float weights (not the fake-quantized
+    ones) and float activations. ``int8="all"`` writes the same file without the check. A model without quantized
+    layers in force exports as fp32, unchecked.
+
     Args:
         model: the model (a LightningModule works; its ``forward`` is exported), put in eval mode for export.
         example_input: one input batch; its shape and dtype define the graph's input. A mapping of tensors
@@ -86,10 +106,11 @@ def export_onnx(
         path: where to write the file.
         dynamic_batch: let the first dimension of the input vary.
         int8: which quantized layers (those with fake quantization on) export with Q/DQ pairs and integer weights;
-            the others export as float (their float weights, no QuantizeLinear). ``"all"`` (the default), ``"none"``
-            (the fp32 export of the same model), ``"auto"`` (:func:`~litcompress.export.choose_int8` on
-            ``example_input`` with its defaults, so pass a real batch at the deployed batch size; its table is
-            logged at INFO), an :class:`~litcompress.export.Int8Choice`, or a list of layer names.
+            the others export as float (their float weights, no QuantizeLinear). ``None`` (the default: every one,
+            timed against the fp32 export as above), ``"all"`` (every one, not timed), ``"none"`` (the fp32 export
+            of the same model), ``"auto"`` (:func:`~litcompress.export.choose_int8` on ``example_input`` with its
+            defaults, so pass a real batch at the deployed batch size; its table is logged at INFO), an
+            :class:`~litcompress.export.Int8Choice`, or a list of layer names.
 
     A model sharded with FSDP2 is gathered to rank zero first (:func:`~litcompress.distributed.gather_model`:
     call this on every process; rank zero writes the file).
@@ -118,6 +139,59 @@ def export_onnx(
     try:
         check_runs(model, args, kwargs)  # a mismatched input fails here, with the model's own message
         write_onnx(model, args, kwargs, path, dynamic_batch=dynamic_batch, int8_layers=keep)
+        if int8 is None and any(layer.fake_quant_enabled for layer in quantized_layers(model).values()):
+            _check_speed(model, args, kwargs, path, dynamic_batch)
     finally:
         model.train(was_training)
     return path
+
+
+def _check_speed(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tensor], path: Path,
+                 dynamic_batch: bool) -> None:
+    """Time the int8 file at ``path`` against the model's fp32 export; warn, with both latencies, when it is slower
+    (or when it cannot be timed)."""
+    absent = missing(*ONNX_RUNTIME)
+    if absent:
+        warnings.warn(f"export_onnx: {path.name} was not timed against the fp32 export, so it may run slower: "
+                      f"{', '.join(absent)} is not installed ({install_hint(absent)}). Pass int8='all' to export "
+                      "int8 without this check.", stacklevel=3)
+        return
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        try:
+            write_onnx(model, args, kwargs, fp32, dynamic_batch=dynamic_batch, int8_layers=())
+            int8_s, fp32_s = _time_files([path, fp32], args, kwargs, threads)
+        except Exception as err:  # the file is written; the check says why it could not be done
+            warnings.warn(f"export_onnx: wrote {path.name}, but could not time it against the fp32 export in ONNX "
+                          f"Runtime: {type(err).__name__}: {str(err).splitlines()[0][:300]}", stacklevel=3)
+            return
+    batch = len([*args, *kwargs.values()][0])
+    measured = (f"{1e3 * int8_s:.3f} ms vs {1e3 * fp32_s:.3f} ms for the fp32 export, per batch of {batch} with "
+                f"{threads} threads on this machine")
+    if int8_s > fp32_s * (1 + _NOISE):
+        warnings.warn(f"export_onnx: the int8 file {path.name} runs {int8_s / fp32_s:.1f}x slower than the fp32 "
+                      f"export of the same model in ONNX Runtime ({measured}). int8='auto' keeps int8 only on the "
+                      "layers where it pays (choose_int8), int8='none' writes the fp32 file: their float layers "
+                      "compute with the float weights and activations, not the fake-quantized ones. int8='all' "
+                      "writes this file without the check.", stacklevel=3)
+    elif int8_s > fp32_s:
+        logger.info("export_onnx: %s runs about as fast as the fp32 export in ONNX Runtime (%s)", path.name, measured)
+    else:
+        logger.info("export_onnx: %s runs %.1fx faster than the fp32 export in ONNX Runtime (%s)", path.name,
+                    fp32_s / int8_s, measured)
+
+
+def _time_files(paths: Sequence[Path], args: tuple[Tensor, ...], kwargs: dict[str, Tensor],
+                threads: int) -> list[float]:
+    """Median seconds per run of each file in ONNX Runtime, the files taking turns: in each of ``_ROUNDS`` rounds
+    (every other one in reverse order) each file runs once untimed, then ``_RUNS`` times timed; a file's latency is
+    the median of its rounds' medians. Sessions do not spin, as in :func:`~litcompress.export.choose_int8`."""
+    sessions = [ort_session(p, threads, spinning=False) for p in paths]
+    feeds = [ort_feed(session, args, kwargs) for session in sessions]
+    samples: list[list[float]] = [[] for _ in paths]
+    order = list(range(len(paths)))
+    for round_ in range(_ROUNDS):
+        for i in order if round_ % 2 == 0 else order[::-1]:
+            samples[i].append(median_seconds(functools.partial(sessions[i].run, None, feeds[i]), _RUNS, 1))
+    return [statistics.median(s) for s in samples]

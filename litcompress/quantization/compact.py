@@ -14,7 +14,11 @@ Each tensor of ``model.state_dict()`` is stored in the smallest of these forms:
   its first key; the layout marks the others ``{"alias": <first key>}`` and loading ties them again.
 
 The layout is described in the file's metadata (JSON), with a SHA-256 checksum of the layout and the tensors (files
-written before it have none); nothing is ever unpickled. Loading checks every field and every tensor against the
+written before it have none); nothing is ever unpickled. A model whose quantized layers in force quantize activations
+is written in format 4: the metadata also records those layers (their config, and the ranges of the activations they
+quantize; see ``_deployed.py``), so that loading gives back the model that computed, not only its weights. Any other
+model (float, or with weights quantized alone, which dequantized compute exactly what the model computed) is written
+in format 3, which earlier releases read too. Loading checks every field and every tensor against the
 layout and the model before it writes anything into the model (see ``_layout.py``).
 """
 
@@ -31,8 +35,17 @@ from torch import Tensor, nn
 from litcompress._extras import require
 from litcompress._validation import fail
 from litcompress.distributed import gather_model
-from litcompress.quantization import _positions
-from litcompress.quantization._layout import FORMAT, Entry, bad_file, check_model, checksum, parse_layout, read_metadata
+from litcompress.quantization import _deployed, _positions
+from litcompress.quantization._layout import (
+    FORMAT,
+    READABLE,
+    Entry,
+    bad_file,
+    check_model,
+    checksum,
+    parse_layout,
+    read_metadata,
+)
 from litcompress.quantization.access import quantized_weights
 
 __all__ = ["load_compressed", "save_compressed"]
@@ -145,7 +158,13 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> Path:
         layout[name] = entry
     path = Path(path)
     text = json.dumps(layout, separators=(",", ":"))
-    metadata = {"format": FORMAT, "layout": text, "sha256": checksum(FORMAT, text, tensors)}
+    quantization = _deployed.record(model, first)
+    if quantization:  # format 4: the quantized layers too
+        extra = json.dumps(quantization, separators=(",", ":"))
+        metadata = {"format": _deployed.FORMAT, "layout": text, _deployed.KEY: extra,
+                    "sha256": checksum(_deployed.FORMAT, json.dumps([text, extra]), tensors)}
+    else:
+        metadata = {"format": FORMAT, "layout": text, "sha256": checksum(FORMAT, text, tensors)}
     save_file(tensors, str(path), metadata=metadata)
     return path
 
@@ -159,12 +178,43 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     Keys the file marks as aliases of another (tied weights) get that tensor, and are tied again: a parameter
     of ``model`` that is a separate tensor there is replaced by the one it aliases, so both owners share it.
 
+    The model that computed comes back, not only its weights. The file of a model whose quantized layers quantize
+    activations (format 4) records those layers: each is converted as :func:`~litcompress.quantization.convert_`
+    does (a plain ``nn.Linear`` becomes a ``QATLinear``; a layer converted alike already keeps its quantizers), with
+    fake quantization on, its weight scales frozen at the file's and its activation quantizers' state (ranges,
+    learned steps) restored; the model's other quantized layers are switched off, as in the saved model. So
+    ``model`` in eval mode computes what the saved model computed, and :func:`~litcompress.export.export_onnx`
+    writes the same ONNX file from it. The file of a model with weights quantized alone (format 3, as every file of
+    earlier releases) holds the dequantized weights, which compute exactly what that model computed, in a float
+    model. ``with fake_quant(model, False):`` runs the loaded weights with float activations, and
+    :func:`~litcompress.quantization.revert_` gives a layer its plain class back.
+
+    Example: a W8A8 layer, saved and loaded into a fresh plain model, computes as the saved one.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from litcompress.quantization import QuantConfig, convert_
+    >>> model = nn.Sequential(nn.Linear(8, 4))
+    >>> layer = convert_(model, QuantConfig(), ["0"])["0"]
+    >>> layer.fake_quant_enabled = True
+    >>> _ = model.train()(torch.randn(16, 8))  # observes the input's range...
+    >>> layer.input_quantizers["input"].commit()  # ...which the QAT callback commits after each step
+    >>> path = save_compressed(model.eval(), "doctest_w8a8.safetensors")
+    >>> fresh = load_compressed(nn.Sequential(nn.Linear(8, 4)), path).eval()
+    >>> type(fresh[0]).__name__, fresh[0].fake_quant_enabled
+    ('QATLinear', True)
+    >>> x = torch.randn(3, 8)
+    >>> torch.equal(fresh(x), model(x))
+    True
+    >>> path.unlink()
+
     Raises:
         TypeError: ``model`` is not a module, or ``path`` not a path.
         ValueError: the file is missing, truncated, damaged (its checksum differs), not a safetensors file, not
             written by :func:`save_compressed`, inconsistent (a layout field, a tensor's dtype or length, a scale
             that is not finite and positive, positions of nonzeros that :func:`save_compressed` never writes, an
-            alias of an unknown or aliased name), or written for a model with other tensor names, shapes or dtypes.
+            alias of an unknown or aliased name, a quantized layer's record), or written for a model with other
+            tensor names, shapes (every tensor whose shape differs is named, with both shapes), dtypes or layers.
             ``model`` is then left as it was.
     """
     require("safetensors", what="load_compressed")
@@ -185,10 +235,13 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     except Exception as err:  # safetensors raises its own error types for truncated or foreign files
         bad_file(path, f"reading it failed: {err}")
     # everything is checked, and every tensor decoded, before anything is written into the model
-    version, text = read_metadata(metadata, stored, path)
+    version, text, records_text = _read_metadata(metadata, stored, path)
     layout = parse_layout(text, version, path)
+    records = _deployed.parse(records_text, layout, path)
     state = model.state_dict()
+    _check_names_and_shapes(layout, state, type(model).__name__)
     check_model(layout, state, type(model).__name__)
+    _deployed.check_layers(model, records)
     expected = {f"{name}:{kind}" for name, entry in layout.items() for kind in _parts(entry)}
     if set(stored) != expected:
         missing, extra = sorted(expected - set(stored)), sorted(set(stored) - expected)
@@ -199,9 +252,55 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     aliases = {name: entry.alias for name, entry in layout.items() if entry.alias is not None}
     for name, target in aliases.items():
         restored[name] = restored[target]
-    model.load_state_dict(restored, strict=True)
+    undo = _deployed.convert(model, records, layout)  # checked as it goes: undone, and raises, on a mismatch
+    try:
+        model.load_state_dict(restored, strict=True)
+    except Exception:
+        undo()
+        raise
     _tie(model, aliases)
+    _deployed.restore(model, records, {name: stored[f"{name}:scale"] for rec in records.values()
+                                       for name in rec.weights.values()})
     return model
+
+
+def _read_metadata(metadata: dict[str, str], stored: dict[str, Tensor], path: Path) -> tuple[int, str, str]:
+    """The format version, the layout and (format 4) the quantized layers' record, after the checksum is verified."""
+    fmt = metadata.get("format")
+    if fmt != _deployed.FORMAT:
+        if fmt not in READABLE:
+            fail("path", f"a file written by save_compressed (format {_deployed.FORMAT!r} or earlier)", str(path),
+                 hint=f"its metadata says format={fmt!r}")
+        return (*read_metadata(metadata, stored, path), "{}")
+    text, records = metadata.get("layout"), metadata.get(_deployed.KEY)
+    if text is None:
+        bad_file(path, "its metadata has no layout")
+    if records is None:
+        bad_file(path, f"its metadata has no {_deployed.KEY!r}, which every file of format {fmt!r} holds")
+    expected = metadata.get("sha256")
+    if expected is None:
+        bad_file(path, f"its metadata has no checksum, which every file of format {fmt!r} holds")
+    if expected != checksum(fmt, json.dumps([text, records]), stored):
+        bad_file(path, "its checksum does not match its contents (the file is damaged or was edited)")
+    return 4, text, records
+
+
+def _check_names_and_shapes(layout: dict[str, Entry], state: dict[str, Any], model_name: str) -> None:
+    """The file's tensors are the model's, of the same shapes: else one error naming every difference (tensors only
+    in the model, only in the file, and each tensor whose shape differs, with the file's and the model's shapes)."""
+    missing, extra = sorted(set(state) - set(layout)), sorted(set(layout) - set(state))
+    shapes = [f"`{name}` {list(entry.shape)} vs {list(state[name].shape)}" for name, entry in layout.items()
+              if isinstance(state.get(name), Tensor) and entry.shape != tuple(state[name].shape)]
+    if not (missing or extra or shapes):
+        return
+
+    def more(items: list[str]) -> str:
+        return f" and {len(items) - 8} more" if len(items) > 8 else ""
+
+    hint = "; ".join([f"shapes differ (file vs model): {', '.join(shapes[:8])}{more(shapes)}"] * bool(shapes)
+                     + [f"missing from the file: {missing[:8]}{more(missing)}"] * bool(missing)
+                     + [f"not in the model: {extra[:8]}{more(extra)}"] * bool(extra))
+    fail("model", "a model with the tensors stored in the file, of the same shapes", model_name, hint=hint)
 
 
 def _parts(entry: Entry) -> list[str]:

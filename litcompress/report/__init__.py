@@ -2,12 +2,13 @@
 
 from litcompress.report.plots import plot_layers, plot_tradeoff
 from litcompress.report.summary import LayerSummary, ModelSummary, summarize
-from litcompress.report.table import compare, format_table, speed_change
+from litcompress.report.table import compare, deployed_latencies, format_table, speed_change
 
 __all__ = [
     "LayerSummary",
     "ModelSummary",
     "compare",
+    "deployed_latencies",
     "format_table",
     "plot_layers",
     "plot_tradeoff",

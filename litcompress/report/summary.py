@@ -2,7 +2,8 @@
 
 Every number is measured, not estimated: sizes are the bytes of real files (:func:`~litcompress.export.save_compressed`
 and a float32 safetensors file), FLOPs come from :class:`torch.utils.flop_counter.FlopCounterMode`, latency is the
-median of timed forward passes (torch eager, and ONNX Runtime on the exported model when it is quantized).
+median of timed forward passes (torch eager, and ONNX Runtime on the exported model when it is quantized: the file
+you would deploy, with int8 only where it pays as :func:`~litcompress.export.choose_int8` measures it).
 
 >>> import torch
 >>> from torch import nn
@@ -30,8 +31,8 @@ from litcompress._compat import eager_calls
 from litcompress._extras import ONNX_EXPORT, ONNX_RUNTIME, install_hint, missing, require
 from litcompress._timing import median_seconds, ort_feed, ort_session
 from litcompress._validation import check_int, fail
-from litcompress.export import export_onnx
-from litcompress.quantization.access import fake_quant, quantized_weights
+from litcompress.export import Int8Choice, choose_int8, export_onnx
+from litcompress.quantization.access import quantized_weights
 from litcompress.quantization.compact import save_compressed
 
 __all__ = ["LayerSummary", "ModelSummary", "summarize"]
@@ -55,8 +56,11 @@ class LayerSummary:
 class ModelSummary:
     """The measured cost of one model. ``latency_*`` are median seconds per batch of ``batch_size``, or ``None``.
 
-    ``latency_onnx_fp32`` is the same (quantized) model exported with fake quantization off: it shows whether the
-    integer kernels pay for this model on this machine.
+    ``latency_onnx`` is the ONNX file you would deploy: a float model's export, or for a quantized model the export
+    with int8 only on the layers where it pays (``export_onnx(model, x, path, int8="auto")``), never slower than
+    its fp32 export as measured. For a quantized model, ``latency_onnx_int8`` is the all-int8 export and
+    ``latency_onnx_fp32`` the same model exported with fake quantization off (float weights and activations), and
+    ``int8_choice`` holds the per-layer table (:meth:`~litcompress.export.Int8Choice.to_dict`).
     """
 
     parameters: int
@@ -72,6 +76,22 @@ class ModelSummary:
     latency_onnx_fp32: float | None = None
     quantized: bool = False
     layers: list[LayerSummary] = field(default_factory=list)
+    latency_onnx_int8: float | None = None
+    int8_choice: dict[str, Any] | None = None
+
+    @property
+    def deployed(self) -> str | None:
+        """Which ONNX file ``latency_onnx`` timed, in words (``None`` when none was timed).
+
+        >>> ModelSummary(10, 10, 32.0, 40, 40, 0, 0, 1, latency_onnx=1e-3).deployed
+        'the fp32 export'
+        """
+        if self.latency_onnx is None:
+            return None
+        if self.int8_choice is None:
+            return "the fp32 export"
+        done, of = len(self.int8_choice["int8_layers"]), len(self.int8_choice["layers"])
+        return f"int8 in {done} of {of} quantized layers (export_onnx(..., int8='auto'))"
 
     @property
     def sparsity(self) -> float:
@@ -110,7 +130,10 @@ def summarize(
             arguments (a Hugging Face model's ``input_ids``, ``attention_mask``, ...).
         latency: time forward passes (``False`` skips it: faster, and deterministic output).
         onnx: also time the model exported with :func:`~litcompress.export.export_onnx` in ONNX Runtime;
-            ``None`` does so when the model has quantized layers in force.
+            ``None`` does so when the model has quantized layers in force. A quantized model is timed through
+            :func:`~litcompress.export.choose_int8` (``repeats`` timed runs per file, its other arguments as
+            default): the all-int8 and the fp32 exports, and the choice (int8 only where it pays), which is the
+            ``latency_onnx`` reported. That costs ``L + 2`` exports for ``L`` quantized layers.
         repeats: timed forward passes (the median is reported).
         warmup: untimed passes first.
 
@@ -152,13 +175,16 @@ def summarize(
                                    layers=layers)
             if latency:
                 summary.latency_eager = median_seconds(lambda: model(*args, **kwargs), repeats, warmup)
-            if with_onnx:
+            if with_onnx and is_quantized:
+                choice = _int8_choice(model, example_input, repeats)
+                if choice is not None and choice.exported_ms is not None:
+                    summary.latency_onnx = choice.exported_ms / 1e3
+                    summary.latency_onnx_int8 = None if choice.all_int8_ms is None else choice.all_int8_ms / 1e3
+                    summary.latency_onnx_fp32 = None if choice.float_ms is None else choice.float_ms / 1e3
+                    summary.int8_choice = choice.to_dict()
+            elif with_onnx:
                 summary.latency_onnx = _onnx_latency(model, example_input, Path(tmp) / "model.onnx", repeats,
                                                      warmup)
-                if is_quantized and summary.latency_onnx is not None:
-                    with fake_quant(model, False):
-                        summary.latency_onnx_fp32 = _onnx_latency(model, example_input, Path(tmp) / "fp32.onnx",
-                                                                  repeats, warmup)
     finally:
         model.train(was_training)
     return summary
@@ -216,13 +242,26 @@ def _fp32_file_size(model: nn.Module, path: Path) -> int:
     return path.stat().st_size
 
 
+def _int8_choice(model: nn.Module, example_input: Tensor | Mapping[str, Tensor], repeats: int) -> Int8Choice | None:
+    """What :func:`~litcompress.export.choose_int8` measures; ``None``, with a warning saying why, when the model
+    does not export or ONNX Runtime cannot run it."""
+    try:
+        return choose_int8(model, example_input, repeats=repeats)
+    except Exception as err:  # the report says why and goes on without these figures
+        warnings.warn(f"summarize: no ONNX Runtime latency for {type(model).__name__}: {type(err).__name__}: "
+                      f"{str(err).splitlines()[0][:300]}", stacklevel=3)
+        return None
+
+
 def _onnx_latency(model: nn.Module, example_input: Tensor | Mapping[str, Tensor], path: Path, repeats: int,
                   warmup: int) -> float | None:
-    """Median ONNX Runtime latency of the exported model; ``None``, with a warning saying why, when the model
-    does not export (some models use operations the exporter cannot trace) or ONNX Runtime cannot run it."""
+    """Median ONNX Runtime latency of the fp32 export of a model without quantized layers in force; ``None``, with
+    a warning saying why, when the model does not export (some models use operations the exporter cannot trace) or
+    ONNX Runtime cannot run it. The session does not spin, as in :func:`~litcompress.export.choose_int8`, so the
+    figures of a float and a quantized model compare."""
     try:
-        export_onnx(model, example_input, path)
-        session = ort_session(path, torch.get_num_threads())
+        export_onnx(model, example_input, path, int8="none")
+        session = ort_session(path, torch.get_num_threads(), spinning=False)
         feed = ort_feed(session, *batch_call(example_input))
         session.run(None, feed)
     except Exception as err:  # the report says why and goes on without this figure

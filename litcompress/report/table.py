@@ -20,7 +20,7 @@ from typing import Any
 from litcompress._validation import fail
 from litcompress.report.summary import ModelSummary
 
-__all__ = ["compare", "format_table", "speed_change"]
+__all__ = ["compare", "deployed_latencies", "format_table", "speed_change"]
 
 _ROWS: tuple[tuple[str, str, str], ...] = (
     ("parameters", "parameters", "int"),
@@ -32,14 +32,20 @@ _ROWS: tuple[tuple[str, str, str], ...] = (
     ("FLOPs per batch", "flops", "int"),
     ("FLOPs skipping zeros", "sparse_flops", "int"),
     ("latency, torch eager (ms)", "latency_eager", "ms"),
-    ("latency, ONNX Runtime (ms)", "latency_onnx", "ms"),
+    ("latency, ONNX Runtime, deployed (ms)", "latency_onnx", "ms"),
+    ("latency, ORT, all-int8 export (ms)", "latency_onnx_int8", "ms"),
     ("latency, ORT, fp32 export (ms)", "latency_onnx_fp32", "ms"),
 )
+SPEED_ROW = "speed, after vs before"
 
 
 def compare(before: ModelSummary, after: ModelSummary, metrics_before: Mapping[str, float | None] | None = None,
             metrics_after: Mapping[str, float | None] | None = None) -> list[dict[str, Any]]:
     """Rows of ``{"name", "before", "after", "ratio", "kind"}``; ``ratio`` is after / before, ``None`` if unknown.
+
+    A row named ``"speed, after vs before"`` (kind ``"text"``) says how the deployed latencies compare (see
+    :func:`deployed_latencies`): ``"2.0x faster"``, ``"about the same speed"`` or ``"3.6x slower"``; its ``before``
+    cell says which latencies were compared.
 
     Args:
         before: the reference model's summary (:func:`~litcompress.report.summarize`), e.g. the teacher or the
@@ -57,11 +63,32 @@ def compare(before: ModelSummary, after: ModelSummary, metrics_before: Mapping[s
             continue
         ratio = None if kind == "pct" else _ratio(a, b)  # a share is compared by its values, not their ratio
         rows.append({"name": label, "before": a, "after": b, "ratio": ratio, "kind": kind})
+    speed = deployed_latencies(before, after)
+    if speed is not None:  # how the deployed models compare, in words: "3.6x slower"
+        where, a, b = speed
+        rows.append({"name": SPEED_ROW, "before": where, "after": speed_change(a, b), "ratio": None, "kind": "text"})
     metrics_before, metrics_after = metrics_before or {}, metrics_after or {}
     for key in dict.fromkeys([*metrics_before, *metrics_after]):
         a, b = metrics_before.get(key), metrics_after.get(key)
         rows.append({"name": key, "before": a, "after": b, "ratio": _ratio(a, b), "kind": "metric"})
     return rows
+
+
+def deployed_latencies(before: ModelSummary, after: ModelSummary) -> tuple[str, float, float] | None:
+    """The latencies of what each model would deploy, as ``(where, before, after)`` in seconds: ONNX Runtime when both
+    were timed there (``latency_onnx``: for a quantized model, its export with int8 where it pays), else torch eager
+    (for a quantized model that runs fake quantization, not what it deploys); ``None`` when either was not timed.
+
+    >>> from litcompress.report import ModelSummary
+    >>> fast, slow = (ModelSummary(1, 1, 32.0, 4, 4, 2, 2, 8, latency_eager=t) for t in (0.002, 0.005))
+    >>> deployed_latencies(fast, slow)
+    ('torch eager', 0.002, 0.005)
+    """
+    if before.latency_onnx and after.latency_onnx:
+        return "ONNX Runtime", before.latency_onnx, after.latency_onnx
+    if before.latency_eager and after.latency_eager:
+        return "torch eager", before.latency_eager, after.latency_eager
+    return None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -71,6 +98,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def _cell(value: Any, kind: str) -> str:
     if value is None:
         return "n/a"
+    if kind == "text":
+        return str(value)
     if kind == "pct":
         return f"{100 * value:.1f}%"
     if kind == "ms":
