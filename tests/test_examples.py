@@ -69,7 +69,8 @@ def test_mnist_pipeline_reduced(tmp_path, capfd):
                                                 ("bench_channels.py", "(3.95x fewer)"),
                                                 ("bench_lowrank.py", "at the change ->"),
                                                 ("bench_int8_kernels.py", "int8 weights (previous release)"),
-                                                ("bench_int8_choice.py", "| kind | rewritten |")])
+                                                ("bench_int8_choice.py", "| kind | rewritten |"),
+                                                ("bench_property.py", "| generated | 2 |")])
 def test_benchmark_quick(tmp_path, script, expect):
     out = tmp_path / "result.json"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)],
