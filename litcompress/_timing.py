@@ -1,5 +1,6 @@
 """Latency measurement shared by the report and the int8 choice (a private module; its names are for the package's
-own use): the median of timed calls, and an ONNX Runtime session with a fixed thread count and its input feed.
+own use): the median of timed calls, an ONNX Runtime session with a fixed thread count and its input feed, and
+the latencies of several files timed in turns.
 
 >>> median_seconds(lambda: sum(range(100)), repeats=3, warmup=1) > 0
 True
@@ -7,16 +8,17 @@ True
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["median_seconds", "ort_feed", "ort_session"]
+__all__ = ["median_seconds", "ort_feed", "ort_latencies", "ort_session"]
 
 
 @torch.inference_mode()
@@ -70,3 +72,19 @@ def ort_feed(session: Any, args: tuple[Tensor, ...], kwargs: dict[str, Tensor]) 
     names = [i.name for i in session.get_inputs()]
     values = dict(zip(names, args)) if args else {n: kwargs[n] for n in names}
     return {name: value.detach().cpu().numpy() for name, value in values.items()}
+
+
+def ort_latencies(paths: Sequence[str | os.PathLike], args: tuple[Tensor, ...], kwargs: dict[str, Tensor],
+                  threads: int, repeats: int, warmup: int, rounds: int) -> list[float]:
+    """Median seconds per run of each file in ONNX Runtime on one input, the files taking turns: in each of
+    ``rounds`` rounds (every other one in reverse order) every file runs ``warmup`` + ``repeats`` times in a block;
+    a file's latency is the median of its rounds' medians. The sessions do not spin (see :func:`ort_session`): an
+    idle session's spinning threads would slow the next one's runs."""
+    sessions = [ort_session(path, threads, spinning=False) for path in paths]
+    feeds = [ort_feed(session, args, kwargs) for session in sessions]
+    samples: list[list[float]] = [[] for _ in paths]
+    order = list(range(len(paths)))
+    for round_ in range(rounds):
+        for i in order if round_ % 2 == 0 else order[::-1]:
+            samples[i].append(median_seconds(functools.partial(sessions[i].run, None, feeds[i]), repeats, warmup))
+    return [statistics.median(s) for s in samples]

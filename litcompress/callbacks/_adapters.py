@@ -30,11 +30,10 @@ from litcompress._calls import call_model
 from litcompress._validation import fail
 from litcompress.distillation.features import adapter_key, capture, channel_dim
 from litcompress.layers import HFConv1D, sync_sizes
+from litcompress.sparsity._slice import NORMS as _NORMS
 from litcompress.sparsity.channels import ChannelGroup, ChannelPruner
 
 __all__: list[str] = []
-
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def follow_adapters(pl_module: nn.Module, pruner: ChannelPruner, x: Any, who: str) -> None:

@@ -61,9 +61,7 @@ all int8 1.000 ms | all float 2.000 ms | exported 1.000 ms, int8 in 2 of 2 layer
 
 from __future__ import annotations
 
-import functools
 import numbers
-import statistics
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -75,7 +73,7 @@ from torch import Tensor, nn
 
 from litcompress._calls import batch_call
 from litcompress._extras import ONNX_EXPORT, ONNX_RUNTIME, require
-from litcompress._timing import median_seconds, ort_feed, ort_session
+from litcompress._timing import ort_latencies
 from litcompress._validation import check_bool, check_fraction, check_int, fail
 from litcompress.export._writer import check_runs, write_float_layers, write_onnx
 from litcompress.quantization.access import quantized_layers
@@ -376,13 +374,6 @@ def _ort_measure(args: tuple[Tensor, ...], kwargs: dict[str, Tensor], threads: i
     it favours the float graph, which has fewer operations than a Q/DQ one."""
 
     def measure(paths: Sequence[Path]) -> list[float]:
-        sessions = [ort_session(path, threads, spinning=False) for path in paths]
-        feeds = [ort_feed(session, args, kwargs) for session in sessions]
-        samples: list[list[float]] = [[] for _ in paths]
-        order = list(range(len(paths)))
-        for round_ in range(rounds):
-            for i in order if round_ % 2 == 0 else order[::-1]:
-                samples[i].append(median_seconds(functools.partial(sessions[i].run, None, feeds[i]), repeats, warmup))
-        return [statistics.median(s) for s in samples]
+        return ort_latencies(paths, args, kwargs, threads, repeats, warmup, rounds)
 
     return measure

@@ -10,10 +10,8 @@ True
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
-import statistics
 import tempfile
 import warnings
 from collections.abc import Collection, Mapping, Sequence
@@ -25,7 +23,7 @@ from torch import Tensor, nn
 
 from litcompress._calls import batch_call
 from litcompress._extras import ONNX_EXPORT, ONNX_RUNTIME, install_hint, missing, require
-from litcompress._timing import median_seconds, ort_feed, ort_session
+from litcompress._timing import ort_latencies
 from litcompress._validation import check_bool, fail
 from litcompress.distributed import gather_model
 from litcompress.export._writer import check_runs, write_onnx
@@ -184,14 +182,6 @@ def _check_speed(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, T
 
 def _time_files(paths: Sequence[Path], args: tuple[Tensor, ...], kwargs: dict[str, Tensor],
                 threads: int) -> list[float]:
-    """Median seconds per run of each file in ONNX Runtime, the files taking turns: in each of ``_ROUNDS`` rounds
-    (every other one in reverse order) each file runs once untimed, then ``_RUNS`` times timed; a file's latency is
-    the median of its rounds' medians. Sessions do not spin, as in :func:`~litcompress.export.choose_int8`."""
-    sessions = [ort_session(p, threads, spinning=False) for p in paths]
-    feeds = [ort_feed(session, args, kwargs) for session in sessions]
-    samples: list[list[float]] = [[] for _ in paths]
-    order = list(range(len(paths)))
-    for round_ in range(_ROUNDS):
-        for i in order if round_ % 2 == 0 else order[::-1]:
-            samples[i].append(median_seconds(functools.partial(sessions[i].run, None, feeds[i]), _RUNS, 1))
-    return [statistics.median(s) for s in samples]
+    """Median seconds per run of each file (:func:`~litcompress._timing.ort_latencies`): ``_ROUNDS`` rounds, in each
+    of which every file runs once untimed, then ``_RUNS`` times timed."""
+    return ort_latencies(paths, args, kwargs, threads, _RUNS, 1, _ROUNDS)
